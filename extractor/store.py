@@ -1,0 +1,135 @@
+"""The expert store: layout, manifest and the reader that the runtime uses.
+
+Layout (contract, see shared/DESIGN.md):
+
+    STORE/manifest.json
+    STORE/config.json, generation_config.json, tokenizer files
+    STORE/trunk.safetensors                      every non-routed-expert tensor
+    STORE/experts/layer_LLL/expert_EEE.safetensors   gate_proj, up_proj, down_proj [out, in]
+
+The manifest is written last, so a store without one is not a store; it vouches for
+every file with its byte size and sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .families import Family, detect_family
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TRUNK = "trunk.safetensors"
+HASH_CHUNK = 8 << 20
+
+
+class StoreError(RuntimeError):
+    """A store is missing, incomplete or does not match its manifest."""
+
+
+def expert_relpath(layer: int, expert: int) -> str:
+    return f"experts/layer_{layer:03d}/expert_{expert:03d}.safetensors"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ExpertStore:
+    """Read-only view of an extracted store (manifest parsed once)."""
+
+    root: Path
+    manifest: dict
+    config: dict
+    family: Family
+
+    @classmethod
+    def open(cls, root: str | Path) -> "ExpertStore":
+        root = Path(root)
+        manifest_path = root / MANIFEST
+        if not manifest_path.is_file():
+            raise StoreError(f"{root}: not an expert store (no {MANIFEST}; extraction incomplete?)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            config = json.loads((root / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{root}: unreadable manifest or config: {exc}") from exc
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{manifest_path}: format_version {manifest.get('format_version')} != {FORMAT_VERSION}")
+        return cls(root=root, manifest=manifest, config=config, family=detect_family(config))
+
+    # --- what the store holds ------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return int(self.manifest["num_layers"])
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [int(layer) for layer in self.manifest["moe_layers"]]
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.manifest["num_experts"])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.manifest["top_k"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.manifest["dtype"])
+
+    def experts_present(self, layer: int) -> list[int]:
+        return list(self.manifest["experts"].get(str(layer), []))
+
+    def has_expert(self, layer: int, expert: int) -> bool:
+        return expert in self.experts_present(layer)
+
+    @property
+    def trunk_path(self) -> Path:
+        return self.root / TRUNK
+
+    def expert_path(self, layer: int, expert: int) -> Path:
+        return self.root / expert_relpath(layer, expert)
+
+    def expert_nbytes(self, layer: int, expert: int) -> int:
+        """Bytes of the three tensors (file size minus the small safetensors header)."""
+        entry = self.manifest["files"][expert_relpath(layer, expert)]
+        return int(entry.get("tensor_bytes", entry["bytes"]))
+
+    # --- reading --------------------------------------------------------------
+    def load_expert(self, layer: int, expert: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The expert's gate_proj, up_proj, down_proj ([out, in]); StoreError names the shard."""
+        if not self.has_expert(layer, expert):
+            raise StoreError(f"{self.root}: expert {expert} of layer {layer} is not in this store")
+        path = self.expert_path(layer, expert)
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                tensors = {name: f.get_tensor(name) for name in ("gate_proj", "up_proj", "down_proj")}
+        except (OSError, SafetensorError, KeyError, RuntimeError) as exc:
+            raise StoreError(f"{path}: cannot load expert shard: {exc}") from exc
+        return tensors
+
+    def verify(self) -> list[str]:
+        """Re-hash every file the manifest vouches for; one message per mismatch."""
+        problems = []
+        for rel, entry in sorted(self.manifest["files"].items()):
+            path = self.root / rel
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif path.stat().st_size != entry["bytes"]:
+                problems.append(f"{path}: size {path.stat().st_size} != {entry['bytes']}")
+            elif sha256_file(path) != entry["sha256"]:
+                problems.append(f"{path}: sha256 mismatch")
+        return problems

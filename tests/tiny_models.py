@@ -1,0 +1,89 @@
+"""Tiny random MoE checkpoints built with transformers itself, one per supported family.
+
+Shared by the extractor, runtime, router and server tests: real config.json and
+safetensors formats, random weights, small enough to build in well under a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+# Small, but each keeps its family's distinctive structure: Qwen2-MoE's shared expert
+# and gate, DeepSeek-V3's dense first layer, groups and correction bias, Mixtral's
+# block_sparse_moe/w1,w2,w3 keys on disk.
+FAMILY_CONFIGS: dict[str, dict] = {
+    "qwen3_moe": dict(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=16,
+        num_experts_per_tok=4, norm_topk_prob=True, vocab_size=128,
+    ),
+    "qwen2_moe": dict(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=16, num_experts_per_tok=4, vocab_size=128,
+    ),
+    "mixtral": dict(
+        hidden_size=32, intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=2, vocab_size=128,
+    ),
+    "olmoe": dict(
+        hidden_size=32, intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=16, num_experts_per_tok=4, vocab_size=128,
+        eos_token_id=1, pad_token_id=0, bos_token_id=2,
+    ),
+    "deepseek_v3": dict(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
+        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4,
+        topk_group=2, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, vocab_size=128,
+    ),
+}
+
+FAMILIES = tuple(FAMILY_CONFIGS)
+
+
+def tiny_config(family: str, **overrides):
+    kwargs = {**FAMILY_CONFIGS[family], **overrides}
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A random model of the family; router biases randomised so they matter in tests."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).to(dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(0.0, 0.2)  # HF's init std (0.02) makes routing near-uniform
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def make_checkpoint(
+    path: Path,
+    family: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    fused: bool = False,
+    **overrides,
+) -> Path:
+    """Save a tiny random model of `family` at `path` as transformers would.
+
+    fused=True keeps experts as 3D tensors (save_original_format=False);
+    max_shard_size shards the checkpoint with an index.json.
+    """
+    model = tiny_model(family, seed=seed, dtype=dtype, **overrides)
+    kwargs = {}
+    if max_shard_size is not None:
+        kwargs["max_shard_size"] = max_shard_size
+    if fused:
+        kwargs["save_original_format"] = False
+    model.save_pretrained(path, **kwargs)
+    return Path(path)
