@@ -1,0 +1,387 @@
+"""The expert cache: (layer, expert) slots in a byte budget, tiers device <- host <- disk.
+
+Every expert of a store has the same shapes, so the budget is a number of equal
+*slots*, preallocated once on the device as two buffers:
+
+    gate_up [S, 2I, H]   gate rows first, as transformers fuses them
+    down    [S, H, I]
+
+A resident expert is a slot index; the hot path computes on views of these buffers
+and allocates nothing. A load (hit in the host tier, or read from the store's
+safetensors shard) copies into a reserved slot on a loader thread; on CUDA the copy
+runs on a side stream and the compute stream waits on its event, so loads overlap
+compute. In-flight loads hold their slot, so bytes never exceed the budget.
+
+Verbs come in pairs: `acquire` pins resident experts (loading misses), `release`
+unpins; `prefetch` starts loads without pinning; `evict` frees the policy's choice
+among unpinned slots. A pinned slot is never evicted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from extractor.store import ExpertStore, StoreError
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+@dataclass
+class CacheStats:
+    queries: int = 0
+    hits: int = 0
+    misses: int = 0
+    loads: Counter = field(default_factory=Counter)  # tier -> count ("host", "disk")
+    evictions: int = 0
+    bytes: int = 0
+    capacity_bytes: int = 0
+    load_seconds: float = 0.0
+    prefetch: Counter = field(default_factory=Counter)  # issued / used / wasted
+
+    def copy(self) -> "CacheStats":
+        return CacheStats(self.queries, self.hits, self.misses, Counter(self.loads), self.evictions,
+                          self.bytes, self.capacity_bytes, self.load_seconds, Counter(self.prefetch))
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+@dataclass
+class _Slot:
+    index: int
+    pins: int = 0
+    ready: bool = False
+    prefetched: bool = False  # loaded ahead and not yet used
+    future: Future | None = None
+    event: "torch.cuda.Event | None" = None  # copy done (CUDA)
+    error: BaseException | None = None
+
+
+@dataclass
+class Lease:
+    """Experts of one layer pinned by one acquire: hand it back to release."""
+
+    layer: int
+    slots: dict[int, int] = field(default_factory=dict)  # expert -> slot index, ready
+    outcomes: dict[int, str] = field(default_factory=dict)  # expert -> hit | miss | prefetched
+    pinned: dict[int, "_Slot"] = field(default_factory=dict)
+
+
+class LRUPolicy:
+    """Evict the least recently used unpinned expert."""
+
+    name = "lru"
+
+    def victim(self, order: Iterable[Key], cache: "ExpertCache") -> Key | None:
+        return next(iter(order), None)
+
+
+class ExpertCache:
+    def __init__(self, store: ExpertStore, *, device: str | torch.device = "cpu",
+                 capacity_bytes: int, dtype: torch.dtype | None = None,
+                 host_capacity_bytes: int | None = None, policy=None,
+                 on_load: Callable[[Key, str, float], None] | None = None):
+        self.store = store
+        self.device = torch.device(device)
+        self.dtype = dtype or store.dtype
+        shapes = _expert_shapes(store)
+        self.intermediate, self.hidden = shapes
+        self.slot_bytes = 3 * self.intermediate * self.hidden * self.dtype.itemsize
+        self.num_slots = capacity_bytes // self.slot_bytes
+        if self.num_slots < 1:
+            raise ValueError(f"cache budget {capacity_bytes} B is smaller than one expert ({self.slot_bytes} B)")
+        self.capacity_bytes = self.num_slots * self.slot_bytes
+        self.policy = policy or LRUPolicy()
+        self.on_load = on_load
+        self._gate_up: torch.Tensor | None = None  # [S, 2I, H], allocated on first load
+        self._down: torch.Tensor | None = None  # [S, H, I]
+        self._free = list(range(self.num_slots - 1, -1, -1))
+        self._slots: OrderedDict[Key, _Slot] = OrderedDict()  # LRU order: oldest first
+        self._lock = threading.Condition()
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cadre-loader")
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.host = HostTier(host_capacity_bytes) if self.device.type == "cuda" else None
+        self._stats = CacheStats(capacity_bytes=self.capacity_bytes)
+        self._last_use: dict[int, "torch.cuda.Event"] = {}  # slot index -> last compute reading it
+
+    # --- queries -------------------------------------------------------------
+    def stats(self) -> CacheStats:
+        with self._lock:
+            snapshot = self._stats.copy()
+            snapshot.bytes = len(self._slots) * self.slot_bytes
+            return snapshot
+
+    def resident(self) -> list[Key]:
+        with self._lock:
+            return [key for key, slot in self._slots.items() if slot.ready]
+
+    def is_resident(self, key: Key) -> bool:
+        with self._lock:
+            slot = self._slots.get(key)
+            return slot is not None and slot.ready
+
+    def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (gate_up [2I,H], down [H,I]) of a pinned slot."""
+        return self._gate_up[slot], self._down[slot]
+
+    # --- acquire / release ------------------------------------------------------
+    def acquire(self, layer: int, experts: list[int]) -> "Lease":
+        """Pin as many of `experts` as free slots allow, loading misses.
+
+        Returns a Lease: {expert: slot} for the pinned ones, ready to compute on, and
+        {expert: outcome} with "hit", "miss" or "prefetched". Experts left out (the
+        budget was full of other pinned experts) are for the caller's next call, after
+        it has released this lease: a budget smaller than a batch's working set
+        streams experts through it instead of failing.
+        """
+        lease = Lease(layer)
+        with self._lock:
+            for expert in experts:
+                slot = self._pin(lease, (layer, expert))
+                if slot is None:
+                    break
+        try:
+            for expert, slot in lease.pinned.items():
+                lease.slots[expert] = self._wait_ready((layer, expert), slot)
+        except BaseException:
+            self.release(lease)
+            raise
+        return lease
+
+    def _pin(self, lease: "Lease", key: Key) -> "_Slot | None":
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._reserve(key)
+            if slot is None:
+                if lease.pinned:
+                    return None  # compute what is pinned first, then come back
+                self._lock.wait_for(self._can_reserve)
+                slot = self._reserve(key)
+            self._start_load(key, slot)
+            lease.outcomes[key[1]] = "miss"
+            self._stats.misses += 1
+        else:
+            lease.outcomes[key[1]] = "prefetched" if slot.prefetched else "hit"
+            if slot.prefetched:
+                self._stats.prefetch["used"] += 1
+            slot.prefetched = False
+            self._stats.hits += 1
+            self._slots.move_to_end(key)
+        self._stats.queries += 1
+        slot.pins += 1
+        lease.pinned[key[1]] = slot
+        return slot
+
+    def release(self, lease: "Lease") -> None:
+        with self._lock:
+            for slot in lease.pinned.values():
+                assert slot.pins > 0, f"release of an unpinned slot in layer {lease.layer}"
+                slot.pins -= 1
+                if self._copy_stream is not None:
+                    # the slot may be refilled by the copy stream once unpinned: make that
+                    # copy wait for the kernels queued on this stream that still read it
+                    last_use = torch.cuda.Event()
+                    last_use.record(torch.cuda.current_stream(self.device))
+                    self._last_use[slot.index] = last_use
+            lease.pinned.clear()
+            self._lock.notify_all()
+
+    # --- prefetch ---------------------------------------------------------------
+    def prefetch(self, keys: Iterable[Key]) -> int:
+        """Start loading experts that are not resident, only into free slots or by
+        evicting unpinned ones; never blocks. Returns how many loads it started."""
+        started = 0
+        with self._lock:
+            for key in keys:
+                if key in self._slots or not self.store.has_expert(*key):
+                    continue
+                slot = self._reserve(key)
+                if slot is None:
+                    break
+                slot.prefetched = True
+                self._stats.prefetch["issued"] += 1
+                self._start_load(key, slot)
+                started += 1
+        return started
+
+    # --- internals (called with the lock held) ------------------------------------
+    def _can_reserve(self) -> bool:
+        return bool(self._free) or any(s.pins == 0 and s.ready for s in self._slots.values())
+
+    def _reserve(self, key: Key) -> _Slot | None:
+        if not self._free and not self._evict_one():
+            return None
+        slot = _Slot(index=self._free.pop())
+        self._slots[key] = slot
+        return slot
+
+    def _evict_one(self) -> bool:
+        candidates = (k for k, s in self._slots.items() if s.pins == 0 and s.ready)
+        victim = self.policy.victim(candidates, self)
+        if victim is None:
+            return False
+        slot = self._slots.pop(victim)
+        if slot.prefetched:
+            self._stats.prefetch["wasted"] += 1
+        self._stats.evictions += 1
+        self._free.append(slot.index)
+        return True
+
+    def _start_load(self, key: Key, slot: _Slot) -> None:
+        self._ensure_buffers()
+        slot.future = self._loader.submit(self._load, key, slot)
+
+    def _ensure_buffers(self) -> None:
+        if self._gate_up is None:
+            shape = (self.num_slots, 2 * self.intermediate, self.hidden)
+            self._gate_up = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self._down = torch.empty((self.num_slots, self.hidden, self.intermediate), dtype=self.dtype,
+                                     device=self.device)
+
+    # --- loader thread ------------------------------------------------------------
+    def _load(self, key: Key, slot: _Slot) -> None:
+        start = time.perf_counter()
+        try:
+            tier, (gate, up, down) = self._fetch(key)
+            self._copy_into(slot, gate, up, down)
+        except BaseException as exc:  # surfaced to the acquirer, never lost
+            with self._lock:
+                slot.error = exc
+                if slot.pins == 0:  # a prefetch nobody waits for: free its slot now
+                    self._drop_failed(key, slot)
+                self._lock.notify_all()
+            return
+        seconds = time.perf_counter() - start
+        with self._lock:
+            slot.ready = True
+            self._stats.loads[tier] += 1
+            self._stats.load_seconds += seconds
+            self._lock.notify_all()
+        if self.on_load is not None:
+            self.on_load(key, tier, seconds)
+
+    def _fetch(self, key: Key) -> tuple[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if self.host is not None:
+            cached = self.host.get(key)
+            if cached is not None:
+                return "host", cached
+        tensors = self.store.load_expert(*key)
+        parts = tuple(tensors[name].to(self.dtype) for name in ("gate_proj", "up_proj", "down_proj"))
+        _check_shapes(self.store, key, parts, self.intermediate, self.hidden)
+        if self.host is not None:
+            parts = self.host.put(key, parts)
+        return "disk", parts
+
+    def _copy_into(self, slot: _Slot, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        i = self.intermediate
+        if self._copy_stream is None:
+            self._gate_up[slot.index, :i].copy_(gate)
+            self._gate_up[slot.index, i:].copy_(up)
+            self._down[slot.index].copy_(down)
+            return
+        # Side stream so the copy overlaps compute; the event orders the compute
+        # stream after it (see _wait_ready) without a host-side synchronisation.
+        reused_after = self._last_use.pop(slot.index, None)
+        with torch.cuda.stream(self._copy_stream):
+            if reused_after is not None:
+                self._copy_stream.wait_event(reused_after)
+            self._gate_up[slot.index, :i].copy_(gate, non_blocking=True)
+            self._gate_up[slot.index, i:].copy_(up, non_blocking=True)
+            self._down[slot.index].copy_(down, non_blocking=True)
+            slot.event = torch.cuda.Event()
+            slot.event.record(self._copy_stream)
+
+    def _wait_ready(self, key: Key, slot: _Slot) -> int:
+        with self._lock:
+            self._lock.wait_for(lambda: slot.ready or slot.error is not None)
+            if slot.error is not None:
+                self._drop_failed(key, slot)
+                raise _load_error(key, slot.error)
+        if slot.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(slot.event)
+        return slot.index
+
+    def _drop_failed(self, key: Key, slot: _Slot) -> None:
+        """A failed load leaves the cache as if it had never been tried."""
+        if self._slots.get(key) is slot:
+            del self._slots[key]
+            self._free.append(slot.index)
+        self._lock.notify_all()
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=True)
+
+
+class HostTier:
+    """Pinned host-RAM copies of experts (GPU only): a hit here costs a PCIe copy, not a disk read."""
+
+    def __init__(self, capacity_bytes: int | None):
+        self.capacity_bytes = capacity_bytes
+        self._entries: OrderedDict[Key, tuple[torch.Tensor, ...]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Key):
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: Key, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        pinned = tuple(p.pin_memory() for p in parts)
+        size = sum(p.nbytes for p in pinned)
+        with self._lock:
+            if self.capacity_bytes is not None:
+                while self._entries and self._bytes + size > self.capacity_bytes:
+                    _, old = self._entries.popitem(last=False)
+                    self._bytes -= sum(p.nbytes for p in old)
+                if size > self.capacity_bytes:
+                    return pinned
+            self._entries[key] = pinned
+            self._bytes += size
+        return pinned
+
+    def warm(self, store: ExpertStore, keys: Iterable[Key], dtype: torch.dtype) -> None:
+        for key in keys:
+            if self.get(key) is None:
+                tensors = store.load_expert(*key)
+                self.put(key, tuple(tensors[n].to(dtype) for n in ("gate_proj", "up_proj", "down_proj")))
+
+
+def _expert_shapes(store: ExpertStore) -> tuple[int, int]:
+    """(I, H) of the store's experts, read from the first shard's header."""
+    for layer in store.moe_layers:
+        present = store.experts_present(layer)
+        if present:
+            from safetensors import safe_open
+
+            path = store.expert_path(layer, present[0])
+            try:
+                with safe_open(path, framework="pt") as f:
+                    inter, hidden = f.get_slice("gate_proj").get_shape()
+            except Exception as exc:
+                raise StoreError(f"{path}: cannot read expert shard header: {exc}") from exc
+            return int(inter), int(hidden)
+    raise StoreError(f"{store.root}: the store holds no experts")
+
+
+def _check_shapes(store, key, parts, inter, hidden) -> None:
+    gate, up, down = parts
+    if gate.shape != (inter, hidden) or up.shape != (inter, hidden) or down.shape != (hidden, inter):
+        raise StoreError(f"{store.expert_path(*key)}: expert shapes {tuple(gate.shape)}, {tuple(up.shape)}, "
+                         f"{tuple(down.shape)} do not match the store's ({inter}, {hidden})")
+
+
+def _load_error(key: Key, exc: BaseException) -> StoreError:
+    if isinstance(exc, StoreError):
+        return exc
+    return StoreError(f"loading expert {key[1]} of layer {key[0]} failed: {exc}")

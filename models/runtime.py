@@ -1,0 +1,179 @@
+"""Runtime: a transformers model served from an expert store through the expert cache.
+
+    rt = Runtime.from_store("STORE", RuntimeConfig(device="cpu", cache_fraction=0.5))
+    ids = rt.generate("To be, or not to be", max_new_tokens=32)
+    rt.cache.stats()
+
+The model is transformers' own (attention, KV cache, generate()); only the experts
+and the routing decision are cadre's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel
+
+from extractor.store import ExpertStore
+from router.exact import route
+
+from .cache import ExpertCache
+from .loading import install_router, load_model, moe_blocks, routing_spec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "cpu"  # "auto" picks cuda when available
+    dtype: str | None = None  # None: the store's dtype
+    cache_bytes: int | None = None  # expert cache budget in bytes ...
+    cache_fraction: float | None = None  # ... or as a fraction of all the store's experts (default 1.0)
+    host_cache_bytes: int | None = None  # pinned host tier (GPU only); None = unbounded
+    full_depth: bool = False  # a miss of expert E at layer L also prefetches E in deeper layers
+
+    def __post_init__(self):
+        if self.cache_bytes is not None and self.cache_fraction is not None:
+            raise ValueError("give cache_bytes or cache_fraction, not both")
+        if self.cache_fraction is not None and not 0 < self.cache_fraction <= 1:
+            raise ValueError(f"cache_fraction must be in (0, 1], got {self.cache_fraction}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class RoutingEvent:
+    """One MoE layer of one forward: T flattened tokens (batch-major), K slots."""
+
+    layer: int
+    experts: torch.Tensor  # [T,K] long, CPU; -1 = slot unused
+    weights: torch.Tensor  # [T,K] float, CPU
+    outcomes: dict[int, str]  # expert -> "hit" | "miss" | "prefetched"
+    load_seconds: float  # time this layer waited for experts to become resident
+
+
+class Runtime:
+    def __init__(self, store: ExpertStore, model: PreTrainedModel, cache: ExpertCache, tokenizer, config: RuntimeConfig):
+        self.store, self.model, self.cache, self.tokenizer, self.config = store, model, cache, tokenizer, config
+        self.device = config.resolved_device()
+        self._listeners: list[Callable[[RoutingEvent], None]] = []
+        self._absent = self._absent_masks()
+        self._spec = routing_spec(store, model.config)
+        for layer, block in moe_blocks(model).items():
+            on_miss = self._prefetch_deeper if config.full_depth else None
+            block.experts.bind(cache, on_route=self._emit, on_miss=on_miss)
+            install_router(block, self._router_for(layer))
+
+    @classmethod
+    def from_store(cls, root: str | Path, config: RuntimeConfig = RuntimeConfig()) -> "Runtime":
+        store = ExpertStore.open(root)
+        device = config.resolved_device()
+        dtype = DTYPES[config.dtype] if config.dtype else store.dtype
+        model = load_model(store, dtype=dtype, device=device)
+        cache = ExpertCache(store, device=device, dtype=dtype, capacity_bytes=cache_budget(store, config, dtype),
+                            host_capacity_bytes=config.host_cache_bytes)
+        return cls(store, model, cache, _tokenizer(store.root), config)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, config: RuntimeConfig = RuntimeConfig(),
+                        store_dir: str | Path | None = None) -> "Runtime":
+        """Extract `checkpoint` into a store (cached; re-runs skip verified shards) and load it."""
+        from extractor import extract_store
+
+        checkpoint = Path(checkpoint)
+        store_dir = Path(store_dir) if store_dir else default_store_dir(checkpoint)
+        extract_store(checkpoint, store_dir, quiet=True)
+        return cls.from_store(store_dir, config)
+
+    # --- routing -----------------------------------------------------------------
+    def _absent_masks(self) -> dict[int, torch.Tensor | None]:
+        masks = {}
+        for layer in moe_blocks(self.model):
+            present = self.store.experts_present(layer)
+            if len(present) == self.store.num_experts:
+                masks[layer] = None  # nothing to mask: skip the op, keep transformers' exact ops
+                continue
+            absent = torch.ones(self.store.num_experts, dtype=torch.bool)
+            absent[present] = False
+            masks[layer] = absent.to(self.device)
+        return masks
+
+    def _router_for(self, layer: int):
+        absent = self._absent[layer]
+
+        def route_fn(logits, gate):
+            bias = getattr(gate, "e_score_correction_bias", None)
+            return route(self._spec, logits, absent, bias)
+
+        return route_fn
+
+    def _prefetch_deeper(self, layer: int, experts: list[int]) -> None:
+        deeper = [l for l in self.store.moe_layers if l > layer]
+        self.cache.prefetch((l, e) for l in deeper for e in experts)
+
+    # --- observation -------------------------------------------------------------
+    def add_routing_listener(self, fn: Callable[[RoutingEvent], None]) -> None:
+        self._listeners.append(fn)
+
+    def remove_routing_listener(self, fn: Callable[[RoutingEvent], None]) -> None:
+        self._listeners.remove(fn)
+
+    def _emit(self, layer, index, weights, outcomes, stall) -> None:
+        if not self._listeners:
+            return
+        event = RoutingEvent(layer, index.detach().cpu(), weights.detach().float().cpu(), dict(outcomes), stall)
+        for listener in self._listeners:
+            listener(event)
+
+    # --- generation --------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompt: str | torch.Tensor, max_new_tokens: int = 32, **generate_kwargs) -> torch.Tensor:
+        """Token ids of prompt + continuation (greedy unless sampling kwargs say otherwise)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.store.root}: store has no tokenizer; pass token ids")
+            prompt = self.tokenizer(prompt, return_tensors="pt").input_ids
+        generate_kwargs.setdefault("do_sample", False)
+        return self.model.generate(prompt.to(self.device), max_new_tokens=max_new_tokens, **generate_kwargs)
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def cache_budget(store: ExpertStore, config: RuntimeConfig, dtype: torch.dtype) -> int:
+    if config.cache_bytes is not None:
+        return config.cache_bytes
+    fraction = 1.0 if config.cache_fraction is None else config.cache_fraction
+    total = sum(len(store.experts_present(layer)) for layer in store.moe_layers)
+    per_expert = expert_bytes(store, dtype)
+    return max(per_expert, int(round(total * fraction)) * per_expert)
+
+
+def expert_bytes(store: ExpertStore, dtype: torch.dtype) -> int:
+    from .cache import _expert_shapes
+
+    inter, hidden = _expert_shapes(store)
+    return 3 * inter * hidden * dtype.itemsize
+
+
+def default_store_dir(checkpoint: Path) -> Path:
+    import hashlib
+    import os
+
+    digest = hashlib.sha256(str(checkpoint.resolve()).encode()).hexdigest()[:12]
+    base = Path(os.environ.get("CADRE_CACHE_DIR", Path.home() / ".cache" / "cadre"))
+    return base / "stores" / f"{checkpoint.name}-{digest}"
+
+
+def _tokenizer(root: Path):
+    if not any((root / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    return AutoTokenizer.from_pretrained(root)

@@ -1,0 +1,95 @@
+"""Exact routing: each family's own top-k, masked to the experts the store holds.
+
+Legend for shape comments: T tokens, E experts, H hidden, K top-k.
+
+Absent experts are excluded with -inf *before* softmax / top-k (multiplying logits by
+a 0/1 mask, as an early research note did, leaves negative logits at 0 and so selects
+exactly the experts it meant to exclude). Where a layer holds fewer than K experts,
+the surplus slots get index -1 and weight 0: the experts module skips them, so an
+absent expert is never run.
+
+With every expert present the functions below perform the same floating-point
+operations, in the same order and dtypes, as transformers' routers, so the chosen
+experts and weights are bit-identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+UNUSED = -1  # index of a top-k slot that selects nothing
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """What a family's router does, read from its table row and config.json."""
+
+    kind: str  # "softmax_topk" | "sigmoid_group_topk"
+    top_k: int
+    num_experts: int
+    renormalize: bool
+    weights_in_logits_dtype: bool = True  # Mixtral keeps its weights in float32
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+
+
+def route(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
+          correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T,K], indices [T,K]) for router logits [T,E]; absent: bool [E] or None."""
+    if spec.kind == "softmax_topk":
+        return softmax_topk(spec, logits, absent)
+    if spec.kind == "sigmoid_group_topk":
+        return sigmoid_group_topk(spec, logits, absent, correction_bias)
+    raise ValueError(f"unknown routing kind {spec.kind!r}")
+
+
+def softmax_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None):
+    if absent is not None:
+        logits = logits.masked_fill(absent, float("-inf"))  # [T,E]
+    probs = F.softmax(logits, dtype=torch.float, dim=-1)  # [T,E] float32
+    weights, indices = torch.topk(probs, spec.top_k, dim=-1)  # [T,K]
+    if spec.renormalize:
+        weights /= weights.sum(dim=-1, keepdim=True)
+    if spec.weights_in_logits_dtype:
+        weights = weights.to(logits.dtype)
+    return _drop_absent(weights, indices, absent)
+
+
+def sigmoid_group_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
+                       correction_bias: torch.Tensor | None):
+    """DeepSeek-V3: sigmoid scores, bias-corrected choice within the best groups, scaled weights.
+
+    Sigmoid is not shift-invariant, so masking the *logits* would leave an absent
+    expert with score 0 + bias; the mask is applied to the choice scores instead.
+    """
+    scores = logits.sigmoid()  # [T,E] float32 (logits are computed in float32)
+    choice = scores + correction_bias if correction_bias is not None else scores
+    if absent is not None:
+        choice = choice.masked_fill(absent, float("-inf"))
+    per_group = spec.num_experts // spec.n_group
+    group_scores = choice.view(-1, spec.n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)  # [T,G]
+    group_idx = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, spec.n_group, per_group).reshape(-1, spec.num_experts)
+    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))  # [T,E]
+    indices = torch.topk(choice, k=spec.top_k, dim=-1, sorted=False)[1]  # [T,K]
+    weights = scores.gather(1, indices)
+    if absent is not None:
+        weights = weights.masked_fill(absent[indices], 0.0)
+    if spec.renormalize:
+        weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
+    weights = weights * spec.routed_scaling_factor
+    return _drop_absent(weights, indices, absent)
+
+
+def _drop_absent(weights: torch.Tensor, indices: torch.Tensor, absent: torch.Tensor | None):
+    """Slots that landed on an absent expert (only when fewer than K are present) select nothing."""
+    if absent is None:
+        return weights, indices
+    chosen_absent = absent[indices]  # [T,K]
+    return weights.masked_fill(chosen_absent, 0.0), indices.masked_fill(chosen_absent, UNUSED)
