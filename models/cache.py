@@ -101,8 +101,13 @@ class ExpertCache:
         self.capacity_bytes = self.num_slots * self.slot_bytes
         self.policy = policy or LRUPolicy()
         self.on_load = on_load
-        self._gate_up: torch.Tensor | None = None  # [S, 2I, H], allocated on first load
-        self._down: torch.Tensor | None = None  # [S, H, I]
+        # Slot buffers, allocated once: outside inference mode, so the loader thread may
+        # copy into them whatever mode the caller generates in.
+        with torch.inference_mode(False):
+            self._gate_up = torch.empty((self.num_slots, 2 * self.intermediate, self.hidden),
+                                        dtype=self.dtype, device=self.device)  # [G,2I,H]
+            self._down = torch.empty((self.num_slots, self.hidden, self.intermediate),
+                                     dtype=self.dtype, device=self.device)  # [G,H,I]
         self._free = list(range(self.num_slots - 1, -1, -1))
         self._slots: OrderedDict[Key, _Slot] = OrderedDict()  # LRU order: oldest first
         self._lock = threading.Condition()
@@ -221,6 +226,7 @@ class ExpertCache:
             return None
         slot = _Slot(index=self._free.pop())
         self._slots[key] = slot
+        assert len(self._slots) <= self.num_slots, "cache over its byte budget"
         return slot
 
     def _evict_one(self) -> bool:
@@ -236,15 +242,7 @@ class ExpertCache:
         return True
 
     def _start_load(self, key: Key, slot: _Slot) -> None:
-        self._ensure_buffers()
         slot.future = self._loader.submit(self._load, key, slot)
-
-    def _ensure_buffers(self) -> None:
-        if self._gate_up is None:
-            shape = (self.num_slots, 2 * self.intermediate, self.hidden)
-            self._gate_up = torch.empty(shape, dtype=self.dtype, device=self.device)
-            self._down = torch.empty((self.num_slots, self.hidden, self.intermediate), dtype=self.dtype,
-                                     device=self.device)
 
     # --- loader thread ------------------------------------------------------------
     def _load(self, key: Key, slot: _Slot) -> None:
