@@ -8,3 +8,4 @@ python3 -m venv .venv
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[dev]'
+bash scripts/install_prometheus.sh   # promtool + prometheus for the compose/dashboard tests
