@@ -27,8 +27,18 @@ class Family:
     name: str
     # checkpoint module that holds `experts` in each decoder layer
     container: str = "mlp"
+    # module that holds `experts` in fused 3D checkpoints (transformers renames some
+    # families on load, e.g. Mixtral's block_sparse_moe -> mlp); None: same as container
+    fused_container: str | None = None
     # checkpoint names of (gate, up, down) in per-expert keys
     projections: tuple[str, str, str] = STORE_PROJECTIONS
+    # the only prefix routed-expert keys may carry before `layers.` (None: any), so a
+    # multimodal checkpoint's other MoE towers stay in the trunk instead of colliding
+    key_prefix: str | None = None
+    # trunk tensors (key suffixes) that --dtype leaves in their source dtype, because
+    # transformers keeps them in float32 whatever the model dtype
+    # (`_keep_in_fp32_modules_strict`)
+    keep_fp32: tuple[str, ...] = ()
     num_experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts")
     top_k_key: str = "num_experts_per_tok"
     # "softmax_topk": softmax over logits, top-k, renormalise if `renormalize` says so.
@@ -43,20 +53,31 @@ class Family:
     text_model_type: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def _prefix_regex(self) -> str:
+        return "(?:.*\\.)?" if self.key_prefix is None else re.escape(self.key_prefix)
+
     def expert_key_pattern(self) -> re.Pattern:
         """Per-expert key: PREFIX layers.L.CONTAINER.experts.E.PROJ.weight."""
         projs = "|".join(map(re.escape, self.projections))
         return re.compile(
-            rf"^(?P<prefix>(?:.*\.)?)layers\.(?P<layer>\d+)\.{re.escape(self.container)}"
+            rf"^(?P<prefix>{self._prefix_regex()})layers\.(?P<layer>\d+)\.{re.escape(self.container)}"
             rf"\.experts\.(?P<expert>\d+)\.(?P<proj>{projs})\.weight$"
         )
 
     def fused_key_pattern(self) -> re.Pattern:
         """Fused 3D keys: PREFIX layers.L.CONTAINER.experts.{gate_up_proj [E,2I,H] | down_proj [E,H,I]}."""
+        container = self.fused_container or self.container
         return re.compile(
-            rf"^(?P<prefix>(?:.*\.)?)layers\.(?P<layer>\d+)\.{re.escape(self.container)}"
+            rf"^(?P<prefix>{self._prefix_regex()})layers\.(?P<layer>\d+)\.{re.escape(container)}"
             rf"\.experts\.(?P<proj>gate_up_proj|down_proj)$"
         )
+
+    def experts_namespace_pattern(self) -> re.Pattern:
+        """Any key under a routed-experts module; one that neither pattern above matches
+        (quantisation scales, biases) is a layout the store cannot hold."""
+        containers = {self.container, self.fused_container or self.container}
+        alternatives = "|".join(map(re.escape, sorted(containers)))
+        return re.compile(rf"^{self._prefix_regex()}layers\.\d+\.(?:{alternatives})\.experts\.")
 
     def store_projection(self, checkpoint_name: str) -> str:
         return STORE_PROJECTIONS[self.projections.index(checkpoint_name)]
@@ -68,17 +89,22 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3_moe"),
         Family("qwen2_moe"),  # shared_expert + shared_expert_gate stay in the trunk
         Family("olmoe"),
-        Family("mixtral", container="block_sparse_moe", projections=("w1", "w3", "w2"), renormalize=True),
+        Family(
+            "mixtral", container="block_sparse_moe", fused_container="mlp",
+            projections=("w1", "w3", "w2"), renormalize=True,
+        ),
         Family(
             "deepseek_v3",
             num_experts_keys=("n_routed_experts", "num_local_experts"),
             routing="sigmoid_group_topk",
+            keep_fp32=("e_score_correction_bias",),
         ),
         # Qwen3-Omni-MoE: a thinker wrapping a Qwen3-MoE-style text model
         Family(
             "qwen3_omni_moe",
             config_path=("thinker_config", "text_config"),
             text_model_type="qwen3_moe",
+            key_prefix="thinker.model.",
         ),
     )
 }

@@ -18,10 +18,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
+
 from safetensors import SafetensorError, safe_open
 
 from .families import Family, detect_family
+
+if TYPE_CHECKING:  # imported where tensors are made: the extractor copies bytes without its ~200 MB
+    import torch
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -87,7 +91,9 @@ class ExpertStore:
         return int(self.manifest["top_k"])
 
     @property
-    def dtype(self) -> torch.dtype:
+    def dtype(self) -> "torch.dtype":
+        import torch
+
         return getattr(torch, self.manifest["dtype"])
 
     def experts_present(self, layer: int) -> list[int]:

@@ -1,0 +1,186 @@
+"""Byte movers: source ranges in with pread, store files out atomically, hashed as written.
+
+Memory: an expert shard is assembled in one reused per-thread buffer (header + its
+three tensors); the trunk is streamed in CHUNK-sized pieces. Nothing else holds
+tensor data, so peak memory is workers x largest shard + 2 x CHUNK, whatever the
+checkpoint's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import Piece
+from .errors import ExtractError
+from .families import STORE_PROJECTIONS
+from .plan import ExpertJob, TrunkEntry
+from .safetensors_format import DTYPES, encode_header, itemsize
+
+CHUNK = 16 << 20  # trunk streaming granularity: large enough for full-speed sequential I/O
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    bytes: int
+    sha256: str
+    tensor_bytes: int | None = None  # expert shards: the three tensors' bytes
+
+    def to_json(self) -> dict:
+        entry = {"bytes": self.bytes, "sha256": self.sha256}
+        if self.tensor_bytes is not None:
+            entry["tensor_bytes"] = self.tensor_bytes
+        return entry
+
+
+class AtomicFile:
+    """PATH.partial, hashed as it is written; commit() fsyncs it and renames it to PATH.
+
+    A reader (or a resumed run) sees either no PATH or a complete one, never a prefix."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
+        self._file = open(self.partial, "wb", buffering=0)
+        self._hash = hashlib.sha256()
+        self._bytes = 0
+
+    def write(self, data: memoryview | bytes) -> None:
+        self._hash.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view):]
+        self._bytes += len(data)
+
+    def commit(self, before_rename: Callable[[], None], tensor_bytes: int | None = None) -> FileRecord:
+        os.fsync(self._file.fileno())
+        self._file.close()
+        before_rename()
+        os.replace(self.partial, self.path)
+        return FileRecord(self._bytes, self._hash.hexdigest(), tensor_bytes)
+
+    def abort(self) -> None:
+        self._file.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SourceFiles:
+    """Open descriptors on the checkpoint's files; pread is safe from several threads."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self._fds = [os.open(path, os.O_RDONLY) for path in paths]
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+
+    def read_into(self, out: memoryview, file: int, offset: int) -> None:
+        while out:
+            n = os.preadv(self._fds[file], [out], offset)
+            if n == 0:
+                raise ExtractError(f"{self.paths[file]}: ended at byte {offset}, shorter than its header says "
+                                   "(was it changed during extraction?)")
+            out, offset = out[n:], offset + n
+
+
+class _Buffers(threading.local):
+    """One growing buffer per thread: no allocation (or zero-fill) per shard."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def get(self, nbytes: int) -> memoryview:
+        if len(self.data) < nbytes:
+            self.data = bytearray(nbytes)
+        return memoryview(self.data)[:nbytes]
+
+
+_buffers = _Buffers()
+_scratch = _Buffers()  # source bytes awaiting a dtype conversion
+
+
+def convert_into(out: memoryview, source: memoryview, src_dtype: str, dst_dtype: str) -> None:
+    """Cast `source` elements into `out` with torch's rounding (what .to(dtype) gives)."""
+    import torch  # only conversions need it; plain copies never import it
+
+    if not out:
+        return
+    dst = torch.frombuffer(out, dtype=getattr(torch, DTYPES[dst_dtype][0]))
+    dst.copy_(torch.frombuffer(source, dtype=getattr(torch, DTYPES[src_dtype][0])))
+
+
+def read_piece(sources: SourceFiles, out: memoryview, piece: Piece, dtype: str) -> None:
+    if piece.dtype == dtype:
+        sources.read_into(out, piece.file, piece.begin)
+        return
+    raw = _scratch.get(piece.nbytes)
+    sources.read_into(raw, piece.file, piece.begin)
+    convert_into(out, raw, piece.dtype, dtype)
+
+
+def write_expert(sources: SourceFiles, job: ExpertJob, path: Path, before_rename: Callable[[], None]) -> FileRecord:
+    """One shard: header + gate_proj, up_proj, down_proj, assembled in memory, written once."""
+    header = encode_header([(name, job.dtype, p.shape) for name, p in zip(STORE_PROJECTIONS, job.pieces)])
+    buffer = _buffers.get(len(header) + job.tensor_bytes)
+    buffer[: len(header)] = header
+    position = len(header)
+    for piece in job.pieces:
+        nbytes = piece.nbytes // itemsize(piece.dtype) * itemsize(job.dtype)
+        read_piece(sources, buffer[position : position + nbytes], piece, job.dtype)
+        position += nbytes
+    out = AtomicFile(path)
+    try:
+        out.write(buffer)
+    except BaseException:
+        out.abort()
+        raise
+    return out.commit(before_rename, tensor_bytes=job.tensor_bytes)
+
+
+class TrunkWriter:
+    """trunk.safetensors, written tensor by tensor in plan order through CHUNK-sized copies.
+
+    The header (every name, dtype and shape) is known from the plan, so it goes first and
+    no tensor is ever held whole."""
+
+    def __init__(self, sources: SourceFiles, entries: list[TrunkEntry], path: Path):
+        self._sources, self._pending = sources, list(reversed(entries))
+        self._out = AtomicFile(path)
+        self._out.write(encode_header([(e.tensor.info.name, e.dtype, e.tensor.info.shape) for e in entries]))
+
+    def write(self, entry: TrunkEntry) -> int:
+        assert self._pending.pop() is entry, "trunk tensors must be written in header order"
+        info = entry.tensor.info
+        src_size, dst_size = info.itemsize, itemsize(entry.dtype)
+        step = CHUNK // src_size * src_size  # whole elements, so each chunk converts on its own
+        for start in range(0, info.nbytes, step):
+            nbytes = min(step, info.nbytes - start)
+            raw = _scratch.get(nbytes)
+            self._sources.read_into(raw, entry.tensor.file, info.begin + start)
+            if entry.dtype != info.dtype:
+                converted = _buffers.get(nbytes // src_size * dst_size)
+                convert_into(converted, raw, info.dtype, entry.dtype)
+                raw = converted
+            self._out.write(raw)
+        return entry.nbytes
+
+    def commit(self, before_rename: Callable[[], None]) -> FileRecord:
+        assert not self._pending, f"{len(self._pending)} trunk tensors never written"
+        return self._out.commit(before_rename)
+
+    def abort(self) -> None:
+        self._out.abort()
