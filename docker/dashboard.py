@@ -116,10 +116,12 @@ def legend(fmt: str, labels: dict) -> str:
 # ---- drawing ----------------------------------------------------------------------------
 
 def expand_repeats(dashboard: dict, variable_values: dict[str, list[str]]) -> list[tuple[dict, dict, dict]]:
-    """(panel, gridPos, variables) for every panel Grafana would show, repeats laid out
-    like Grafana's horizontal repeat (maxPerRow per line, later panels pushed down)."""
+    """(panel, gridPos, variables) for every panel Grafana would show, row headers included,
+    repeats laid out like Grafana's horizontal repeat (maxPerRow per line, later panels
+    pushed down)."""
+    flat = [p for top in dashboard["panels"] for p in ([top] + (top.get("panels", []) if top["type"] == "row" else []))]
     laid_out, shift = [], 0
-    for panel in panels(dashboard):
+    for panel in flat:
         grid = dict(panel["gridPos"], y=panel["gridPos"]["y"] + shift)
         name = panel.get("repeat")
         if not name:
@@ -150,16 +152,21 @@ def draw(dashboard: dict, prom: Prometheus, out: Path, minutes: float, rate_inte
     layout = expand_repeats(dashboard, variable_values)
     height = max(g["y"] + g["h"] for _, g, _ in layout)
 
-    fig = plt.figure(figsize=(24, height * 0.62))
+    fig = plt.figure(figsize=(24, height * 0.6))
     for panel, grid, variables in layout:
-        rect = [grid["x"] / 24 + 0.006, 1 - (grid["y"] + grid["h"]) / height + 0.012,
-                grid["w"] / 24 - 0.012, grid["h"] / height - 0.03]
+        top = 1 - grid["y"] / height
+        if panel["type"] == "row":
+            fig.text(0.005, top - 0.5 / height, panel["title"], fontsize=15, weight="bold", va="center")
+            continue
+        # leave room inside the grid cell for the title above and tick labels below
+        rect = [grid["x"] / 24 + 0.03, top - (grid["h"] - 0.9) / height,
+                grid["w"] / 24 - 0.04, (grid["h"] - 1.9) / height]
         ax = fig.add_axes(rect)
         title = interpolate(panel["title"], variables, rate_interval, range_)
-        ax.set_title(title, fontsize=10, loc="left")
+        ax.set_title(title, fontsize=11, loc="left")
         targets = [(t, interpolate(t["expr"], variables, rate_interval, range_)) for t in panel["targets"]]
         DRAWERS[panel["type"]](ax, panel, targets, prom, start, end, step)
-    fig.savefig(out, dpi=60)
+    fig.savefig(out, dpi=72)
     plt.close(fig)
 
 
@@ -174,7 +181,7 @@ def _draw_timeseries(ax, panel, targets, prom, start, end, step):
     ax.set_ylabel(unit, fontsize=7)
     ax.tick_params(labelsize=7)
     if ax.lines:
-        ax.legend(fontsize=6, loc="upper left", ncol=2)
+        ax.legend(fontsize=8, loc="upper left", ncol=2)
 
 
 def _draw_stat(ax, panel, targets, prom, start, end, step):
