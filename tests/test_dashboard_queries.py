@@ -63,7 +63,7 @@ def test_the_panels_the_issue_asks_for(dashboard):
         by_type.setdefault(panel["type"], []).append(panel)
     # layer × expert: a colour-scaled matrix of activations, and per-layer heatmaps over time
     (matrix,) = [p for p in by_type["table"] if "layer" in p["title"] and "expert" in p["title"]]
-    assert matrix["transformations"][0]["id"] == "groupingToMatrix"
+    assert "groupingToMatrix" in [t["id"] for t in matrix["transformations"]]
     assert matrix["fieldConfig"]["defaults"]["custom"]["cellOptions"]["type"] == "color-background"
     (heatmap,) = by_type["heatmap"]
     assert heatmap["repeat"] == "layer"
