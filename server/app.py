@@ -1,0 +1,189 @@
+"""The FastAPI application: state, lifespan (load, warm up, drain) and operational endpoints.
+
+The model loads in the background after the server binds, so /health answers at once and
+/ready says 503 until the model is loaded and one warm-up generation went through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from . import api_generate, api_openai
+from .config import ServerConfig
+from .engine import Engine, EngineConfig
+from .errors import APIError, BearerAuth, BodySizeLimit, install_error_handlers
+from .logs import log_event
+from .metrics import Metrics
+from .schemas import ErrorResponse, Health, Readiness
+
+DEMO_MODEL_NAME = "cadre-demo"
+
+
+@dataclass
+class AppState:
+    config: ServerConfig
+    metrics: Metrics = field(default_factory=Metrics)
+    engine: Engine | None = None
+    runtime: object | None = None
+    status: str = "loading"  # loading | ready | failed | stopping
+    detail: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def model_name(self) -> str:
+        c = self.config
+        if c.served_model_name:
+            return c.served_model_name
+        source = c.store or c.model
+        return Path(source).resolve().name if source else DEMO_MODEL_NAME
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.engine.config.max_model_len if self.engine else None
+
+    def require_engine(self) -> Engine:
+        if self.status != "ready" or self.engine is None:
+            self.metrics.rejections.labels("not_ready" if self.status != "stopping" else "shutting_down").inc()
+            raise APIError(503, f"model is not ready ({self.status})", code="not_ready",
+                           headers={"Retry-After": "5"})
+        return self.engine
+
+
+def runtime_config(config: ServerConfig):
+    from models import RuntimeConfig
+
+    kwargs = {"device": config.device, "cache_bytes": config.cache_bytes, "cache_fraction": config.cache_fraction}
+    if "routing" in {f.name for f in fields(RuntimeConfig)}:
+        kwargs["routing"] = config.routing
+    elif config.routing != "exact":
+        raise ValueError(f"--routing {config.routing}: this runtime supports only 'exact'")
+    return RuntimeConfig(**kwargs)
+
+
+def load_runtime(config: ServerConfig):
+    """The runtime for --store, --model or (neither) the built-in demo model."""
+    from models import Runtime
+
+    runtime_cfg = runtime_config(config)
+    if config.store:
+        return Runtime.from_store(config.store, runtime_cfg)
+    if config.model:
+        return Runtime.from_checkpoint(config.model, runtime_cfg)
+    from models.demo import ensure_demo_store
+
+    return Runtime.from_store(ensure_demo_store(), runtime_cfg)
+
+
+def context_window(runtime, config: ServerConfig) -> int:
+    model_limit = getattr(runtime.model.config, "max_position_embeddings", None) or config.max_model_len or 2048
+    return min(model_limit, config.max_model_len or model_limit)
+
+
+async def bring_up(state: AppState, runtime=None) -> None:
+    """Load (unless given a runtime), start the batching loop, warm up; never raises."""
+    try:
+        started = time.perf_counter()
+        state.runtime = runtime or await asyncio.to_thread(load_runtime, state.config)
+        c = state.config
+        engine = Engine(state.runtime, EngineConfig(max_concurrency=c.max_concurrency, max_queue=c.max_queue,
+                                                    max_model_len=context_window(state.runtime, c)),
+                        state.metrics)
+        await asyncio.to_thread(engine.start)
+        state.metrics.attach_runtime(engine.recorder, state.runtime.cache)
+        state.engine = engine
+        await engine.warmup()
+        state.status = "ready"
+        log_event("ready", model=state.model_name, max_model_len=engine.config.max_model_len,
+                  seconds=round(time.perf_counter() - started, 2))
+    except Exception as exc:  # the server stays up to say why on /ready and /health
+        state.status, state.detail = "failed", f"{type(exc).__name__}: {exc}"
+        log_event("load_failed", level=logging.ERROR, error=state.detail)
+
+
+def create_app(config: ServerConfig, runtime=None) -> FastAPI:
+    """The app; `runtime` (already loaded) skips loading from config (tests, embedding)."""
+    state = AppState(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loading = asyncio.create_task(bring_up(state, runtime))
+        try:
+            yield
+        finally:
+            state.status = "stopping"
+            await asyncio.gather(loading, return_exceptions=True)
+            if state.engine is not None:
+                await state.engine.shutdown(config.shutdown_timeout)
+            log_event("stopped", model=state.model_name)
+
+    app = FastAPI(title="cadre", version="0.1.0", lifespan=lifespan,
+                  description="Serve Mixture-of-Experts models from an expert store: text generation with "
+                              "per-token routing traces, OpenAI-compatible endpoints, Prometheus metrics.")
+    app.state.cadre = state
+    install_error_handlers(app)
+    app.include_router(api_generate.router)
+    app.include_router(api_openai.router)
+    add_ops_routes(app, state)
+    app.add_middleware(BodySizeLimit, limit=config.max_body_bytes)
+    if config.api_key:
+        app.add_middleware(BearerAuth, api_key=config.api_key, exempt=config.auth_exempt)
+    return app
+
+
+def add_ops_routes(app: FastAPI, state: AppState) -> None:
+    @app.get("/health", response_model=Health, response_model_exclude_none=True, tags=["ops"], summary="Liveness",
+             responses={503: {"model": Health}})
+    async def health():
+        engine = state.engine
+        if state.status == "failed":
+            return JSONResponse({"status": "unhealthy", "detail": state.detail}, status_code=503)
+        if engine is not None and state.status == "ready" and not engine.is_alive:
+            return JSONResponse({"status": "unhealthy", "detail": "generation loop stopped"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/ready", response_model=Readiness, tags=["ops"], summary="Readiness: 503 until loaded and warmed up",
+             responses={503: {"model": Readiness}})
+    async def ready():
+        body = {"status": state.status, "model": state.model_name, "detail": state.detail}
+        return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics (text exposition format)",
+             response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/experts", tags=["ops"], summary="Expert residency, usage and routing analytics",
+             responses={503: {"model": ErrorResponse}})
+    async def experts():
+        engine = state.require_engine()
+        return experts_report(state, engine)
+
+
+def experts_report(state: AppState, engine: Engine) -> dict:
+    runtime, recorder = state.runtime, engine.recorder
+    store = runtime.store
+    resident: dict[int, list[int]] = {}
+    for layer, expert in runtime.cache.resident():
+        resident.setdefault(layer, []).append(expert)
+    activations = recorder.activations.tolist()
+    layers = []
+    for row, layer in enumerate(recorder.moe_layers):
+        queries, hits = int(recorder.queries[row]), int(recorder.hits[row])
+        layers.append({"layer": layer, "present": store.experts_present(layer),
+                       "resident": sorted(resident.get(layer, [])), "activations": activations[row],
+                       "cache_queries": queries, "cache_hits": hits})
+    stats = runtime.cache.stats()
+    cache = {"queries": stats.queries, "hits": stats.hits, "misses": stats.misses, "hit_rate": stats.hit_rate,
+             "loads": dict(stats.loads), "evictions": stats.evictions, "bytes": stats.bytes,
+             "capacity_bytes": stats.capacity_bytes, "load_seconds": stats.load_seconds,
+             "prefetch": dict(stats.prefetch)}
+    return {"model": state.model_name, "num_experts": store.num_experts, "top_k": store.top_k,
+            "layers": layers, "cache": cache}

@@ -1,0 +1,131 @@
+"""`python -m server`: flags, each also settable as CADRE_<FLAG> (e.g. CADRE_PORT=9000).
+
+Precedence: command line > environment > default. A bad flag or variable exits 2 with
+one line on stderr naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .config import ServerConfig
+
+PROG = "python -m server"
+ENV_PREFIX = "CADRE_"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one stderr line (the project's CLI contract)."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def csv_paths(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog=PROG, description="Serve a Mixture-of-Experts model from an expert store over HTTP.",
+                      epilog=f"Every flag can also be set from the environment as {ENV_PREFIX}<FLAG_NAME>, "
+                             "e.g. CADRE_PORT=9000 or CADRE_API_KEY=secret.")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--store", help="expert store directory (python -m extractor output)")
+    source.add_argument("--model", help="Hugging Face checkpoint directory; extracted to a cached store first")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=non_negative_int, default=8000)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--cache-bytes", type=positive_int, help="expert cache budget in bytes")
+    budget.add_argument("--cache-fraction", type=float, help="expert cache budget as a fraction of the store's experts")
+    p.add_argument("--routing", default="exact", help="routing mode (exact = the model's own top-k)")
+    p.add_argument("--max-concurrency", type=positive_int, default=16,
+                   help="requests decoded together in one continuous batch")
+    p.add_argument("--max-queue", type=non_negative_int, default=64,
+                   help="requests that may wait for a slot; beyond this the server answers 503 + Retry-After")
+    p.add_argument("--max-model-len", type=positive_int, help="context window to enforce (default: the model's)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but --auth-exempt ones")
+    p.add_argument("--auth-exempt", type=csv_paths, default=ServerConfig.auth_exempt,
+                   help="comma-separated paths served without the API key (default: /health,/ready,/metrics; "
+                        "'' protects everything)")
+    p.add_argument("--max-body-bytes", type=positive_int, default=ServerConfig.max_body_bytes,
+                   help="largest request body accepted (413 beyond)")
+    p.add_argument("--served-model-name", help="model id in /v1/models and OpenAI requests (default: store name)")
+    p.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout,
+                   help="seconds in-flight requests get to finish on shutdown before they are cancelled")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    return p
+
+
+def env_name(action: argparse.Action) -> str:
+    return ENV_PREFIX + action.dest.upper()
+
+
+def apply_env_defaults(parser: argparse.ArgumentParser, environ) -> None:
+    """Use CADRE_<FLAG> as each flag's default, converted and checked like the flag itself."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        raw = environ.get(env_name(action))
+        if raw is None or raw == "":  # compose passes unset variables through as empty
+            continue
+        try:
+            value = action.type(raw) if action.type else raw
+        except (TypeError, ValueError):
+            parser.error(f"{env_name(action)}: invalid value {raw!r} for {action.option_strings[0]}")
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"{env_name(action)}: {raw!r} is not one of {', '.join(map(str, action.choices))}")
+        action.default = value
+
+
+def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.store and not (Path(args.store) / "manifest.json").is_file():
+        parser.error(f"--store {args.store}: not an expert store (no manifest.json)")
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: not a Hugging Face checkpoint (no config.json)")
+
+
+def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
+    parser = build_parser()
+    apply_env_defaults(parser, os.environ if environ is None else environ)
+    args = parser.parse_args(argv)
+    check_paths(parser, args)
+    try:
+        return ServerConfig(**vars(args))
+    except ValueError as exc:  # cross-flag checks (e.g. a flag and the other group's env var)
+        parser.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+    import uvicorn
+
+    from .app import create_app
+    from .logs import configure_logging
+
+    configure_logging(config.log_level)
+    app = create_app(config)
+    # uvicorn finishes in-flight requests for shutdown_timeout seconds on SIGTERM/SIGINT,
+    # then cancels them (a cancelled stream cancels its generation); the app's lifespan
+    # then stops the engine. Access logs are off: the app logs one line per request.
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False,
+                timeout_graceful_shutdown=config.shutdown_timeout, log_config=None)
+    return 0

@@ -1,0 +1,47 @@
+"""The server's one validated configuration object, built once from flags and env."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    store: str | None = None  # an extracted expert store ...
+    model: str | None = None  # ... or a HF checkpoint (extracted to a cached store); neither = demo
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    cache_bytes: int | None = None
+    cache_fraction: float | None = None
+    routing: str = "exact"
+    max_concurrency: int = 16  # requests decoded together in one continuous batch
+    max_queue: int = 64  # requests waiting for a slot; beyond this: 503 + Retry-After
+    max_model_len: int | None = None  # None: the model's context window
+    api_key: str | None = None
+    auth_exempt: tuple[str, ...] = ("/health", "/ready", "/metrics")
+    max_body_bytes: int = 1 << 20
+    served_model_name: str | None = None
+    shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
+    log_level: str = "info"
+
+    def __post_init__(self):
+        if self.store and self.model:
+            raise ValueError("give --store or --model, not both")
+        if self.cache_bytes is not None and self.cache_fraction is not None:
+            raise ValueError("give --cache-bytes or --cache-fraction, not both")
+        if self.cache_bytes is not None and self.cache_bytes <= 0:
+            raise ValueError(f"--cache-bytes must be positive, got {self.cache_bytes}")
+        if self.cache_fraction is not None and not 0 < self.cache_fraction <= 1:
+            raise ValueError(f"--cache-fraction must be in (0, 1], got {self.cache_fraction}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in [0, 65535], got {self.port}")
+        for name in ("max_concurrency", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ValueError(f"--max-queue must be >= 0, got {self.max_queue}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"--max-model-len must be >= 2, got {self.max_model_len}")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}")

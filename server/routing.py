@@ -1,0 +1,142 @@
+"""Routing of a packed continuous batch, mapped back to the requests in it.
+
+Continuous batching runs every scheduled request in one flat forward: input_ids is
+[1, T] with request i's query tokens at rows cu[i]:cu[i+1] (cu = cumulative query
+lengths, in the order of the batch's request list). The runtime reports each MoE
+layer's routing for those T rows; a request's *step* is the row whose logits give its
+next token (the last of its rows, when the batch gives it one). Everything here runs on
+the compute thread, inside the forward, where the batch's layout is current.
+
+A step's cache outcomes are handed over with the step (take_step), so the counts of the
+tokens a request actually returns add up to exactly what its trace shows; loads and
+load_seconds cover every forward it was part of (a load that served several requests
+counts for each of them).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+HIT_OUTCOMES = ("hit", "prefetched")  # resident when the layer asked for it: no wait
+
+
+@dataclass(frozen=True)
+class BatchSlot:
+    """One request's rows in a packed forward; `step` = its new token's index, None mid-prefill."""
+
+    request_id: str
+    start: int
+    end: int
+    step: int | None
+
+
+@dataclass
+class StepRouting:
+    """The forward that produced one token, as that token saw it."""
+
+    outcomes: Counter = field(default_factory=Counter)  # hit / miss / prefetched over its layers' experts
+    layers: list[dict] | None = None  # [{"layer", "experts", "weights", "cache"}] (trace only)
+
+
+@dataclass
+class RequestRouting:
+    """What one request's forwards routed and what the cache did for them."""
+
+    trace: bool
+    loads: int = 0
+    load_seconds: float = 0.0
+    regret: float = 0.0
+    prompt_outcomes: Counter = field(default_factory=Counter)  # over rows that were not steps
+    steps: dict[int, StepRouting] = field(default_factory=dict)  # until taken by the event loop
+
+
+class RoutingRecorder:
+    """Turns routing events into per-request records and global per-layer usage counts."""
+
+    def __init__(self, moe_layers: list[int], num_experts: int, batch_layout):
+        self.moe_layers = list(moe_layers)
+        self._row = {layer: i for i, layer in enumerate(self.moe_layers)}
+        self.batch_layout = batch_layout  # () -> list[BatchSlot] of the forward running now
+        self._layout: list[BatchSlot] = []
+        self._lock = threading.Lock()
+        self._requests: dict[str, RequestRouting] = {}
+        # Global usage, exported by /metrics and /v1/experts: [L, E] and [L]
+        self.activations = torch.zeros(len(self.moe_layers), num_experts, dtype=torch.int64)
+        self.queries = torch.zeros(len(self.moe_layers), dtype=torch.int64)
+        self.hits = torch.zeros(len(self.moe_layers), dtype=torch.int64)
+        self.regret_total = 0.0
+
+    # --- event loop side -------------------------------------------------------------
+    def register(self, request_id: str, trace: bool) -> None:
+        with self._lock:
+            self._requests[request_id] = RequestRouting(trace=trace)
+
+    def release(self, request_id: str) -> RequestRouting | None:
+        with self._lock:
+            return self._requests.pop(request_id, None)
+
+    def take_step(self, request_id: str, step: int) -> StepRouting:
+        """The routing of a request's step, handed over once."""
+        with self._lock:
+            record = self._requests.get(request_id)
+            found = record.steps.pop(step, None) if record is not None else None
+        return found if found is not None else StepRouting()
+
+    # --- compute thread side -----------------------------------------------------------
+    def __call__(self, event) -> None:
+        """A runtime RoutingEvent: experts/weights [T, K] (CPU, -1 = unused slot)."""
+        row = self._row.get(event.layer)
+        if row is None:
+            return
+        if row == 0:  # first MoE layer of a forward: the batch may have changed since the last one
+            self._layout = self.batch_layout()
+        experts = event.experts  # [T, K]
+        used = experts[experts >= 0]  # [A]
+        self.activations[row] += torch.bincount(used, minlength=self.activations.shape[1])
+        self.queries[row] += len(event.outcomes)
+        self.hits[row] += sum(1 for o in event.outcomes.values() if o in HIT_OUTCOMES)
+        regret = float(getattr(event, "regret", 0.0) or 0.0)
+        self.regret_total += regret
+        with self._lock:
+            for slot in self._layout:
+                record = self._requests.get(slot.request_id)
+                if record is not None:
+                    self._record(record, slot, event, regret)
+
+    def _record(self, record: RequestRouting, slot: BatchSlot, event, regret: float) -> None:
+        rows = event.experts[slot.start:slot.end]  # [q, K]
+        if rows.shape[0] == 0:
+            return
+        mine = set(rows[rows >= 0].tolist())
+        record.loads += sum(1 for e in mine if event.outcomes.get(e) == "miss")
+        record.load_seconds += event.load_seconds
+        record.regret += regret
+        prompt_rows = rows[:-1] if slot.step is not None else rows
+        for e in prompt_rows[prompt_rows >= 0].tolist():
+            record.prompt_outcomes[event.outcomes.get(e, "unknown")] += 1
+        if slot.step is None:
+            return
+        pairs = [(e, w) for e, w in zip(rows[-1].tolist(), event.weights[slot.end - 1].tolist()) if e >= 0]
+        cache = [event.outcomes.get(e, "unknown") for e, _ in pairs]
+        step = record.steps.setdefault(slot.step, StepRouting(layers=[] if record.trace else None))
+        step.outcomes.update(cache)
+        if record.trace:
+            step.layers.append({"layer": event.layer, "experts": [e for e, _ in pairs],
+                                "weights": [w for _, w in pairs], "cache": cache})
+
+
+def pathway_summary(steps: list[list[dict]], most_common: int = 5) -> dict:
+    """A token's pathway = the top-1 (highest-weight) expert of every MoE layer, in layer order."""
+    pathways = Counter()
+    for layers in steps:
+        pathways[tuple(entry["experts"][max(range(len(entry["weights"])), key=entry["weights"].__getitem__)]
+                       for entry in layers if entry["experts"])] += 1
+    return {
+        "tokens": sum(pathways.values()),
+        "distinct": len(pathways),
+        "most_common": [{"experts": list(p), "count": n} for p, n in pathways.most_common(most_common)],
+    }
