@@ -37,12 +37,15 @@ class OnDemandExperts(nn.Module):
         self.cache: ExpertCache | None = None
         self.on_route: Callable | None = None  # (layer, index [T,K], weights [T,K], outcomes, stall_s)
         self.on_miss: Callable | None = None  # (layer, missed experts) -> None (full-depth prefetch)
+        self.before: Callable | None = None  # (layer, hidden [T,H]) -> None (speculative prefetch)
 
-    def bind(self, cache: "ExpertCache", on_route=None, on_miss=None) -> None:
-        self.cache, self.on_route, self.on_miss = cache, on_route, on_miss
+    def bind(self, cache: "ExpertCache", on_route=None, on_miss=None, before=None) -> None:
+        self.cache, self.on_route, self.on_miss, self.before = cache, on_route, on_miss, before
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         assert self.cache is not None, "OnDemandExperts used before the runtime bound a cache"
+        if self.before is not None:
+            self.before(self.layer, hidden)
         num_tokens, top_k = top_k_index.shape
         index_cpu = top_k_index.reshape(-1).cpu()  # [S] the one host sync: which experts to load
         needed = [e for e in torch.unique(index_cpu).tolist() if e != UNUSED]

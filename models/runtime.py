@@ -18,9 +18,9 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from extractor.store import ExpertStore
-from router.exact import route
+from router.policy import make_policy
 
-from .cache import ExpertCache
+from .cache import ExpertCache, LRUPolicy
 from .loading import install_router, load_model, moe_blocks, routing_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,6 +34,8 @@ class RuntimeConfig:
     cache_fraction: float | None = None  # ... or as a fraction of all the store's experts (default 1.0)
     host_cache_bytes: int | None = None  # pinned host tier (GPU only); None = unbounded
     full_depth: bool = False  # a miss of expert E at layer L also prefetches E in deeper layers
+    routing: str = "exact"  # a policy of router.policy.POLICIES
+    eviction: str = "lru"  # "lru" or a policy of router.eviction (when present)
 
     def __post_init__(self):
         if self.cache_bytes is not None and self.cache_fraction is not None:
@@ -61,37 +63,38 @@ class RoutingEvent:
 
 
 class Runtime:
-    def __init__(self, store: ExpertStore, model: PreTrainedModel, cache: ExpertCache, tokenizer, config: RuntimeConfig):
+    def __init__(self, store: ExpertStore, model: PreTrainedModel, cache: ExpertCache, tokenizer,
+                 config: RuntimeConfig, policy=None):
         self.store, self.model, self.cache, self.tokenizer, self.config = store, model, cache, tokenizer, config
         self.device = config.resolved_device()
         self._listeners: list[Callable[[RoutingEvent], None]] = []
-        self._absent = self._absent_masks()
-        self._spec = routing_spec(store, model.config)
+        self.policy = policy or make_policy(config.routing)
+        self.policy.bind(self, routing_spec(store, model.config), self._absent_masks())
+        on_miss = self._prefetch_deeper if config.full_depth else None
         for layer, block in moe_blocks(model).items():
-            on_miss = self._prefetch_deeper if config.full_depth else None
-            block.experts.bind(cache, on_route=self._emit, on_miss=on_miss)
+            block.experts.bind(cache, on_route=self._emit, on_miss=on_miss, before=self.policy.before_experts)
             install_router(block, self._router_for(layer))
 
     @classmethod
-    def from_store(cls, root: str | Path, config: RuntimeConfig = RuntimeConfig()) -> "Runtime":
+    def from_store(cls, root: str | Path, config: RuntimeConfig = RuntimeConfig(), policy=None) -> "Runtime":
         store = ExpertStore.open(root)
         device = config.resolved_device()
         dtype = DTYPES[config.dtype] if config.dtype else store.dtype
         model = load_model(store, dtype=dtype, device=device)
         cache = ExpertCache(store, device=device, dtype=dtype, capacity_bytes=cache_budget(store, config, dtype),
-                            host_capacity_bytes=config.host_cache_bytes)
-        return cls(store, model, cache, _tokenizer(store.root), config)
+                            host_capacity_bytes=config.host_cache_bytes, policy=make_eviction(config.eviction))
+        return cls(store, model, cache, _tokenizer(store.root), config, policy)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, config: RuntimeConfig = RuntimeConfig(),
-                        store_dir: str | Path | None = None) -> "Runtime":
+                        store_dir: str | Path | None = None, policy=None) -> "Runtime":
         """Extract `checkpoint` into a store (cached; re-runs skip verified shards) and load it."""
         from extractor import extract_store
 
         checkpoint = Path(checkpoint)
         store_dir = Path(store_dir) if store_dir else default_store_dir(checkpoint)
         extract_store(checkpoint, store_dir, quiet=True)
-        return cls.from_store(store_dir, config)
+        return cls.from_store(store_dir, config, policy)
 
     # --- routing -----------------------------------------------------------------
     def _absent_masks(self) -> dict[int, torch.Tensor | None]:
@@ -107,13 +110,7 @@ class Runtime:
         return masks
 
     def _router_for(self, layer: int):
-        absent = self._absent[layer]
-
-        def route_fn(logits, gate):
-            bias = getattr(gate, "e_score_correction_bias", None)
-            return route(self._spec, logits, absent, bias)
-
-        return route_fn
+        return lambda logits, gate: self.policy.route(layer, logits, gate)
 
     def _prefetch_deeper(self, layer: int, experts: list[int]) -> None:
         deeper = [l for l in self.store.moe_layers if l > layer]
@@ -146,6 +143,18 @@ class Runtime:
 
     def close(self) -> None:
         self.cache.close()
+
+
+def make_eviction(name: str):
+    if name == "lru":
+        return LRUPolicy()
+    try:
+        from router.eviction import EVICTION_POLICIES
+    except ImportError:
+        EVICTION_POLICIES = {}
+    if name not in EVICTION_POLICIES:
+        raise ValueError(f"unknown eviction policy {name!r} (known: lru, {', '.join(sorted(EVICTION_POLICIES))})")
+    return EVICTION_POLICIES[name]()
 
 
 def cache_budget(store: ExpertStore, config: RuntimeConfig, dtype: torch.dtype) -> int:
