@@ -4,19 +4,17 @@ Order of events, and why each is safe to interrupt with kill -9:
 1. Plan from headers alone; every bad request fails here, before the output is touched.
 2. Check the output: a new or empty directory, or a store/journal of the same model.
 3. Lock the journal and append a run line.
-4. Copy config/tokenizer files, then walk the checkpoint front to back: trunk tensors are
-   streamed into trunk.safetensors.partial by this thread, expert shards are written by
-   `workers` threads. Every file is PATH.partial -> fsync -> rename -> journal line, so a
-   path that exists is complete; the journal lets a re-run keep it after re-hashing it.
-   The first rename of a run first deletes an older manifest, which could otherwise vouch
-   for a file that is being replaced.
-5. fsync the directories, then write manifest.json atomically: the manifest is the last
-   thing written and vouches only for files already durable.
+4. Copy config/tokenizer files, then stream the trunk into trunk.safetensors.partial on
+   one thread while `workers` threads write expert shards in source order. Every file is
+   PATH.partial -> rename -> journal line, so a path that exists is complete; the journal
+   lets a re-run keep it after re-hashing it. The first rename of a run deletes an older
+   manifest, which could otherwise vouch for a file that is being replaced.
+5. fsync every file and directory, then write manifest.json (fsync, rename, fsync): the
+   manifest is the last thing written and vouches only for files already durable.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import os
 import sys
@@ -31,13 +29,14 @@ from tqdm import tqdm
 from .checkpoint import COPIED_FILES, open_checkpoint
 from .errors import ExtractError
 from .journal import JOURNAL, Journal
-from .plan import ExpertJob, Plan, TrunkEntry, make_plan
+from .plan import ExpertJob, Plan, make_plan
 from .spec import parse_spec
 from .store import FORMAT_VERSION, MANIFEST, TRUNK, ExpertStore, StoreError, expert_relpath, sha256_file
-from .writer import PARTIAL_SUFFIX, AtomicFile, FileRecord, SourceFiles, TrunkWriter, fsync_dir, write_expert
+from .writer import PARTIAL_SUFFIX, AtomicFile, FileRecord, SourceFiles, TrunkWriter, fsync_dir, fsync_path, write_expert
 
 # Test hook: seconds to pause around each rename, so a test can kill -9 a run mid-way.
 TEST_DELAY_ENV = "CADRE_EXTRACT_TEST_DELAY_S"
+PREFETCH_BYTES = 128 << 20  # source bytes asked of the kernel ahead of the shard writers
 
 
 @dataclass(frozen=True)
@@ -133,10 +132,11 @@ def _read_manifest(out: Path) -> dict | None:
         return None
     try:
         manifest = json.loads(path.read_bytes())
-        manifest["source"]["config_sha256"] + ""
-        return manifest
+        if isinstance(manifest["source"]["config_sha256"], str):
+            return manifest
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise ExtractError(f"{path}: unreadable manifest; delete the store to re-extract") from None
+        pass
+    raise ExtractError(f"{path}: unreadable manifest; delete the store to re-extract")
 
 
 def _complete_store(out: Path, plan: Plan) -> dict[str, FileRecord] | None:
@@ -204,7 +204,8 @@ class _Run:
         self.progress = _Progress(plan.output_bytes, len(plan.expert_jobs), show_progress)
         self.delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
         self._lock = threading.Lock()
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # the first failure of any thread
+        self._stopping = False
 
     def execute(self) -> dict[str, FileRecord]:
         for layer, ids in self.plan.experts.items():
@@ -219,49 +220,60 @@ class _Run:
         finally:
             sources.close()
             self.progress.close()
-        # the renames themselves must be durable before the manifest names their files
+        self._make_durable()
+        return self.files
+
+    def _make_durable(self) -> None:
+        """Before the manifest names them: every file's data (kept ones too: the run that
+        wrote them may have been killed before syncing), then the renames themselves."""
+        for rel in self.files:
+            fsync_path(self.out / rel)
         for directory in {(self.out / rel).parent for rel in self.files} | {self.out / "experts"}:
             if directory.is_dir():
                 fsync_dir(directory)
-        return self.files
 
     def _stream(self, sources: SourceFiles) -> None:
-        """Everything in source order: sequential reads, trunk here, experts on the pool."""
-        trunk = None
-        if self._reuse(TRUNK):
-            self.progress.advance(sum(entry.nbytes for entry in self.plan.trunk))
-        else:
-            trunk = TrunkWriter(sources, self.plan.trunk, self.out / TRUNK)
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="extract") if self.workers > 1 else None
-        slots = threading.BoundedSemaphore(self.workers)  # shards in flight, each holding a buffer
+        """The trunk on one thread (its file is sequential), expert shards on `workers`
+        more, started in source order with at most `workers` in flight (each holds a buffer)."""
+        pool = ThreadPoolExecutor(self.workers + 1, thread_name_prefix="extract")
+        slots = threading.BoundedSemaphore(self.workers)
+        prefetch = _Prefetcher(sources, self.plan.expert_jobs)
         try:
-            for item in _source_order(self.plan):
-                if isinstance(item, TrunkEntry):
-                    if trunk is not None:
-                        self.progress.advance(trunk.write(item))
-                elif pool is None:
-                    self._expert(sources, item)
-                else:
-                    slots.acquire()
-                    self._raise_pool_error()
-                    pool.submit(self._expert, sources, item).add_done_callback(self._on_done(slots))
-            if pool is not None:
-                pool.shutdown(wait=True)
+            pool.submit(self._trunk, sources).add_done_callback(self._on_done())
+            for index, job in enumerate(self.plan.expert_jobs):
+                prefetch.up_to(index)
+                slots.acquire()
+                self._raise_pool_error()
+                pool.submit(self._expert, sources, job).add_done_callback(self._on_done(slots))
+            pool.shutdown(wait=True)
             self._raise_pool_error()
-            if trunk is not None:
-                self._commit(TRUNK, trunk.commit(self._before_rename))
         except BaseException:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-            if trunk is not None:
-                trunk.abort()
+            self._stopping = True
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
 
-    def _on_done(self, slots: threading.BoundedSemaphore):
+    def _trunk(self, sources: SourceFiles) -> None:
+        if self._reuse(TRUNK):
+            self.progress.advance(sum(entry.nbytes for entry in self.plan.trunk))
+            return
+        writer = TrunkWriter(sources, self.plan.trunk, self.out / TRUNK)
+        try:
+            for entry in self.plan.trunk:
+                if self._stopping or self._error is not None:
+                    raise _Stopped()
+                self.progress.advance(writer.write(entry))
+            self._commit(TRUNK, writer.commit(self._before_rename))
+        except BaseException:
+            writer.abort()
+            raise
+
+    def _on_done(self, slots: threading.BoundedSemaphore | None = None):
         def done(future) -> None:
-            if not future.cancelled() and future.exception() is not None and self._error is None:
-                self._error = future.exception()
-            slots.release()
+            error = None if future.cancelled() else future.exception()
+            if error is not None and not isinstance(error, _Stopped) and self._error is None:
+                self._error = error
+            if slots is not None:
+                slots.release()
 
         return done
 
@@ -312,10 +324,30 @@ class _Run:
             time.sleep(self.delay / 2)
 
 
-def _source_order(plan: Plan) -> list[TrunkEntry | ExpertJob]:
-    trunk = (((e.tensor.file, e.tensor.info.begin), e) for e in plan.trunk)
-    experts = ((job.source_position, job) for job in plan.expert_jobs)
-    return [item for _, item in heapq.merge(trunk, experts, key=lambda pair: pair[0])]
+class _Prefetcher:
+    """Keeps kernel readahead PREFETCH_BYTES ahead of the shard being started."""
+
+    def __init__(self, sources: SourceFiles, jobs: list[ExpertJob]):
+        self._sources, self._jobs = sources, jobs
+        self._next, self._ahead = 0, 0  # next job to prefetch; bytes prefetched beyond the current
+
+    def up_to(self, current: int) -> None:
+        if current > 0:
+            self._ahead -= _source_bytes(self._jobs[current - 1])
+        while self._next < len(self._jobs) and self._ahead < PREFETCH_BYTES:
+            job = self._jobs[self._next]
+            for piece in job.pieces:
+                self._sources.prefetch(piece.file, piece.begin, piece.nbytes)
+            self._ahead += _source_bytes(job)
+            self._next += 1
+
+
+def _source_bytes(job: ExpertJob) -> int:
+    return sum(piece.nbytes for piece in job.pieces)
+
+
+class _Stopped(Exception):
+    """Another thread failed: the trunk thread stops early."""
 
 
 def _write_manifest(out: Path, plan: Plan, files: dict[str, FileRecord]) -> None:
@@ -336,7 +368,7 @@ def _write_manifest(out: Path, plan: Plan, files: dict[str, FileRecord]) -> None
     }
     out_file = AtomicFile(out / MANIFEST)
     out_file.write(_manifest_text(manifest).encode())
-    out_file.commit(before_rename=lambda: None)
+    out_file.commit(before_rename=lambda: None, durable=True)
     fsync_dir(out)
 
 

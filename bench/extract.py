@@ -1,0 +1,215 @@
+"""python -m bench extract: the extractor on a synthetic Qwen3-MoE-like checkpoint (>= 2 GB),
+beside a raw sequential read of the same files, measured the same way in the same run.
+
+For each cache state ("cold": page cache dropped before each measurement, which needs
+root; "warm": every source file already in the page cache) it prints
+  raw read     GB/s of reading every checkpoint file front to back in 16 MB blocks,
+  extractor    GB/s of `python -m extractor` as a subprocess (the same bytes / its wall
+               time, interpreter start-up included) and its peak RSS (VmHWM at exit),
+and, as the floor on CPU work per byte, sha256 of in-memory data (the manifest needs
+every file's hash, so a warm-cache extraction cannot beat it on one core).
+The checkpoint and stores are deleted afterwards unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCK = 16 << 20
+FILE_BYTES = 512 << 20  # source shard size, like a hub checkpoint's ~5 GB files scaled down
+
+
+def qwen3_moe_config(layers: int, experts: int) -> dict:
+    """Qwen3-30B-A3B's shapes, with fewer layers/experts and a 32k vocabulary (so the
+    largest tensor, the embedding, stays small and the RSS goal stays strict)."""
+    return {
+        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048,
+        "moe_intermediate_size": 768, "intermediate_size": 6144, "num_hidden_layers": layers,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": experts,
+        "num_experts_per_tok": 8, "norm_topk_prob": True, "vocab_size": 32768, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "tie_word_embeddings": False, "dtype": "bfloat16",
+    }
+
+
+def tensor_shapes(config: dict):
+    """(key, shape) in the order a hub checkpoint stores them."""
+    h, i, hd = config["hidden_size"], config["moe_intermediate_size"], config["head_dim"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    yield "model.embed_tokens.weight", (config["vocab_size"], h)
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        yield from [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                    (p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                    (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q)),
+                    (p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,)),
+                    (p + "mlp.gate.weight", (config["num_experts"], h))]
+        for e in range(config["num_experts"]):
+            yield from [(p + f"mlp.experts.{e}.gate_proj.weight", (i, h)),
+                        (p + f"mlp.experts.{e}.up_proj.weight", (i, h)),
+                        (p + f"mlp.experts.{e}.down_proj.weight", (h, i))]
+    yield "model.norm.weight", (h,)
+    yield "lm_head.weight", (config["vocab_size"], h)
+
+
+def build_checkpoint(path: Path, config: dict) -> tuple[list[Path], tuple[str, int]]:
+    """Random bf16 tensors in ~FILE_BYTES safetensors files + index; (files, largest tensor)."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    shapes = list(tensor_shapes(config))
+    groups, current, size = [], [], 0
+    for key, shape in shapes:
+        if current and size + math.prod(shape) * 2 > FILE_BYTES:
+            groups.append(current)
+            current, size = [], 0
+        current.append((key, shape))
+        size += math.prod(shape) * 2
+    groups.append(current)
+    weight_map, files = {}, []
+    generator = torch.Generator().manual_seed(0)
+    for n, group in enumerate(groups):
+        name = f"model-{n + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {key: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16) for key, shape in group}
+        save_file(tensors, path / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        files.append(path / name)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    largest = max(shapes, key=lambda item: math.prod(item[1]))
+    return files, (largest[0], math.prod(largest[1]) * 2)
+
+
+def can_drop_caches() -> bool:
+    try:
+        drop_caches()
+        return True
+    except OSError:
+        return False
+
+
+def drop_caches() -> None:
+    os.sync()  # dirty pages cannot be dropped
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def prepare(cache: str, files: list[Path]) -> None:
+    os.sync()
+    if cache == "cold":
+        drop_caches()
+    else:
+        raw_read(files)  # pull every file into the page cache
+
+
+def raw_read(files: list[Path]) -> float:
+    """Seconds to read every file front to back (the reference: no parsing, no writing)."""
+    buffer = bytearray(BLOCK)
+    started = time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+    return time.perf_counter() - started
+
+
+# `python -m extractor` that reports its own peak RSS on exit. Not ru_maxrss: Linux
+# carries the forking parent's RSS over into the child's maxrss at exec (this benchmark
+# holds ~1.7 GB of generated tensors, so every child would "peak" there); VmHWM is the
+# high-water mark of the process's own memory since exec.
+_MEASURED_CLI = (
+    "import sys\n"
+    "from extractor.__main__ import main\n"
+    "code = main(sys.argv[1:])\n"
+    "hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
+    "print('peak-rss-kb', hwm.split()[1], file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def run_extractor(ckpt: Path, out: Path, workers: int) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS bytes, summary line) of one extractor process."""
+    command = [sys.executable, "-c", _MEASURED_CLI, "--model", str(ckpt), "--out", str(out), "--workers", str(workers)]
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"extractor failed ({done.returncode}): {done.stderr.strip()}")
+    peak_kb = int(done.stderr.split("peak-rss-kb")[-1])
+    return seconds, peak_kb * 1024, done.stdout.strip()
+
+
+def sha256_rate() -> float:
+    data = os.urandom(256 << 20)
+    started = time.perf_counter()
+    hashlib.sha256(data).digest()
+    return len(data) / (time.perf_counter() - started)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench extract", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, default=None, help="where to build the checkpoint (default: a temp dir)")
+    parser.add_argument("--layers", type=int, default=6, help="MoE layers (default 6: 2.3 GB)")
+    parser.add_argument("--experts", type=int, default=32, help="experts per layer (default 32)")
+    parser.add_argument("--workers", default="1,2", help="extractor --workers values to measure (default 1,2)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure; medians are printed (default 3)")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoint and stores")
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="cadre-bench-extract-", dir=args.dir))
+    try:
+        return _measure(root, args)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _measure(root: Path, args) -> int:
+    config = qwen3_moe_config(args.layers, args.experts)
+    ckpt = root / "ckpt"
+    files, (largest_name, largest_bytes) = build_checkpoint(ckpt, config)
+    total = sum(path.stat().st_size for path in files)
+    rss_goal = 3 * largest_bytes + 300_000_000
+    caches = ["cold", "warm"] if can_drop_caches() else ["warm"]
+    print(f"synthetic qwen3_moe checkpoint: {total / 1e9:.2f} GB in {len(files)} files, "
+          f"{args.layers} layers x {args.experts} experts, largest tensor {largest_bytes / 1e6:.0f} MB ({largest_name})")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
+          f"sha256 of in-memory data: {sha256_rate() / 1e9:.2f} GB/s")
+    if "cold" not in caches:
+        print("cold cache: not measured (writing /proc/sys/vm/drop_caches needs root)")
+    print(f"{'cache':5}  {'workers':>7}  {'raw read GB/s':>13}  {'extractor GB/s':>14}  {'ratio':>5}  {'peak RSS':>8}"
+          f"   (medians of {args.repeat} interleaved runs; peak RSS: the largest)")
+    met = True
+    for cache in caches:
+        for workers in map(int, args.workers.split(",")):
+            raw_runs, extract_runs, rss_runs = [], [], []
+            for _ in range(args.repeat):  # interleaved, so both see the same machine
+                prepare(cache, files)
+                raw_runs.append(total / raw_read(files))
+                out = root / f"store-{cache}-{workers}"
+                prepare(cache, files)
+                seconds, rss, summary = run_extractor(ckpt, out, workers)
+                extract_runs.append(total / seconds)
+                rss_runs.append(rss)
+                shutil.rmtree(out)
+            raw, rate, rss = median(raw_runs), median(extract_runs), max(rss_runs)
+            met &= rss < rss_goal
+            print(f"{cache:5}  {workers:>7}  {raw / 1e9:>13.2f}  {rate / 1e9:>14.2f}  {rate / raw:>5.0%}  "
+                  f"{rss / 1e6:>5.0f} MB   (extractor runs: {', '.join(f'{r / 1e9:.2f}' for r in extract_runs)})")
+    print(f"peak RSS goal: < 3 x {largest_bytes / 1e6:.0f} MB + 300 MB = {rss_goal / 1e6:.0f} MB: "
+          f"{'met' if met else 'MISSED'}; throughput goal: >= 70% of raw read")
+    print(f"last extractor summary: {summary}")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end (other processes share these CPUs and disk)")
+    return 0
