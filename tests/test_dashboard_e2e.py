@@ -135,7 +135,10 @@ def loopback_config(server_port: int, prometheus_port: int) -> dict:
 
 
 def cadre_target_up(prometheus: str) -> bool:
-    targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+    reply = httpx.get(f"{prometheus}/api/v1/targets", timeout=5)
+    if reply.status_code != 200:  # a starting Prometheus answers 503 in plain text
+        return False
+    targets = reply.json()["data"]["activeTargets"]
     return any(t["labels"]["job"] == "cadre" and t["health"] == "up" for t in targets)
 
 
