@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -94,7 +93,3 @@ def dashboard_module():
     sys.modules[spec.name] = module  # dataclasses resolve their module by name
     spec.loader.exec_module(module)
     return module
-
-
-def quoted(argv: list[str]) -> str:
-    return shlex.join(argv)

@@ -1,14 +1,13 @@
 """End to end without Docker: what `docker compose up` runs, on loopback.
 
 The real server (compose_helpers.server_command, the container's ENTRYPOINT + CMD) serving
-a tiny Qwen3-MoE store that the test extracts with `python -m extractor` (as the compose
-extractor service would; it gets a small word-level tokenizer so prompts are text), a real
-Prometheus (Debian's binary) scraping it with
-docker/prometheus/prometheus.yml adapted to loopback (targets rewritten, 1 s interval),
-/generate and /v1/completions traffic plus a burst past the queue, and then every PromQL
-query of the provisioned dashboard, Grafana variables interpolated, evaluated through
-Prometheus' HTTP API: each must return data, with a finite value, and the panels that
-traffic drives must show it. Bounded: about 30 s on a 2-core CPU machine.
+a tiny Qwen3-MoE store that the test extracts with `python -m extractor`, as the compose
+extractor service would (with a small word-level tokenizer, so prompts are text); a real
+Prometheus (Debian's binary) scraping it with docker/prometheus/prometheus.yml adapted to
+loopback (targets rewritten, 1 s interval); /generate and /v1/completions traffic plus a
+burst past the queue; then every PromQL query of the provisioned dashboard, Grafana
+variables interpolated, evaluated through Prometheus' HTTP API: each must return data with
+a finite value, and the panels the traffic drives must show it. About 25 s on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ RATE_INTERVAL, RANGE = "30s", "5m"
 TRAFFIC_SECONDS = 4.0  # sequential requests spanning several scrapes, so rates are not 0
 SERVER_READY_TIMEOUT = 45.0
 # Panels whose value the traffic must have moved above zero (the others may be 0: exact
-# routing has no regret, a quiet queue has no rejections, the demo has no prefetch on).
+# routing has no regret, and prefetch is off by default).
 MUST_BE_POSITIVE = ("Generated tokens/s", "Expert activations in the time range", "Top 10 experts",
                     "Tokens/s", "Time to first token", "Inter-token latency", "End-to-end request latency",
                     "Cache bytes vs capacity", "Expert cache fill", "activations/s by expert")
