@@ -23,6 +23,7 @@ from .safetensors_format import DTYPES, encode_header, itemsize
 
 CHUNK = 16 << 20  # trunk streaming granularity: large enough for full-speed sequential I/O
 PARTIAL_SUFFIX = ".partial"
+PREFETCH_STEP = 2 << 20
 WRITEBACK_STEP = 64 << 20  # a long file (the trunk) starts writeback every this many bytes
 
 
@@ -114,8 +115,10 @@ class SourceFiles:
 
     def prefetch(self, file: int, offset: int, nbytes: int) -> None:
         """Have the kernel start reading a range needed soon and return at once, so on a
-        cold page cache disk reads overlap the hashing and writing of earlier shards."""
-        os.posix_fadvise(self._fds[file], offset, nbytes, os.POSIX_FADV_WILLNEED)
+        cold page cache disk reads overlap the hashing and writing of earlier shards.
+        Linux reads at most one readahead window per call, hence the small steps."""
+        for start in range(offset, offset + nbytes, PREFETCH_STEP):
+            os.posix_fadvise(self._fds[file], start, min(PREFETCH_STEP, offset + nbytes - start), os.POSIX_FADV_WILLNEED)
 
     def read_into(self, out: memoryview, file: int, offset: int) -> None:
         while out:
