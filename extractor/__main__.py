@@ -12,13 +12,14 @@ import sys
 from .errors import ExtractError
 from .extract import extract_store, verify_store
 from .plan import DTYPE_CHOICES
-from .spec import SPEC_HELP
+from .spec import PROFILE_HELP, SPEC_HELP
 from .store import StoreError
 
 EXAMPLES = """\
 examples:
   python -m extractor --model ~/models/Qwen3-30B-A3B --out ~/stores/qwen3-30b
   python -m extractor --model CKPT --out STORE --experts 0-7 --layers all --dtype bfloat16 --workers 2
+  python -m extractor --model CKPT --out STORE --experts auto:8 --profile usage.json
   python -m extractor --out STORE --verify          # re-hash an existing store
 
 A killed run resumes where it stopped when re-run with the same arguments: files it
@@ -44,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="STORE", required=True,
                         help="store directory: new, empty, or a store of the same model, e.g. --out ./store")
     parser.add_argument("--experts", metavar="SPEC", default="all",
-                        help=f"experts to write in every selected MoE layer: {SPEC_HELP} (default: all)")
+                        help=f"experts to write in every selected MoE layer: {SPEC_HELP}; or {PROFILE_HELP} "
+                        "(default: all)")
+    parser.add_argument("--profile", metavar="JSON", help="usage profile for --experts auto:N, e.g. "
+                        "--profile usage.json (python -m router.profile writes one)")
     parser.add_argument("--layers", metavar="SPEC", default="all",
                         help=f"layers whose experts to write: {SPEC_HELP}, e.g. --layers 0-23 (default: all); "
                         "the trunk always holds every layer")
@@ -67,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ExtractError("--model CKPT is required (or --verify alone to check an existing store)")
         if args.model is not None:
             summary = extract_store(args.model, args.out, experts=args.experts, layers=args.layers,
-                                    dtype=args.dtype, workers=args.workers, quiet=args.quiet)
+                                    dtype=args.dtype, workers=args.workers, quiet=args.quiet,
+                                    profile=args.profile)
             if not args.quiet:
                 print(summary.line())
         if args.verify:

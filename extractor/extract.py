@@ -30,7 +30,7 @@ from .checkpoint import COPIED_FILES, open_checkpoint
 from .errors import ExtractError
 from .journal import JOURNAL, Journal
 from .plan import ExpertJob, Plan, make_plan
-from .spec import parse_spec
+from .spec import parse_spec, profile_selection
 from .store import FORMAT_VERSION, MANIFEST, TRUNK, ExpertStore, StoreError, expert_relpath, sha256_file
 from .writer import PARTIAL_SUFFIX, AtomicFile, FileRecord, SourceFiles, TrunkWriter, fsync_dir, fsync_path, write_expert
 
@@ -66,12 +66,15 @@ def extract_store(
     dtype: str = "auto",
     workers: int = 1,
     quiet: bool = True,
+    profile: str | Path | None = None,
 ) -> ExtractSummary:
     """Extract `model_dir` into the store `out_dir`; ExtractError (a ValueError) on bad input."""
     started = time.perf_counter()
     if not isinstance(workers, int) or workers < 1:
         raise ExtractError(f"{out_dir}: workers must be a positive integer, got {workers!r}")
-    experts_ranges = _parse(parse_spec, experts, "--experts", where=model_dir)
+    experts_ranges = _parse(profile_selection, experts, profile, where=model_dir)  # auto:N
+    if experts_ranges is None:
+        experts_ranges = _parse(parse_spec, experts, "--experts", where=model_dir)
     layer_ranges = _parse(parse_spec, layers, "--layers", where=model_dir)
     ckpt = open_checkpoint(model_dir)
     plan = _parse(make_plan, ckpt, experts_ranges, layer_ranges, dtype, where=model_dir)

@@ -66,17 +66,18 @@ class Plan:
         return sum(job.tensor_bytes for job in self.expert_jobs) + sum(e.nbytes for e in self.trunk)
 
 
-def make_plan(ckpt: Checkpoint, experts: Ranges, layers: Ranges, dtype: str) -> Plan:
+def make_plan(ckpt: Checkpoint, experts: Ranges | dict[int, list[int]], layers: Ranges, dtype: str) -> Plan:
+    """experts: one selection for every layer, or {layer: ids} (from --experts auto:N --profile)."""
     if dtype not in DTYPE_CHOICES:
         raise ExtractError(f"{ckpt.root}: --dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
     layer_ids = set(resolve_spec(layers, ckpt.num_layers, "--layers", "layer"))
-    expert_ids = resolve_spec(experts, ckpt.num_experts, "--experts", "expert")
+    per_layer = _per_layer_experts(ckpt, experts)
     selected = [layer for layer in ckpt.moe_layers if layer in layer_ids]
     for layer in selected:
-        for expert in expert_ids:
+        for expert in per_layer[layer]:
             if (layer, expert) not in ckpt.experts:
                 raise ExtractError(f"{ckpt.root}: the checkpoint has no expert {expert} in layer {layer}")
-    chosen = [(layer, expert) for layer in selected for expert in expert_ids]
+    chosen = [(layer, expert) for layer in selected for expert in per_layer[layer]]
     shard_dtype = _shard_dtype(ckpt, chosen, dtype)
     jobs = [
         ExpertJob(layer, expert, tuple(ckpt.experts[layer, expert][p] for p in STORE_PROJECTIONS), shard_dtype)
@@ -85,11 +86,23 @@ def make_plan(ckpt: Checkpoint, experts: Ranges, layers: Ranges, dtype: str) -> 
     return Plan(
         checkpoint=ckpt,
         dtype=DTYPES[shard_dtype][0],
-        experts={layer: expert_ids if layer in layer_ids else [] for layer in ckpt.moe_layers},
+        experts={layer: per_layer[layer] if layer in layer_ids else [] for layer in ckpt.moe_layers},
         expert_jobs=sorted(jobs, key=lambda job: job.source_position),
         trunk=[TrunkEntry(t, _trunk_dtype(ckpt, t, dtype)) for t in ckpt.trunk],
         fingerprint=_fingerprint(ckpt, dtype),
     )
+
+
+def _per_layer_experts(ckpt: Checkpoint, experts: Ranges | dict[int, list[int]]) -> dict[int, list[int]]:
+    if not isinstance(experts, dict):
+        ids = resolve_spec(experts, ckpt.num_experts, "--experts", "expert")
+        return {layer: ids for layer in ckpt.moe_layers}
+    missing = [layer for layer in ckpt.moe_layers if layer not in experts]
+    if missing:
+        raise ExtractError(f"{ckpt.root}: the usage profile has no counts for MoE layer {missing[0]}")
+    for layer in ckpt.moe_layers:
+        resolve_spec([(e, e) for e in experts[layer]], ckpt.num_experts, "--experts", "expert")
+    return {layer: sorted(experts[layer]) for layer in ckpt.moe_layers}
 
 
 def _shard_dtype(ckpt: Checkpoint, chosen: list[tuple[int, int]], request: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 
@@ -43,3 +44,32 @@ def resolve_spec(ranges: Ranges, count: int, option: str, what: str) -> list[int
         if high >= count:
             raise ExtractError(f"{option}: {what} {high} out of range, the checkpoint has {count} (0-{count - 1})")
     return sorted({i for low, high in ranges for i in range(low, high + 1)})
+
+
+_AUTO = re.compile(r"auto:(\d+)")
+PROFILE_HELP = "auto:N keeps the N most used experts of each layer, read from --profile usage.json (router.profile)"
+
+
+def profile_selection(spec, profile, option: str = "--experts") -> dict[int, list[int]] | None:
+    """`auto:N` + a usage profile -> {layer: the N most used expert ids, sorted}; None if spec is not auto:N.
+
+    The profile is router.profile's JSON: {"layers": {"<layer>": [use count of expert 0, 1, ...]}}.
+    Ties go to the lower expert id, so a selection is reproducible.
+    """
+    match = _AUTO.fullmatch(spec.strip()) if isinstance(spec, str) else None
+    if match is None:
+        if isinstance(spec, str) and spec.strip().startswith("auto"):
+            raise ExtractError(f"{option} {spec!r}: malformed, expected auto:N with N >= 1")
+        return None
+    keep = int(match[1])
+    if keep < 1:
+        raise ExtractError(f"{option} {spec!r}: N must be at least 1")
+    if profile is None:
+        raise ExtractError(f"{option} {spec}: needs --profile usage.json (a usage profile from router.profile)")
+    try:
+        with open(profile) as f:
+            layers = json.load(f)["layers"]
+        counts = {int(layer): [float(c) for c in row] for layer, row in layers.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ExtractError(f"{profile}: not a usage profile ({exc.__class__.__name__}: {exc})") from exc
+    return {layer: sorted(sorted(range(len(row)), key=lambda e: (-row[e], e))[:keep]) for layer, row in counts.items()}
