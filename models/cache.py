@@ -116,10 +116,17 @@ class ExpertCache:
         self.host = HostTier(host_capacity_bytes) if self.device.type == "cuda" else None
         self._stats = CacheStats(capacity_bytes=self.capacity_bytes)
         self._last_use: dict[int, "torch.cuda.Event"] = {}  # slot index -> last compute reading it
+        total = sum(len(store.experts_present(layer)) for layer in store.moe_layers)
+        # When the budget holds every expert nothing is ever evicted, so a layer whose
+        # experts are all resident can map expert -> slot on the device, with no host sync.
+        self.holds_everything = self.num_slots >= total
+        self._tables: dict[int, torch.Tensor] = {}  # layer -> [E+1] slot per expert (last: for index -1)
+        self._deferred: list[torch.Tensor] = []  # device index tensors of table lookups, counted in stats()
 
     # --- queries -------------------------------------------------------------
     def stats(self) -> CacheStats:
         with self._lock:
+            self._count_deferred()
             snapshot = self._stats.copy()
             snapshot.bytes = len(self._slots) * self.slot_bytes
             return snapshot
@@ -132,6 +139,36 @@ class ExpertCache:
         with self._lock:
             slot = self._slots.get(key)
             return slot is not None and slot.ready
+
+    def slot_table(self, layer: int) -> torch.Tensor | None:
+        """Device table expert -> slot for a layer that can never miss again, else None."""
+        table = self._tables.get(layer)
+        if table is not None or not self.holds_everything:
+            return table
+        with self._lock:
+            present = self.store.experts_present(layer)
+            slots = [self._slots.get((layer, e)) for e in present]
+            if not present or any(s is None or not s.ready for s in slots):
+                return None
+            table = torch.zeros(self.store.num_experts + 1, dtype=torch.long)  # index -1 -> slot 0, weight 0
+            table[torch.tensor(present)] = torch.tensor([s.index for s in slots])
+            self._tables[layer] = table.to(self.device)
+            for slot in slots:  # a copy still in flight must finish before table users read it
+                if slot.event is not None:
+                    torch.cuda.current_stream(self.device).wait_event(slot.event)
+            return self._tables[layer]
+
+    def record_table_hits(self, top_k_index: torch.Tensor) -> None:
+        """Count a table lookup's queries (all hits) later, in stats(), to avoid a sync now."""
+        with self._lock:
+            self._deferred.append(top_k_index)
+
+    def _count_deferred(self) -> None:
+        for index in self._deferred:
+            used = int(torch.unique(index).ge(0).sum())
+            self._stats.queries += used
+            self._stats.hits += used
+        self._deferred.clear()
 
     def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (gate_up [2I,H], down [H,I]) of a pinned slot."""
@@ -242,6 +279,11 @@ class ExpertCache:
         return True
 
     def _start_load(self, key: Key, slot: _Slot) -> None:
+        if self.host is not None and self.host.get(key) is not None:
+            # pinned host -> device: the copy is queued on the side stream at once, so a
+            # hand-off to the loader thread would only add latency
+            self._load(key, slot)
+            return
         slot.future = self._loader.submit(self._load, key, slot)
 
     # --- loader thread ------------------------------------------------------------

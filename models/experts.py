@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from .cache import ExpertCache, Lease
 
 
+BATCHED_ROWS = 32  # up to this many (token, slot) rows, gathering weights beats grouping
+
+
 class OnDemandExperts(nn.Module):
     """forward(hidden [T,H], top_k_index [T,K], top_k_weights [T,K]) -> [T,H]."""
 
@@ -47,6 +50,9 @@ class OnDemandExperts(nn.Module):
         if self.before is not None:
             self.before(self.layer, hidden)
         num_tokens, top_k = top_k_index.shape
+        table = self.cache.slot_table(self.layer)
+        if table is not None:
+            return self._forward_resident(table, hidden, top_k_index, top_k_weights)
         index_cpu = top_k_index.reshape(-1).cpu()  # [S] the one host sync: which experts to load
         needed = [e for e in torch.unique(index_cpu).tolist() if e != UNUSED]
         out_dtype = torch.promote_types(hidden.dtype, top_k_weights.dtype)
@@ -71,6 +77,34 @@ class OnDemandExperts(nn.Module):
             self.on_route(self.layer, top_k_index, top_k_weights, outcomes, stall)
         # sum over each token's K slots in slot order, as transformers' grouped path does
         return rows_out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)  # [T,H]
+
+    def _forward_resident(self, table, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        """Every expert of this layer is resident for good: look slots up on the device,
+        so the host never waits for the GPU (no sync), as in transformers' own paths."""
+        num_tokens, top_k = top_k_index.shape
+        self.cache.record_table_hits(top_k_index)
+        slots = table[top_k_index].reshape(-1)  # [S] (-1 -> a valid slot; its weight is 0)
+        weights = top_k_weights.reshape(-1, 1)  # [S,1]
+        gate_up, down = self.cache._gate_up, self.cache._down  # [G,2I,H], [G,H,I]
+        if slots.shape[0] <= BATCHED_ROWS:  # decode: gather the few experts, one bmm each
+            x = hidden.repeat_interleave(top_k, dim=0).to(gate_up.dtype)  # [S,H]
+            proj = torch.bmm(gate_up[slots], x.unsqueeze(-1)).squeeze(-1)  # [S,2I]
+            gate, up = proj.chunk(2, dim=-1)
+            y = torch.bmm(down[slots], (self.act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)  # [S,H]
+            rows = y * weights  # [S,H]
+        else:  # prefill: sort rows by slot, grouped matmul with device-side offsets
+            order = torch.argsort(slots, stable=True)
+            counts = torch.histc(slots.float(), bins=self.cache.num_slots, min=0, max=self.cache.num_slots - 1)
+            offsets = torch.cumsum(counts, 0).to(torch.int32)  # [G]
+            x = hidden[order // top_k].to(gate_up.dtype)  # [S,H]
+            proj = _grouped_mm(x, gate_up.transpose(-2, -1), offsets)  # [S,2I]
+            gate, up = proj.chunk(2, dim=-1)
+            y = _grouped_mm(self.act_fn(gate) * up, down.transpose(-2, -1), offsets)  # [S,H]
+            rows = torch.empty_like(y, dtype=torch.promote_types(y.dtype, weights.dtype))
+            rows[order] = y * weights[order]
+        if self.on_route is not None:
+            self.on_route(self.layer, top_k_index, top_k_weights, None, 0.0)
+        return rows.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)  # [T,H]
 
     def _compute(self, lease: "Lease", hidden, index_cpu, top_k, weights, rows_out) -> None:
         perm, offsets = _group_rows(index_cpu, lease.slots, self.cache.num_slots)

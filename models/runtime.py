@@ -126,7 +126,10 @@ class Runtime:
     def _emit(self, layer, index, weights, outcomes, stall) -> None:
         if not self._listeners:
             return
-        event = RoutingEvent(layer, index.detach().cpu(), weights.detach().float().cpu(), dict(outcomes), stall)
+        experts = index.detach().cpu()
+        if outcomes is None:  # a fully resident layer: every expert it used was a hit
+            outcomes = {e: "hit" for e in torch.unique(experts).tolist() if e >= 0}
+        event = RoutingEvent(layer, experts, weights.detach().float().cpu(), dict(outcomes), stall)
         for listener in self._listeners:
             listener(event)
 
