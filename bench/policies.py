@@ -1,0 +1,139 @@
+"""Eviction and prefetch policies against LRU, on the demo model decoding held-out text.
+
+    python -m bench policies [--tokens 192] [--budgets 0.125,0.25,0.5] [--json F]
+
+Every run decodes the same held-out tokens one forward per token (teacher forcing, KV
+cache on), from a cold cache, with exact routing, so every run produces the same logits
+and only the cache's behaviour differs. For each budget (share of all experts resident)
+and each of lru / salience eviction, without and with speculative prefetch (the next MoE
+layer's gate applied to this layer's hidden state, widened by Surprise):
+  hit rate          demand queries served by a resident expert (prefetched ones count)
+  loads/token       experts copied into the cache per token (demand + prefetch)
+  MB moved/token    loads x expert bytes
+  tokens/s          wall clock of the decode (CPU here: loads are safetensors reads)
+  prefetch precision  prefetched experts later used / prefetches issued
+  prefetch recall     demand fetches covered by a prefetch / all demand fetches that were not plain hits
+The reference row is transformers with every expert in memory, decoding the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+DTYPE = "float32"
+
+
+@dataclass
+class Result:
+    budget: float
+    eviction: str
+    prefetch: bool
+    hit_rate: float
+    loads_per_token: float
+    mb_per_token: float
+    tokens_per_s: float
+    precision: float | None
+    recall: float | None
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench policies", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=192, help="held-out tokens to decode per run (default 192)")
+    parser.add_argument("--budgets", default="0.125,0.25,0.5", help="cache budgets, shares of all experts")
+    parser.add_argument("--store", type=Path, default=Path(".cache/bench/quality/store-all"),
+                        help="demo store with every expert (built if missing)")
+    parser.add_argument("--json", type=Path, help="write the results as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv or [])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from extractor import extract_store
+    from models.demo import CHECKPOINT_DIR, HELDOUT_TEST_TEXT
+
+    extract_store(CHECKPOINT_DIR, args.store, quiet=True)
+    tokenizer = AutoTokenizer.from_pretrained(CHECKPOINT_DIR)
+    ids = tokenizer(HELDOUT_TEST_TEXT.read_text(), return_tensors="pt").input_ids[0, 2000: 2000 + args.tokens]
+    reference = AutoModelForCausalLM.from_pretrained(CHECKPOINT_DIR, dtype=torch.float32).eval()
+    ref_seconds = decode(reference, ids)
+    print(f"reference: transformers, every expert in memory: {args.tokens / ref_seconds:.1f} tokens/s "
+          f"({args.tokens} tokens)")
+    results = []
+    for budget in map(float, args.budgets.split(",")):
+        for eviction in ("lru", "salience"):
+            for prefetch in (False, True):
+                results.append(run(args.store, ids, budget, eviction, prefetch))
+                print_result(results[-1])
+    print_table(results, args.tokens / ref_seconds)
+    if args.json:
+        args.json.write_text(json.dumps({"tokens": args.tokens, "reference_tokens_per_s": args.tokens / ref_seconds,
+                                         "results": [asdict(r) for r in results]}, indent=1))
+    return 0
+
+
+@torch.inference_mode()
+def decode(model, ids: torch.Tensor) -> float:
+    """Seconds to run `ids` through `model` one token per forward, with the KV cache."""
+    past = None
+    started = time.perf_counter()
+    for t in range(ids.numel()):
+        past = model(input_ids=ids[t: t + 1].unsqueeze(0), past_key_values=past, use_cache=True).past_key_values
+    return time.perf_counter() - started
+
+
+def run(store: Path, ids: torch.Tensor, budget: float, eviction: str, prefetch: bool) -> Result:
+    from models import Runtime, RuntimeConfig
+    from router.policy import ExactPolicy
+
+    policy = ExactPolicy(prefetch_layers=1, widen=2) if prefetch else ExactPolicy()
+    runtime = Runtime.from_store(store, RuntimeConfig(dtype=DTYPE, cache_fraction=budget, eviction=eviction),
+                                 policy=policy)
+    outcomes = {"hit": 0, "miss": 0, "prefetched": 0}
+
+    def count(event):
+        for outcome in event.outcomes.values():
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    runtime.add_routing_listener(count)
+    seconds = decode(runtime.model, ids)
+    stats, tokens = runtime.cache.stats(), ids.numel()
+    runtime.close()
+    loads = sum(stats.loads.values())
+    issued = stats.prefetch["issued"]
+    not_hits = outcomes["prefetched"] + outcomes["miss"]
+    return Result(budget, eviction, prefetch, stats.hit_rate, loads / tokens,
+                  loads * runtime.cache.slot_bytes / tokens / 1e6, tokens / seconds,
+                  stats.prefetch["used"] / issued if prefetch and issued else None,
+                  outcomes["prefetched"] / not_hits if prefetch and not_hits else None)
+
+
+def print_result(r: Result) -> None:
+    print(f"  {r.budget:.1%} {r.eviction:8s} prefetch={'on ' if r.prefetch else 'off'}: hit rate {r.hit_rate:.2%}, "
+          f"{r.loads_per_token:.2f} loads/token, {r.tokens_per_s:.1f} tokens/s", flush=True)
+
+
+def print_table(results: list[Result], ref_tps: float) -> None:
+    def pct(value):
+        return "-" if value is None else f"{value:.1%}"
+
+    print(f"\nreference: transformers, every expert in memory: {ref_tps:.1f} tokens/s")
+    print("| budget | eviction | prefetch | hit rate | loads/token | MB moved/token | tokens/s | prefetch precision "
+          "| prefetch recall |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r.budget:.1%} | {r.eviction} | {'speculative' if r.prefetch else 'off'} | {r.hit_rate:.2%} | "
+              f"{r.loads_per_token:.2f} | {r.mb_per_token:.3f} | {r.tokens_per_s:.1f} | {pct(r.precision)} | "
+              f"{pct(r.recall)} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
