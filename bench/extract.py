@@ -4,6 +4,8 @@ beside a raw sequential read of the same files, measured the same way in the sam
 For each cache state ("cold": page cache dropped before each measurement, which needs
 root; "warm": every source file already in the page cache) it prints
   raw read     GB/s of reading every checkpoint file front to back in 16 MB blocks,
+  raw copy     GB/s of copying them (same reads, plus writing and fsyncing a copy): the
+               floor for any extractor on this disk, which must write what it reads,
   extractor    GB/s of `python -m extractor` as a subprocess (the same bytes / its wall
                time, interpreter start-up included) and its peak RSS (VmHWM at exit),
 and, as the floor on CPU work per byte, sha256 of in-memory data (the manifest needs
@@ -139,6 +141,22 @@ _MEASURED_CLI = (
 )
 
 
+def raw_copy(files: list[Path], dest: Path) -> float:
+    """Seconds to copy every file to `dest` in 16 MB blocks and fsync the copies: what any
+    extraction must at least do on this disk (read it all, write it all, durably)."""
+    dest.mkdir()
+    buffer = bytearray(BLOCK)
+    started = time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as src, open(dest / path.name, "wb", buffering=0) as dst:
+            while n := src.readinto(buffer):
+                dst.write(memoryview(buffer)[:n])
+            os.fsync(dst.fileno())
+    seconds = time.perf_counter() - started
+    shutil.rmtree(dest)
+    return seconds
+
+
 def run_extractor(ckpt: Path, out: Path, workers: int) -> tuple[float, int, str]:
     """(wall seconds, peak RSS bytes, summary line) of one extractor process."""
     command = [sys.executable, "-c", _MEASURED_CLI, "--model", str(ckpt), "--out", str(out), "--workers", str(workers)]
@@ -189,25 +207,28 @@ def _measure(root: Path, args) -> int:
           f"sha256 of in-memory data: {sha256_rate() / 1e9:.2f} GB/s")
     if "cold" not in caches:
         print("cold cache: not measured (writing /proc/sys/vm/drop_caches needs root)")
-    print(f"{'cache':5}  {'workers':>7}  {'raw read GB/s':>13}  {'extractor GB/s':>14}  {'ratio':>5}  {'peak RSS':>8}"
-          f"   (medians of {args.repeat} interleaved runs; peak RSS: the largest)")
+    print(f"{'cache':5}  {'workers':>7}  {'raw read':>8}  {'raw copy':>8}  {'extractor':>9}  {'/read':>5}  "
+          f"{'/copy':>5}  {'peak RSS':>8}   (GB/s, medians of {args.repeat} interleaved runs; RSS: the largest)")
     met = True
     for cache in caches:
         for workers in map(int, args.workers.split(",")):
-            raw_runs, extract_runs, rss_runs = [], [], []
-            for _ in range(args.repeat):  # interleaved, so both see the same machine
+            reads, copies, extracts, peaks = [], [], [], []
+            for _ in range(args.repeat):  # interleaved, so all three see the same machine
                 prepare(cache, files)
-                raw_runs.append(total / raw_read(files))
+                reads.append(total / raw_read(files))
+                prepare(cache, files)
+                copies.append(total / raw_copy(files, root / "copy"))
                 out = root / f"store-{cache}-{workers}"
                 prepare(cache, files)
                 seconds, rss, summary = run_extractor(ckpt, out, workers)
-                extract_runs.append(total / seconds)
-                rss_runs.append(rss)
+                extracts.append(total / seconds)
+                peaks.append(rss)
                 shutil.rmtree(out)
-            raw, rate, rss = median(raw_runs), median(extract_runs), max(rss_runs)
+            read, copy, rate, rss = median(reads), median(copies), median(extracts), max(peaks)
             met &= rss < rss_goal
-            print(f"{cache:5}  {workers:>7}  {raw / 1e9:>13.2f}  {rate / 1e9:>14.2f}  {rate / raw:>5.0%}  "
-                  f"{rss / 1e6:>5.0f} MB   (extractor runs: {', '.join(f'{r / 1e9:.2f}' for r in extract_runs)})")
+            print(f"{cache:5}  {workers:>7}  {read / 1e9:>8.2f}  {copy / 1e9:>8.2f}  {rate / 1e9:>9.2f}  "
+                  f"{rate / read:>5.0%}  {rate / copy:>5.0%}  {rss / 1e6:>5.0f} MB   "
+                  f"(extractor runs: {', '.join(f'{r / 1e9:.2f}' for r in extracts)})")
     print(f"peak RSS goal: < 3 x {largest_bytes / 1e6:.0f} MB + 300 MB = {rss_goal / 1e6:.0f} MB: "
           f"{'met' if met else 'MISSED'}; throughput goal: >= 70% of raw read")
     print(f"last extractor summary: {summary}")
