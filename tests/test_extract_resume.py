@@ -15,7 +15,7 @@ import torch
 
 from extract_helpers import build_checkpoint, expected_experts, same_bits, source_tensors
 from extractor import extract_store, verify_store
-from extractor.extract import TEST_DELAY_ENV
+from extractor.run import TEST_DELAY_ENV
 from extractor.journal import JOURNAL
 from extractor.safetensors_format import read_header
 from extractor.store import ExpertStore, sha256_file
