@@ -222,12 +222,14 @@ def plot(rows: list[Row], ref_ppl: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     names = [r.name for r in rows]
-    ax.barh(names, [r.ppl for r in rows], color=["#4477aa" if r.ppl <= ref_ppl * 1.001 else "#cc6677" for r in rows])
+    lossless = ["#4477aa" if r.top1_agreement == 1.0 else "#cc6677" for r in rows]  # red: some prediction changed
+    ax.barh(names, [r.ppl for r in rows], color=lossless)
+    ax.set_xscale("log")
     ax.axvline(ref_ppl, color="black", lw=1, ls="--", label=f"full model {ref_ppl:.2f}")
     for y, r in enumerate(rows):
         ax.text(r.ppl, y, f" {r.ppl:.2f} / {r.top1_agreement:.0%}", va="center", fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("held-out perplexity (label: ppl / top-1 agreement with the full model)")
+    ax.set_xlabel("held-out perplexity, log scale (label: ppl / top-1 agreement with the full model; red = lossy)")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
