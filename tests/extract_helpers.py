@@ -56,8 +56,11 @@ def expected_experts(tensors: dict) -> dict[tuple[int, int], dict[str, torch.Ten
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    return a.dtype == b.dtype and a.shape == b.shape and raw_bytes(a) == raw_bytes(b)
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    return t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def make_thinker_checkpoint(path: Path, *, dtype=torch.float32, seed: int = 0, fused: bool = False) -> Path:
