@@ -60,12 +60,24 @@ class AppState:
 def runtime_config(config: ServerConfig):
     from models import RuntimeConfig
 
-    kwargs = {"device": config.device, "cache_bytes": config.cache_bytes, "cache_fraction": config.cache_fraction}
+    kwargs = {"device": config.device, "cache_bytes": config.cache_bytes, "cache_fraction": config.cache_fraction,
+              "dtype": resolved_dtype(config)}
     if "routing" in {f.name for f in fields(RuntimeConfig)}:
         kwargs["routing"] = config.routing
     elif config.routing != "exact":
         raise ValueError(f"--routing {config.routing}: this runtime supports only 'exact'")
     return RuntimeConfig(**kwargs)
+
+
+def resolved_dtype(config: ServerConfig) -> str | None:
+    """None = the store's dtype. CPU gets float32: bf16/fp16 matmuls there are slower, not faster
+    (transformers' own generate() on the demo model: see README, "Server")."""
+    if config.dtype != "auto":
+        return config.dtype
+    import torch
+
+    on_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    return None if on_cuda else "float32"
 
 
 def load_runtime(config: ServerConfig):

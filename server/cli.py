@@ -53,10 +53,13 @@ def build_parser() -> OneLineParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=non_negative_int, default=8000)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="compute dtype (auto: float32 on CPU, the store's dtype on CUDA)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--cache-bytes", type=positive_int, help="expert cache budget in bytes")
     budget.add_argument("--cache-fraction", type=float, help="expert cache budget as a fraction of the store's experts")
-    p.add_argument("--routing", default="exact", help="routing mode (exact = the model's own top-k)")
+    p.add_argument("--routing", default="exact",
+                   help="routing policy: exact (the model's own top-k, default) or a lossy one of router.policy")
     p.add_argument("--max-concurrency", type=positive_int, default=16,
                    help="requests decoded together in one continuous batch")
     p.add_argument("--max-queue", type=non_negative_int, default=64,
@@ -96,6 +99,17 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ) -> None:
         action.default = value
 
 
+def check_routing(parser: argparse.ArgumentParser, routing: str) -> None:
+    if routing == "exact":
+        return  # the default needs no import of the router (and torch) to check
+    try:
+        from router.policy import POLICIES
+    except ImportError:  # a router without named policies: only exact exists
+        POLICIES = {"exact": None}
+    if routing not in POLICIES:
+        parser.error(f"--routing {routing}: unknown routing mode (known: {', '.join(sorted(POLICIES))})")
+
+
 def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.store and not (Path(args.store) / "manifest.json").is_file():
         parser.error(f"--store {args.store}: not an expert store (no manifest.json)")
@@ -108,6 +122,7 @@ def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
     apply_env_defaults(parser, os.environ if environ is None else environ)
     args = parser.parse_args(argv)
     check_paths(parser, args)
+    check_routing(parser, args.routing)
     try:
         return ServerConfig(**vars(args))
     except ValueError as exc:  # cross-flag checks (e.g. a flag and the other group's env var)

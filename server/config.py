@@ -12,6 +12,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"
+    dtype: str = "auto"  # auto: float32 on CPU (its half-precision matmuls are slower), the store's on CUDA
     cache_bytes: int | None = None
     cache_fraction: float | None = None
     routing: str = "exact"

@@ -120,7 +120,9 @@ class Engine:
         self.tokenizer = runtime.tokenizer
         self.eos_token_ids = eos_token_ids(runtime.model)
         self.samplers = SamplerTable()
-        self.recorder = RoutingRecorder(runtime.store.moe_layers, runtime.store.num_experts, self._batch_layout)
+        policy = getattr(runtime, "policy", None)
+        self.recorder = RoutingRecorder(runtime.store.moe_layers, runtime.store.num_experts, self._batch_layout,
+                                        substitutions=lambda: int(getattr(policy, "regret", 0)))
         self.manager = None
         self.is_ready = False
         self.is_accepting = True
@@ -353,7 +355,7 @@ def routing_counts(stream: RequestStream) -> dict:
         "prefetched": stream.outcomes["prefetched"],
         "loads": record.loads,
         "load_seconds": round(record.load_seconds, 6),
-        "regret": round(record.regret, 6),
+        "regret": record.regret,
         "prompt": {k: record.prompt_outcomes[k] for k in ("hit", "miss", "prefetched")},
     }
 

@@ -87,8 +87,9 @@ class ExpertCollector:
             queries.add_metric([str(layer)], int(rec.queries[row]))
             hits.add_metric([str(layer)], int(rec.hits[row]))
         yield from (activations, queries, hits)
-        yield CounterMetricFamily("cadre_router_regret", "Routing weight moved by lossy substitutions "
-                                  "(0 under exact routing).", value=rec.regret_total)
+        yield CounterMetricFamily("cadre_router_regret", "Expert slots a lossy routing policy filled with a "
+                                  "resident substitute instead of the model's choice (0 under exact routing).",
+                                  value=rec.regret_total)
 
     def _cache(self):
         stats = self.cache.stats()

@@ -49,7 +49,7 @@ class RequestRouting:
     trace: bool
     loads: int = 0
     load_seconds: float = 0.0
-    regret: float = 0.0
+    regret: int = 0  # substitutions in its forwards (shared with co-batched requests)
     prompt_outcomes: Counter = field(default_factory=Counter)  # over rows that were not steps
     steps: dict[int, StepRouting] = field(default_factory=dict)  # until taken by the event loop
 
@@ -57,8 +57,9 @@ class RequestRouting:
 class RoutingRecorder:
     """Turns routing events into per-request records and global per-layer usage counts."""
 
-    def __init__(self, moe_layers: list[int], num_experts: int, batch_layout):
+    def __init__(self, moe_layers: list[int], num_experts: int, batch_layout, substitutions=lambda: 0):
         self.moe_layers = list(moe_layers)
+        self.substitutions = substitutions  # () -> the routing policy's cumulative substitution count
         self._row = {layer: i for i, layer in enumerate(self.moe_layers)}
         self.batch_layout = batch_layout  # () -> list[BatchSlot] of the forward running now
         self._layout: list[BatchSlot] = []
@@ -68,7 +69,7 @@ class RoutingRecorder:
         self.activations = torch.zeros(len(self.moe_layers), num_experts, dtype=torch.int64)
         self.queries = torch.zeros(len(self.moe_layers), dtype=torch.int64)
         self.hits = torch.zeros(len(self.moe_layers), dtype=torch.int64)
-        self.regret_total = 0.0
+        self.regret_total = substitutions()  # the policy's count as of the last event
 
     # --- event loop side -------------------------------------------------------------
     def register(self, request_id: str, trace: bool) -> None:
@@ -99,15 +100,17 @@ class RoutingRecorder:
         self.activations[row] += torch.bincount(used, minlength=self.activations.shape[1])
         self.queries[row] += len(event.outcomes)
         self.hits[row] += sum(1 for o in event.outcomes.values() if o in HIT_OUTCOMES)
-        regret = float(getattr(event, "regret", 0.0) or 0.0)
-        self.regret_total += regret
+        # The policy routed this layer just before its experts ran and this event fired:
+        # the growth of its count since the last event is this layer's substitutions.
+        total = self.substitutions()
+        regret, self.regret_total = total - self.regret_total, total
         with self._lock:
             for slot in self._layout:
                 record = self._requests.get(slot.request_id)
                 if record is not None:
                     self._record(record, slot, event, regret)
 
-    def _record(self, record: RequestRouting, slot: BatchSlot, event, regret: float) -> None:
+    def _record(self, record: RequestRouting, slot: BatchSlot, event, regret: int) -> None:
         rows = event.experts[slot.start:slot.end]  # [q, K]
         if rows.shape[0] == 0:
             return

@@ -68,7 +68,8 @@ class TraceSummary(BaseModel):
     loads: int = Field(description="Experts loaded for this request's tokens, prompt included "
                                    "(a load shared with co-batched requests counts for each).")
     load_seconds: float = Field(description="Time this request's forwards waited for expert loads.")
-    regret: float = Field(description="Routing weight moved by lossy substitutions (0 under exact routing).")
+    regret: int = Field(description="Expert slots a lossy routing policy substituted in this request's forwards "
+                                    "(shared with co-batched requests; 0 under exact routing).")
     prompt: PromptCacheCounts = Field(description="Cache outcomes of the prompt rows that were not steps.")
     pathways: PathwaySummary
 
@@ -90,7 +91,7 @@ class GenerateResponse(BaseModel):
         "trace": {"steps": [{"token_id": 612, "text": " there", "layers": [
             {"layer": 0, "experts": [3, 17, 5, 30], "weights": [0.41, 0.27, 0.19, 0.13],
              "cache": ["hit", "miss", "hit", "hit"]}]}],
-            "summary": {"hits": 3, "misses": 1, "prefetched": 0, "loads": 5, "load_seconds": 0.0021, "regret": 0.0,
+            "summary": {"hits": 3, "misses": 1, "prefetched": 0, "loads": 5, "load_seconds": 0.0021, "regret": 0,
                         "prompt": {"hit": 9, "miss": 3, "prefetched": 0},
                         "pathways": {"tokens": 1, "distinct": 1, "most_common": [{"experts": [3], "count": 1}]}}},
     }]})

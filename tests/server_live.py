@@ -82,7 +82,7 @@ def tiny_checkpoint(path, **overrides):
     return checkpoint
 
 
-def tiny_runtime(tmp_path, cache_fraction: float = 0.5, **overrides):
+def tiny_runtime(tmp_path, cache_fraction: float = 0.5, routing: str = "exact", **overrides):
     """(checkpoint, runtime): half the experts fit, and a miss prefetches deeper layers, so
     traces and metrics see hits, misses, prefetches and evictions."""
     from extractor import extract_store
@@ -90,7 +90,7 @@ def tiny_runtime(tmp_path, cache_fraction: float = 0.5, **overrides):
 
     checkpoint = tiny_checkpoint(tmp_path / "checkpoint", **overrides)
     extract_store(checkpoint, tmp_path / "store", quiet=True)
-    config = RuntimeConfig(device="cpu", cache_fraction=cache_fraction, full_depth=True)
+    config = RuntimeConfig(device="cpu", cache_fraction=cache_fraction, full_depth=True, routing=routing)
     return checkpoint, Runtime.from_store(tmp_path / "store", config)
 
 

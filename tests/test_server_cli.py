@@ -42,6 +42,7 @@ def test_flags_beat_environment_beats_defaults(tmp_path):
     (["--store", "/nonexistent/store"], {}, "/nonexistent/store"),
     (["--model", "/nonexistent/ckpt"], {}, "/nonexistent/ckpt"),
     (["--bogus"], {}, "--bogus"),
+    (["--routing", "magic"], {}, "--routing"),
     ([], {"CADRE_PORT": "eighty"}, "CADRE_PORT"),
     ([], {"CADRE_DEVICE": "tpu"}, "CADRE_DEVICE"),
 ])

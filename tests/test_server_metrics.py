@@ -108,6 +108,25 @@ def test_every_contract_metric_moves_with_traffic(live):
     assert rejections["queue_full"] == 1.0
 
 
+@pytest.fixture(scope="module")
+def lossy(tmp_path_factory):
+    _, runtime = tiny_runtime(tmp_path_factory.mktemp("server-lossy"), routing="cache-aware")
+    with serve(runtime) as server:
+        server.wait_ready()
+        server.runtime = runtime
+        yield server
+    runtime.close()
+
+
+def test_regret_counts_the_substitutions_of_a_lossy_policy(lossy):
+    body = httpx.post(f"{lossy.url}/generate", json={"prompt": "the cat sat on the mat", "max_new_tokens": 16,
+                                                      "trace": True}, timeout=60).json()
+    substitutions = lossy.runtime.policy.regret
+    assert substitutions > 0  # half the experts resident: some choices have a close resident alternative
+    assert 0 < body["trace"]["summary"]["regret"] <= substitutions
+    assert total(families(lossy)["cadre_router_regret"]) == substitutions
+
+
 def test_cache_metrics_agree_with_the_runtime_and_experts_endpoint(live):
     found = families(live)
     stats = live.runtime.cache.stats()

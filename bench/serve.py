@@ -1,0 +1,260 @@
+"""Serving benchmark: `python -m server` under 1, 4 and 16 concurrent streaming clients on
+loopback, then transformers on the same model and prompts in the same run.
+
+    python -m bench serve                         # the demo model on CPU
+    python -m bench serve --clients 1,4,16 --requests 48 --duration 90 --max-tokens 32
+
+Each level is bounded in count (--requests) and time (--duration). Per level it prints
+requests/s, aggregate generated tokens/s, p50/p99 end-to-end latency and time to first
+token (first SSE token event), and errors (5xx apart). The reference rows are
+transformers' generate() one prompt at a time and generate_batch() (its continuous
+batching, offline: no HTTP, no cadre) on all the prompts of a 16-client level at once, at
+the dtype the server computes in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+GENERIC_PROMPTS = ["The history of", "Once upon a time", "In the beginning", "To be, or not to be",
+                   "The cache holds", "A model of experts", "When the sun rose", "It was the best of times"]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--store", help="expert store to serve (no transformers reference without a checkpoint)")
+    source.add_argument("--model", help="checkpoint to serve (default: the built-in demo model)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", help="server --dtype (auto: float32 on CPU)")
+    p.add_argument("--clients", default="1,4,16", help="concurrency levels")
+    p.add_argument("--requests", type=int, default=48, help="requests per level at most")
+    p.add_argument("--duration", type=float, default=90.0, help="seconds per level at most (requests in flight finish)")
+    p.add_argument("--max-tokens", type=int, default=32, help="max_new_tokens of every request")
+    p.add_argument("--cache-fraction", type=float, default=None, help="server --cache-fraction")
+    p.add_argument("--no-reference", action="store_true", help="skip the transformers rows")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    return p.parse_args(argv)
+
+
+def prompts_for(args) -> list[str]:
+    """Distinct prompts: lines of the demo's held-out text (never trained on), else generic ones."""
+    if args.store or args.model:
+        return GENERIC_PROMPTS * 8
+    from models.demo import HELDOUT_TEST_TEXT
+
+    lines = [line.strip() for line in HELDOUT_TEST_TEXT.read_text().splitlines() if len(line.strip()) > 24]
+    step = max(1, len(lines) // 64)
+    return lines[::step][:64]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, port: int, max_concurrency: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "server", "--port", str(port), "--device", args.device, "--dtype", args.dtype,
+               "--max-concurrency", str(max_concurrency), "--max-queue", "1024", "--log-level", "warning"]
+    if args.store:
+        command += ["--store", args.store]
+    if args.model:
+        command += ["--model", args.model]
+    if args.cache_fraction:
+        command += ["--cache-fraction", str(args.cache_fraction)]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited {process.returncode}: {process.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("server not ready in time")
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
+    started = time.perf_counter()
+    first = None
+    try:
+        async with client.stream("POST", f"{url}/generate", json={"prompt": prompt, "max_new_tokens": max_tokens,
+                                                                   "stream": True}) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return {"status": response.status_code}
+            final = None
+            async for line in response.aiter_lines():
+                if line.startswith("event: token") and first is None:
+                    first = time.perf_counter()
+                elif line.startswith("data: ") and '"finish_reason"' in line:
+                    final = json.loads(line[len("data: "):])
+            if final is None:
+                return {"status": "no final event"}
+    except httpx.HTTPError as exc:
+        return {"status": type(exc).__name__}
+    end = time.perf_counter()
+    return {"status": 200, "latency": end - started, "ttft": (first or end) - started,
+            "tokens": final["usage"]["completion_tokens"], "end": end}
+
+
+async def run_level(url: str, clients: int, prompts: list[str], args) -> dict:
+    remaining = iter(range(args.requests))
+    results: list[dict] = []
+    started = time.perf_counter()
+    deadline = started + args.duration
+
+    async def client_loop(client):
+        for i in remaining:
+            if time.perf_counter() > deadline:
+                return
+            results.append(await one_request(client, url, prompts[i % len(prompts)], args.max_tokens))
+
+    limits = httpx.Limits(max_connections=clients + 1)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+    return summarize(clients, results, started)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))]
+
+
+def summarize(clients: int, results: list[dict], started: float) -> dict:
+    ok = [r for r in results if r["status"] == 200]
+    wall = (max(r["end"] for r in ok) - started) if ok else float("nan")
+    latencies, ttfts = [r["latency"] for r in ok], [r["ttft"] for r in ok]
+    return {
+        "clients": clients, "requests": len(ok), "wall_s": wall,
+        "errors": len(results) - len(ok),
+        "errors_5xx": sum(1 for r in results if isinstance(r["status"], int) and r["status"] >= 500),
+        "req_s": len(ok) / wall if ok else 0.0,
+        "tok_s": sum(r["tokens"] for r in ok) / wall if ok else 0.0,
+        "tokens_per_request": sum(r["tokens"] for r in ok) / len(ok) if ok else 0.0,
+        "latency_p50": percentile(latencies, 50) if ok else None, "latency_p99": percentile(latencies, 99) if ok else None,
+        "ttft_p50": percentile(ttfts, 50) if ok else None, "ttft_p99": percentile(ttfts, 99) if ok else None,
+    }
+
+
+def reference_rows(args, prompts: list[str], batch: int) -> list[dict]:
+    """transformers on the same checkpoint, dtype and prompts: generate() one by one, generate_batch() at once."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
+
+    from server.app import resolved_dtype
+    from server.config import ServerConfig
+
+    if args.model:
+        checkpoint = Path(args.model)
+    else:
+        from models.demo import CHECKPOINT_DIR as checkpoint
+    dtype = resolved_dtype(ServerConfig(device=args.device, dtype=args.dtype))
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype) if dtype else "auto")
+    model = model.to(args.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    encoded = [tokenizer(p)["input_ids"] for p in prompts[:batch]]
+    rows = []
+
+    model.generate(torch.tensor([encoded[0]], device=args.device), max_new_tokens=2, do_sample=False)  # warm-up
+    started, tokens, count = time.perf_counter(), 0, 0
+    for ids in encoded:
+        out = model.generate(torch.tensor([ids], device=args.device), max_new_tokens=args.max_tokens, do_sample=False)
+        tokens += out.shape[1] - len(ids)
+        count += 1
+        if time.perf_counter() - started > args.duration:
+            break
+    wall = time.perf_counter() - started
+    rows.append({"system": f"transformers generate(), one prompt at a time ({count} prompts)",
+                 "tok_s": tokens / wall, "req_s": count / wall})
+
+    config = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=False,
+                              eos_token_id=model.generation_config.eos_token_id)
+    cb = ContinuousBatchingConfig(max_requests_per_batch=batch, allow_block_sharing=False, page_size=64,
+                                  num_blocks=batch * 8, max_batch_tokens=512)
+    started = time.perf_counter()
+    outputs = model.generate_batch(encoded, generation_config=config, continuous_batching_config=cb)
+    wall = time.perf_counter() - started
+    tokens = sum(len(o.generated_tokens) for o in outputs.values())
+    rows.append({"system": f"transformers generate_batch(), {len(encoded)} prompts at once (offline)",
+                 "tok_s": tokens / wall, "req_s": len(encoded) / wall})
+    return rows
+
+
+def print_results(levels: list[dict], reference: list[dict], description: str) -> None:
+    print(f"\n{description}")
+    print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'5xx':>4} {'req/s':>7} {'tok/s':>8} {'tok/req':>7} "
+          f"{'p50 lat s':>9} {'p99 lat s':>9} {'p50 TTFT s':>10} {'p99 TTFT s':>10}")
+    for r in levels:
+        if not r["requests"]:
+            print(f"{r['clients']:>7} {0:>8} {r['errors']:>6} {r['errors_5xx']:>4}  (no request succeeded)")
+            continue
+        print(f"{r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['errors_5xx']:>4} {r['req_s']:>7.2f} "
+              f"{r['tok_s']:>8.1f} {r['tokens_per_request']:>7.1f} {r['latency_p50']:>9.2f} {r['latency_p99']:>9.2f} "
+              f"{r['ttft_p50']:>10.3f} {r['ttft_p99']:>10.3f}")
+    base = next((r for r in levels if r["clients"] == 1 and r["requests"]), None)
+    if base:
+        for r in levels:
+            if r["clients"] != 1 and r["requests"]:
+                print(f"aggregate tok/s at {r['clients']} clients = {r['tok_s'] / base['tok_s']:.2f} x 1 client")
+    for row in reference:
+        print(f"reference: {row['system']}: {row['tok_s']:.1f} tok/s, {row['req_s']:.2f} req/s")
+
+
+def main(argv) -> int:
+    args = parse_args(argv)
+    levels_wanted = [int(c) for c in args.clients.split(",")]
+    prompts = prompts_for(args)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_server(args, port, max(levels_wanted))
+    levels = []
+    load_before = os.getloadavg()[0]
+    try:
+        wait_ready(url, process)
+        # Warm-up at the highest concurrency: first batches of each size allocate and settle.
+        warm = argparse.Namespace(**{**vars(args), "requests": max(levels_wanted)})
+        asyncio.run(run_level(url, max(levels_wanted), prompts, warm))
+        for clients in levels_wanted:
+            levels.append(asyncio.run(run_level(url, clients, prompts, args)))
+            print(f"  {clients} clients: {levels[-1]['requests']} requests, {levels[-1]['tok_s']:.1f} tok/s",
+                  file=sys.stderr)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    load_server = os.getloadavg()[0]
+    reference = [] if args.no_reference or args.store else reference_rows(args, prompts, max(levels_wanted))
+    model = args.store or args.model or "demo model"
+    # Other work on the machine changes every figure: say how busy it was.
+    description = (f"python -m bench serve: {model} on {args.device} (dtype {args.dtype}), "
+                   f"{args.max_tokens} max new tokens, greedy, streaming /generate over loopback; "
+                   f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before the server levels, "
+                   f"{load_server:.1f} after them, {os.getloadavg()[0]:.1f} after the reference")
+    print_results(levels, reference, description)
+    if args.json:
+        args.json.write_text(json.dumps({"levels": levels, "reference": reference, "description": description},
+                                        indent=2))
+    return 0 if all(r["errors_5xx"] == 0 for r in levels) else 1
