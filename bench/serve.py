@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import httpx
 
@@ -45,6 +46,8 @@ def parse_args(argv):
     p.add_argument("--duration", type=float, default=90.0, help="seconds per level at most (requests in flight finish)")
     p.add_argument("--max-tokens", type=int, default=32, help="max_new_tokens of every request")
     p.add_argument("--cache-fraction", type=float, default=None, help="server --cache-fraction")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="run every level this many times, interleaved (a busy machine varies from minute to minute)")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers rows")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
@@ -157,8 +160,26 @@ def summarize(clients: int, results: list[dict], started: float) -> dict:
     }
 
 
+def sequential_generate(model, encoded: list[list[int]], args) -> dict:
+    """generate() one prompt after another (bounded by --duration), after a warm-up."""
+    import torch
+
+    model.generate(torch.tensor([encoded[0]], device=args.device), max_new_tokens=2, do_sample=False)
+    started, tokens, count = time.perf_counter(), 0, 0
+    for ids in encoded:
+        out = model.generate(torch.tensor([ids], device=args.device), max_new_tokens=args.max_tokens, do_sample=False)
+        tokens += out.shape[1] - len(ids)
+        count += 1
+        if time.perf_counter() - started > args.duration:
+            break
+    wall = time.perf_counter() - started
+    return {"tok_s": tokens / wall, "req_s": count / wall, "count": count}
+
+
 def reference_rows(args, prompts: list[str], batch: int) -> list[dict]:
-    """transformers on the same checkpoint, dtype and prompts: generate() one by one, generate_batch() at once."""
+    """transformers on the same checkpoint and prompts, at the server's dtype: generate() one by
+    one and generate_batch() on all at once; generate() also at the checkpoint's own dtype when
+    the server computes in another (why CPU serving defaults to float32)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
 
@@ -169,25 +190,19 @@ def reference_rows(args, prompts: list[str], batch: int) -> list[dict]:
         checkpoint = Path(args.model)
     else:
         from models.demo import CHECKPOINT_DIR as checkpoint
-    dtype = resolved_dtype(ServerConfig(device=args.device, dtype=args.dtype))
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype) if dtype else "auto")
-    model = model.to(args.device).eval()
+    served = resolved_dtype(ServerConfig(device=args.device, dtype=args.dtype))
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     encoded = [tokenizer(p)["input_ids"] for p in prompts[:batch]]
     rows = []
 
-    model.generate(torch.tensor([encoded[0]], device=args.device), max_new_tokens=2, do_sample=False)  # warm-up
-    started, tokens, count = time.perf_counter(), 0, 0
-    for ids in encoded:
-        out = model.generate(torch.tensor([ids], device=args.device), max_new_tokens=args.max_tokens, do_sample=False)
-        tokens += out.shape[1] - len(ids)
-        count += 1
-        if time.perf_counter() - started > args.duration:
-            break
-    wall = time.perf_counter() - started
-    rows.append({"system": f"transformers generate(), one prompt at a time ({count} prompts)",
-                 "tok_s": tokens / wall, "req_s": count / wall})
+    def load(dtype):
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype) if dtype else "auto")
+        return model.to(args.device).eval()
 
+    model = load(served)
+    name = str(model.dtype).removeprefix("torch.")
+    r = sequential_generate(model, encoded, args)
+    rows.append({"system": f"transformers generate() {name}, one prompt at a time ({r['count']} prompts)", **r})
     config = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=False,
                               eos_token_id=model.generation_config.eos_token_id)
     cb = ContinuousBatchingConfig(max_requests_per_batch=batch, allow_block_sharing=False, page_size=64,
@@ -196,27 +211,34 @@ def reference_rows(args, prompts: list[str], batch: int) -> list[dict]:
     outputs = model.generate_batch(encoded, generation_config=config, continuous_batching_config=cb)
     wall = time.perf_counter() - started
     tokens = sum(len(o.generated_tokens) for o in outputs.values())
-    rows.append({"system": f"transformers generate_batch(), {len(encoded)} prompts at once (offline)",
+    rows.append({"system": f"transformers generate_batch() {name}, {len(encoded)} prompts at once (offline)",
                  "tok_s": tokens / wall, "req_s": len(encoded) / wall})
+    native = load(None)
+    if native.dtype != model.dtype:
+        r = sequential_generate(native, encoded, args)
+        rows.append({"system": f"transformers generate() {str(native.dtype).removeprefix('torch.')} (the "
+                               f"checkpoint's dtype), one prompt at a time ({r['count']} prompts)", **r})
     return rows
 
 
 def print_results(levels: list[dict], reference: list[dict], description: str) -> None:
     print(f"\n{description}")
-    print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'5xx':>4} {'req/s':>7} {'tok/s':>8} {'tok/req':>7} "
+    print(f"{'round':>5} {'clients':>7} {'requests':>8} {'errors':>6} {'5xx':>4} {'req/s':>7} {'tok/s':>8} {'tok/req':>7} "
           f"{'p50 lat s':>9} {'p99 lat s':>9} {'p50 TTFT s':>10} {'p99 TTFT s':>10}")
     for r in levels:
         if not r["requests"]:
-            print(f"{r['clients']:>7} {0:>8} {r['errors']:>6} {r['errors_5xx']:>4}  (no request succeeded)")
+            print(f"{r['round']:>5} {r['clients']:>7} {0:>8} {r['errors']:>6} {r['errors_5xx']:>4}  (no request succeeded)")
             continue
-        print(f"{r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['errors_5xx']:>4} {r['req_s']:>7.2f} "
+        print(f"{r['round']:>5} {r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['errors_5xx']:>4} {r['req_s']:>7.2f} "
               f"{r['tok_s']:>8.1f} {r['tokens_per_request']:>7.1f} {r['latency_p50']:>9.2f} {r['latency_p99']:>9.2f} "
               f"{r['ttft_p50']:>10.3f} {r['ttft_p99']:>10.3f}")
-    base = next((r for r in levels if r["clients"] == 1 and r["requests"]), None)
-    if base:
-        for r in levels:
-            if r["clients"] != 1 and r["requests"]:
-                print(f"aggregate tok/s at {r['clients']} clients = {r['tok_s'] / base['tok_s']:.2f} x 1 client")
+    medians = {c: median(r["tok_s"] for r in levels if r["clients"] == c)
+               for c in sorted({r["clients"] for r in levels})}
+    print("median aggregate tok/s over rounds: " + ", ".join(f"{c} clients {t:.1f}" for c, t in medians.items()))
+    if medians.get(1):
+        for clients, tok_s in medians.items():
+            if clients != 1:
+                print(f"aggregate tok/s at {clients} clients = {tok_s / medians[1]:.2f} x 1 client (medians)")
     for row in reference:
         print(f"reference: {row['system']}: {row['tok_s']:.1f} tok/s, {row['req_s']:.2f} req/s")
 
@@ -235,10 +257,11 @@ def main(argv) -> int:
         # Warm-up at the highest concurrency: first batches of each size allocate and settle.
         warm = argparse.Namespace(**{**vars(args), "requests": max(levels_wanted)})
         asyncio.run(run_level(url, max(levels_wanted), prompts, warm))
-        for clients in levels_wanted:
-            levels.append(asyncio.run(run_level(url, clients, prompts, args)))
-            print(f"  {clients} clients: {levels[-1]['requests']} requests, {levels[-1]['tok_s']:.1f} tok/s",
-                  file=sys.stderr)
+        for round_ in range(args.rounds):
+            for clients in levels_wanted:
+                levels.append({"round": round_ + 1, **asyncio.run(run_level(url, clients, prompts, args))})
+                print(f"  round {round_ + 1}, {clients} clients: {levels[-1]['requests']} requests, "
+                      f"{levels[-1]['tok_s']:.1f} tok/s", file=sys.stderr)
     finally:
         process.send_signal(signal.SIGTERM)
         try:

@@ -197,5 +197,6 @@ def experts_report(state: AppState, engine: Engine) -> dict:
              "loads": dict(stats.loads), "evictions": stats.evictions, "bytes": stats.bytes,
              "capacity_bytes": stats.capacity_bytes, "load_seconds": stats.load_seconds,
              "prefetch": dict(stats.prefetch)}
+    analytics = recorder.analytics({layer: store.experts_present(layer) for layer in recorder.moe_layers})
     return {"model": state.model_name, "num_experts": store.num_experts, "top_k": store.top_k,
-            "layers": layers, "cache": cache}
+            "layers": layers, "cache": cache, "routing": analytics}

@@ -16,12 +16,16 @@ counts for each of them).
 from __future__ import annotations
 
 import threading
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
 
+from router.analytics import distinct_pathways, routing_entropy, utilisation
+from router.signals import UsageHistory, novelty
+
 HIT_OUTCOMES = ("hit", "prefetched")  # resident when the layer asked for it: no wait
+ANALYTICS_WINDOW = 4096  # most recent token rows kept for /v1/experts' routing analytics
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,12 @@ class RoutingRecorder:
         self.queries = torch.zeros(len(self.moe_layers), dtype=torch.int64)
         self.hits = torch.zeros(len(self.moe_layers), dtype=torch.int64)
         self.regret_total = substitutions()  # the policy's count as of the last event
+        # For /v1/experts: decayed SNARC usage (Novelty, Reward) and the recent forwards'
+        # choices, each {layer: [T,K] experts sorted by weight}, whole forwards so that
+        # pathways line up across layers.
+        self.history = UsageHistory(num_experts)
+        self._recent: deque[dict[int, torch.Tensor]] = deque()
+        self._recent_rows = 0
 
     # --- event loop side -------------------------------------------------------------
     def register(self, request_id: str, trace: bool) -> None:
@@ -96,6 +106,7 @@ class RoutingRecorder:
         if row == 0:  # first MoE layer of a forward: the batch may have changed since the last one
             self._layout = self.batch_layout()
         experts = event.experts  # [T, K]
+        self._remember(row, event)
         used = experts[experts >= 0]  # [A]
         self.activations[row] += torch.bincount(used, minlength=self.activations.shape[1])
         self.queries[row] += len(event.outcomes)
@@ -109,6 +120,40 @@ class RoutingRecorder:
                 record = self._requests.get(slot.request_id)
                 if record is not None:
                     self._record(record, slot, event, regret)
+
+    def _remember(self, row: int, event) -> None:
+        self.history.observe(event.layer, event.experts, event.weights)
+        order = event.weights.argsort(dim=-1, descending=True, stable=True)  # [T,K]
+        with self._lock:
+            if row == 0:
+                self._recent.append({})
+                self._recent_rows += event.experts.shape[0]
+                while self._recent_rows > ANALYTICS_WINDOW and len(self._recent) > 1:
+                    oldest = self._recent.popleft()
+                    self._recent_rows -= next(iter(oldest.values())).shape[0] if oldest else 0
+            if self._recent:
+                self._recent[-1][event.layer] = event.experts.gather(1, order)
+
+    def analytics(self, present: dict[int, list[int]]) -> dict:
+        """router.analytics over the last ANALYTICS_WINDOW token rows, and SNARC usage signals."""
+        with self._lock:
+            forwards = [f for f in self._recent if len(f) == len(self.moe_layers)]
+        num_experts = self.activations.shape[1]
+        per_layer = {layer: torch.cat([f[layer] for f in forwards]) for layer in self.moe_layers} if forwards else {}
+        layers = {}
+        for layer in self.moe_layers:
+            indices = per_layer.get(layer)
+            counts = self.history.counts.get(layer, torch.zeros(num_experts))
+            mass = self.history.mass.get(layer, torch.zeros(num_experts))
+            layers[layer] = {
+                "entropy": routing_entropy(indices, num_experts) if indices is not None else None,
+                "utilisation": utilisation(indices, present[layer]) if indices is not None else None,
+                "novelty": [round(n, 4) for n in novelty(counts).tolist()],
+                "reward": [round(m, 4) for m in mass.tolist()],
+            }
+        return {"window_tokens": sum(next(iter(f.values())).shape[0] for f in forwards),
+                "distinct_pathways": distinct_pathways(list(per_layer.values())) if per_layer else 0,
+                "layers": layers}
 
     def _record(self, record: RequestRouting, slot: BatchSlot, event, regret: int) -> None:
         rows = event.experts[slot.start:slot.end]  # [q, K]

@@ -1,6 +1,7 @@
 """/metrics, parsed with prometheus-client's own parser: every contract metric (shared/DESIGN.md)
 is there with its labels and moves with traffic; /v1/experts agrees with it."""
 
+import math
 import threading
 
 import httpx
@@ -146,3 +147,11 @@ def test_cache_metrics_agree_with_the_runtime_and_experts_endpoint(live):
     for entry in report["layers"]:
         assert set(entry["resident"]) <= set(entry["present"])
         assert entry["cache_hits"] <= entry["cache_queries"]
+    routing = report["routing"]  # router.analytics over the recent window, SNARC usage signals
+    assert routing["window_tokens"] > 0 and routing["distinct_pathways"] >= 1
+    num_experts = report["num_experts"]
+    for layer, analytics in routing["layers"].items():
+        assert 0 < analytics["entropy"] <= math.log(num_experts) + 1e-9
+        assert 0 < analytics["utilisation"] <= 1
+        assert len(analytics["novelty"]) == len(analytics["reward"]) == num_experts
+        assert all(0 < n <= 1 for n in analytics["novelty"]) and all(r >= 0 for r in analytics["reward"])
