@@ -1,6 +1,6 @@
 """Eviction and prefetch policies against LRU, on the demo model decoding held-out text.
 
-    python -m bench policies [--tokens 192] [--budgets 0.125,0.25,0.5] [--json F]
+    python -m bench policies [--tokens 128] [--budgets 0.125,0.25,0.5] [--json F]
 
 Every run decodes the same held-out tokens one forward per token (teacher forcing, KV
 cache on), from a cold cache, with exact routing, so every run produces the same logits
@@ -45,7 +45,7 @@ class Result:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench policies", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=192, help="held-out tokens to decode per run (default 192)")
+    parser.add_argument("--tokens", type=int, default=128, help="held-out tokens to decode per run (default 128)")
     parser.add_argument("--budgets", default="0.125,0.25,0.5", help="cache budgets, shares of all experts")
     parser.add_argument("--store", type=Path, default=Path(".cache/bench/quality/store-all"),
                         help="demo store with every expert (built if missing)")
