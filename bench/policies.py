@@ -49,6 +49,7 @@ def parse_args(argv):
     parser.add_argument("--budgets", default="0.125,0.25,0.5", help="cache budgets, shares of all experts")
     parser.add_argument("--store", type=Path, default=Path(".cache/bench/quality/store-all"),
                         help="demo store with every expert (built if missing)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--json", type=Path, help="write the results as JSON")
     return parser.parse_args(argv)
 
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     extract_store(CHECKPOINT_DIR, args.store, quiet=True)
     tokenizer = AutoTokenizer.from_pretrained(CHECKPOINT_DIR)
     ids = tokenizer(HELDOUT_TEST_TEXT.read_text(), return_tensors="pt").input_ids[0, 2000: 2000 + args.tokens]
-    reference = AutoModelForCausalLM.from_pretrained(CHECKPOINT_DIR, dtype=torch.float32).eval()
+    ids = ids.to(args.device)
+    reference = AutoModelForCausalLM.from_pretrained(CHECKPOINT_DIR, dtype=torch.float32).to(args.device).eval()
     ref_seconds = decode(reference, ids)
     print(f"reference: transformers, every expert in memory: {args.tokens / ref_seconds:.1f} tokens/s "
           f"({args.tokens} tokens)")
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     for budget in map(float, args.budgets.split(",")):
         for eviction in ("lru", "salience"):
             for prefetch in (False, True):
-                results.append(run(args.store, ids, budget, eviction, prefetch))
+                results.append(run(args.store, ids, budget, eviction, prefetch, args.device))
                 print_result(results[-1])
     print_table(results, args.tokens / ref_seconds)
     if args.json:
@@ -86,16 +88,19 @@ def decode(model, ids: torch.Tensor) -> float:
     past = None
     started = time.perf_counter()
     for t in range(ids.numel()):
-        past = model(input_ids=ids[t: t + 1].unsqueeze(0), past_key_values=past, use_cache=True).past_key_values
+        out = model(input_ids=ids[t: t + 1].unsqueeze(0), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        out.logits[0, -1].argmax().item()  # a decoder reads its token every step: include the sync
     return time.perf_counter() - started
 
 
-def run(store: Path, ids: torch.Tensor, budget: float, eviction: str, prefetch: bool) -> Result:
+def run(store: Path, ids: torch.Tensor, budget: float, eviction: str, prefetch: bool, device: str) -> Result:
     from models import Runtime, RuntimeConfig
     from router.policy import ExactPolicy
 
     policy = ExactPolicy(prefetch_layers=1, widen=2) if prefetch else ExactPolicy()
-    runtime = Runtime.from_store(store, RuntimeConfig(dtype=DTYPE, cache_fraction=budget, eviction=eviction),
+    runtime = Runtime.from_store(store, RuntimeConfig(device=device, dtype=DTYPE, cache_fraction=budget,
+                                                     eviction=eviction),
                                  policy=policy)
     outcomes = {"hit": 0, "miss": 0, "prefetched": 0}
 
@@ -104,7 +109,7 @@ def run(store: Path, ids: torch.Tensor, budget: float, eviction: str, prefetch: 
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
 
     runtime.add_routing_listener(count)
-    seconds = decode(runtime.model, ids)
+    seconds = decode(runtime.model, ids)  # includes waiting for every load: outputs are read each step
     stats, tokens = runtime.cache.stats(), ids.numel()
     runtime.close()
     loads = sum(stats.loads.values())
