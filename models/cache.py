@@ -140,6 +140,17 @@ class ExpertCache:
             slot = self._slots.get(key)
             return slot is not None and slot.ready
 
+    def preload(self, keys: list[Key]) -> None:
+        """Make `keys` resident now (blocking), as many as the budget holds."""
+        by_layer: dict[int, list[int]] = {}
+        for layer, expert in keys:
+            by_layer.setdefault(layer, []).append(expert)
+        for layer, experts in by_layer.items():
+            while experts:
+                lease = self.acquire(layer, experts)
+                self.release(lease)
+                experts = experts[len(lease.slots):]
+
     def slot_table(self, layer: int) -> torch.Tensor | None:
         """Device table expert -> slot for a layer that can never miss again, else None."""
         table = self._tables.get(layer)

@@ -70,6 +70,8 @@ class Runtime:
         self._listeners: list[Callable[[RoutingEvent], None]] = []
         self.policy = policy or make_policy(config.routing)
         self.policy.bind(self, routing_spec(store, model.config), self._absent_masks())
+        if cache.holds_everything:  # the budget holds the whole store: load it once, never miss
+            cache.preload([(l, e) for l in store.moe_layers for e in store.experts_present(l)])
         on_miss = self._prefetch_deeper if config.full_depth else None
         for layer, block in moe_blocks(model).items():
             block.experts.bind(cache, on_route=self._emit, on_miss=on_miss, before=self.policy.before_experts)
