@@ -90,13 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="profile JSON to write")
     parser.add_argument("--max-tokens", type=int, default=None, help="profile only the first N tokens")
     args = parser.parse_args(argv)
+    from extractor.store import StoreError
     from models import Runtime, RuntimeConfig
 
     try:
         text = Path(args.text).read_text()
         runtime = Runtime.from_store(args.store, RuntimeConfig())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if runtime.tokenizer is None:
+        print(f"error: {args.store}: the store has no tokenizer to read --text with", file=sys.stderr)
         return 2
     ids = runtime.tokenizer(text, return_tensors="pt").input_ids[0][: args.max_tokens]
     profile = record(runtime, ids)

@@ -47,3 +47,18 @@ def test_auto_without_or_with_a_bad_profile_is_one_line_exit_2(store_factory, tm
                            "--profile", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(bad) in err
+
+
+def test_profile_cli_writes_a_profile_and_rejects_bad_input_in_one_line(tmp_path, capsys):
+    from models.demo import HELDOUT_TEST_TEXT, ensure_demo_store
+    from router.profile import main
+
+    store = ensure_demo_store(tmp_path / "demo-store")
+    out = tmp_path / "usage.json"
+    assert main(["--store", str(store), "--text", str(HELDOUT_TEST_TEXT), "--out", str(out), "--max-tokens", "64"]) == 0
+    profile = UsageProfile.load(out)
+    assert profile.tokens == 64 and len(profile.uses) == 8
+    capsys.readouterr()  # transformers' weight-loading progress bar
+    assert main(["--store", str(tmp_path / "nowhere"), "--text", str(HELDOUT_TEST_TEXT), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere" in err
