@@ -14,6 +14,8 @@ layer's gate applied to this layer's hidden state, widened by Surprise):
   prefetch precision  prefetched experts later used / prefetches issued
   prefetch recall     demand fetches covered by a prefetch / all demand fetches that were not plain hits
 The reference row is transformers with every expert in memory, decoding the same tokens.
+A second table isolates Surprise: at 25% with lru, prefetch never widened, widened by 2
+experts when the router shift passes its threshold, and always widened.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from pathlib import Path
 import torch
 
 DTYPE = "float32"
+WIDENING = {  # ExactPolicy prefetch settings: how Surprise widens the predicted set
+    "top-k only": {"widen": 0},
+    "top-k + 2 when Surprise > 0.5": {"widen": 2, "surprise_threshold": 0.5},
+    "top-k + 2 always": {"widen": 2, "surprise_threshold": float("-inf")},
+}
 
 
 @dataclass
@@ -76,9 +83,16 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(run(args.store, ids, budget, eviction, prefetch, args.device))
                 print_result(results[-1])
     print_table(results, args.tokens / ref_seconds)
+    widening = {name: run(args.store, ids, 0.25, "lru", True, args.device, **settings)
+                for name, settings in WIDENING.items()}
+    print("\nSurprise-widened prefetch, 25% budget, lru:\n| prefetch width | hit rate | loads/token | precision | recall |")
+    print("|---|---|---|---|---|")
+    for name, r in widening.items():
+        print(f"| {name} | {r.hit_rate:.2%} | {r.loads_per_token:.2f} | {r.precision:.1%} | {r.recall:.1%} |")
     if args.json:
         args.json.write_text(json.dumps({"tokens": args.tokens, "reference_tokens_per_s": args.tokens / ref_seconds,
-                                         "results": [asdict(r) for r in results]}, indent=1))
+                                         "results": [asdict(r) for r in results],
+                                         "widening": {n: asdict(r) for n, r in widening.items()}}, indent=1))
     return 0
 
 
@@ -94,11 +108,12 @@ def decode(model, ids: torch.Tensor) -> float:
     return time.perf_counter() - started
 
 
-def run(store: Path, ids: torch.Tensor, budget: float, eviction: str, prefetch: bool, device: str) -> Result:
+def run(store: Path, ids: torch.Tensor, budget: float, eviction: str, prefetch: bool, device: str,
+        **prefetch_settings) -> Result:
     from models import Runtime, RuntimeConfig
     from router.policy import ExactPolicy
 
-    policy = ExactPolicy(prefetch_layers=1, widen=2) if prefetch else ExactPolicy()
+    policy = ExactPolicy(prefetch_layers=1, **(prefetch_settings or {"widen": 2})) if prefetch else ExactPolicy()
     runtime = Runtime.from_store(store, RuntimeConfig(device=device, dtype=DTYPE, cache_fraction=budget,
                                                      eviction=eviction),
                                  policy=policy)
