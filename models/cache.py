@@ -120,7 +120,7 @@ class ExpertCache:
         # When the budget holds every expert nothing is ever evicted, so a layer whose
         # experts are all resident can map expert -> slot on the device, with no host sync.
         self.holds_everything = self.num_slots >= total
-        self._tables: dict[int, torch.Tensor] = {}  # layer -> [E+1] slot per expert (last: for index -1)
+        self._tables: dict[int, tuple] = {}  # layer -> ([E+1] slot - first, first, end) (last entry: index -1)
         self._deferred: list[torch.Tensor] = []  # device index tensors of table lookups, counted in stats()
 
     # --- queries -------------------------------------------------------------
@@ -151,8 +151,9 @@ class ExpertCache:
                 self.release(lease)
                 experts = experts[len(lease.slots):]
 
-    def slot_table(self, layer: int) -> torch.Tensor | None:
-        """Device table expert -> slot for a layer that can never miss again, else None."""
+    def slot_table(self, layer: int) -> tuple | None:
+        """(device table expert -> slot - first, first, end) for a layer that can never
+        miss again, else None: its slots all lie in [first, end)."""
         table = self._tables.get(layer)
         if table is not None or not self.holds_everything:
             return table
@@ -161,9 +162,14 @@ class ExpertCache:
             slots = [self._slots.get((layer, e)) for e in present]
             if not present or any(s is None or not s.ready for s in slots):
                 return None
-            table = torch.zeros(self.store.num_experts + 1, dtype=torch.long)  # index -1 -> slot 0, weight 0
-            table[torch.tensor(present)] = torch.tensor([s.index for s in slots])
-            self._tables[layer] = table.to(self.device)
+            # Slots relative to the layer's lowest, so compute sees only this layer's
+            # slice of the buffers (a grouped matmul over every slot of every layer is
+            # several times slower on CPU). Index -1 -> relative slot 0, weight 0.
+            first = min(s.index for s in slots)
+            table = torch.zeros(self.store.num_experts + 1, dtype=torch.long)
+            table[torch.tensor(present)] = torch.tensor([s.index - first for s in slots])
+            last = max(s.index for s in slots)
+            self._tables[layer] = (table.to(self.device), first, last + 1)
             for slot in slots:  # a copy still in flight must finish before table users read it
                 if slot.event is not None:
                     torch.cuda.current_stream(self.device).wait_event(slot.event)

@@ -86,9 +86,11 @@ class OnDemandExperts(nn.Module):
         so the host never waits for the GPU (no sync), as in transformers' own paths."""
         num_tokens, top_k = top_k_index.shape
         self.cache.record_table_hits(top_k_index)
-        slots = table[top_k_index].reshape(-1)  # [S] (-1 -> a valid slot; its weight is 0)
+        table, first, end = table
+        slots = table[top_k_index].reshape(-1)  # [S] relative to `first` (-1 -> slot 0, weight 0)
         weights = top_k_weights.reshape(-1, 1)  # [S,1]
-        gate_up, down = self.cache._gate_up, self.cache._down  # [G,2I,H], [G,H,I]
+        gate_up, down = self.cache._gate_up[first:end], self.cache._down[first:end]  # [G',2I,H], [G',H,I]
+        groups = end - first
         if hidden.is_cuda and slots.shape[0] <= BATCHED_ROWS:  # GPU decode: gather the few experts, one bmm
             x = hidden.repeat_interleave(top_k, dim=0).to(gate_up.dtype)  # [S,H]
             proj = torch.bmm(gate_up[slots], x.unsqueeze(-1)).squeeze(-1)  # [S,2I]
@@ -97,7 +99,7 @@ class OnDemandExperts(nn.Module):
             rows = y * weights  # [S,H]
         else:  # CPU, or GPU prefill: rows sorted by slot, grouped matmul, offsets computed on the device
             order = torch.argsort(slots, stable=True)
-            counts = torch.histc(slots.float(), bins=self.cache.num_slots, min=0, max=self.cache.num_slots - 1)
+            counts = torch.histc(slots.float(), bins=groups, min=0, max=groups - 1)
             offsets = torch.cumsum(counts, 0).to(torch.int32)  # [G]
             x = hidden[order // top_k].to(gate_up.dtype)  # [S,H]
             proj = _grouped_mm(x, gate_up.transpose(-2, -1), offsets)  # [S,2I]
@@ -110,12 +112,15 @@ class OnDemandExperts(nn.Module):
         return rows.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)  # [T,H]
 
     def _compute(self, lease: "Lease", hidden, index_cpu, top_k, weights, rows_out) -> None:
-        perm, offsets = _group_rows(index_cpu, lease.slots, self.cache.num_slots)
+        first = min(lease.slots.values())
+        end = max(lease.slots.values()) + 1
+        relative = {expert: slot - first for expert, slot in lease.slots.items()}
+        perm, offsets = _group_rows(index_cpu, relative, end - first)
         device = hidden.device
         perm = perm.to(device, non_blocking=True)  # [R] rows of this chunk, sorted by slot
         offsets = offsets.to(device, non_blocking=True)  # [G] int32 cumulative row counts
         x = hidden[perm // top_k]  # [R,H]
-        gate_up, down = self.cache._gate_up, self.cache._down  # [G,2I,H], [G,H,I]
+        gate_up, down = self.cache._gate_up[first:end], self.cache._down[first:end]  # [G',2I,H], [G',H,I]
         proj = _grouped_mm(x.to(gate_up.dtype), gate_up.transpose(-2, -1), offsets)  # [R,2I]
         gate, up = proj.chunk(2, dim=-1)  # [R,I] each
         y = _grouped_mm(self.act_fn(gate) * up, down.transpose(-2, -1), offsets)  # [R,H]
