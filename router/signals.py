@@ -121,6 +121,8 @@ class UsageHistory:
         self.num_experts, self.decay = num_experts, decay
         self.counts: dict[int, torch.Tensor] = {}  # layer -> [E]
         self.mass: dict[int, torch.Tensor] = {}  # layer -> [E]
+        self._counts_list: dict[int, list[float]] = {}
+        self._mass_list: dict[int, list[float]] = {}
 
     def observe(self, layer: int, indices: torch.Tensor, weights: torch.Tensor) -> None:
         used = indices[indices != UNUSED].long()
@@ -129,14 +131,18 @@ class UsageHistory:
         zeros = torch.zeros(self.num_experts)
         self.counts[layer] = self.decay * self.counts.get(layer, zeros) + uses
         self.mass[layer] = self.decay * self.mass.get(layer, zeros) + mass
+        # plain-float copies: eviction reads single entries, where a tensor index costs microseconds
+        self._counts_list[layer] = self.counts[layer].tolist()
+        self._mass_list[layer] = self.mass[layer].tolist()
 
     def __call__(self, event) -> None:  # a runtime routing listener
         self.observe(event.layer, event.experts, event.weights)
 
     def novelty(self, layer: int, expert: int) -> float:
-        counts = self.counts.get(layer)
-        return 1.0 if counts is None else float(novelty(counts[expert]))
+        """1 / (1 + c_e), as `novelty()`, for one expert."""
+        counts = self._counts_list.get(layer)
+        return 1.0 if counts is None else 1.0 / (1.0 + max(counts[expert], 0.0))
 
     def reward(self, layer: int, expert: int) -> float:
-        mass = self.mass.get(layer)
-        return 0.0 if mass is None else float(mass[expert])
+        mass = self._mass_list.get(layer)
+        return 0.0 if mass is None else mass[expert]
