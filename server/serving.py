@@ -10,6 +10,7 @@ from starlette.types import Receive, Scope, Send
 
 from .engine import Engine, EngineUnavailable, RequestStream, log_request
 from .errors import APIError
+from .logs import log_event
 from .sampling import SamplingParams
 from .schemas import MAX_STOP_STRINGS
 
@@ -62,6 +63,7 @@ async def submit(engine: Engine, prompt_ids: list[int], params: SamplingParams, 
         return await engine.submit(prompt_ids, params, trace=trace)
     except EngineUnavailable as exc:
         engine.metrics.rejections.labels(exc.reason).inc()
+        log_event("rejected", reason=exc.reason, prompt_tokens=len(prompt_ids))
         raise APIError(503, str(exc), code=exc.reason,
                        headers={"Retry-After": str(engine.config.retry_after_s)}) from None
 
