@@ -32,6 +32,11 @@ from extractor.store import ExpertStore, StoreError
 
 Key = tuple[int, int]  # (layer, expert)
 
+# Table lookups (fully resident layers) are counted lazily so decode never waits for
+# the device; past this many uncounted lookups they are counted anyway (one sync), so
+# a server nobody scrapes does not hold every step's index tensor forever.
+DEFERRED_LIMIT = 4096
+
 
 @dataclass
 class CacheStats:
@@ -179,6 +184,8 @@ class ExpertCache:
         """Count a table lookup's queries (all hits) later, in stats(), to avoid a sync now."""
         with self._lock:
             self._deferred.append(top_k_index)
+            if len(self._deferred) >= DEFERRED_LIMIT:  # nobody read stats(): bound the memory held
+                self._count_deferred()
 
     def _count_deferred(self) -> None:
         for index in self._deferred:

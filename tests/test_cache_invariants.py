@@ -133,3 +133,18 @@ def test_corrupt_shard_raises_naming_it_and_cache_stays_consistent(store_factory
     cache.release(lease)
     with pytest.raises(StoreError, match=str(shard.name)):
         cache.acquire(layer, [3])  # still an error, not a stale slot
+
+
+def test_resident_table_lookups_are_counted_and_not_held_forever(store, monkeypatch):
+    monkeypatch.setattr("models.cache.DEFERRED_LIMIT", 4)
+    experts = [(l, e) for l in store.moe_layers for e in store.experts_present(l)]
+    cache = make_cache(store, slots=len(experts))
+    cache.preload(experts)
+    assert cache.slot_table(store.moe_layers[0]) is not None  # a fully resident layer: no host sync
+    lookup = torch.tensor([[0, 3], [3, -1]])  # experts 0 and 3 queried; -1 is an unused slot
+    before = cache.stats()
+    for _ in range(10):
+        cache.record_table_hits(lookup)
+        assert len(cache._deferred) < 4  # counted once the bound is reached, without stats()
+    after = cache.stats()
+    assert (after.queries - before.queries, after.hits - before.hits, after.misses - before.misses) == (20, 20, 0)
