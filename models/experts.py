@@ -50,11 +50,11 @@ class OnDemandExperts(nn.Module):
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         assert self.cache is not None, "OnDemandExperts used before the runtime bound a cache"
-        if self.before is not None:
-            self.before(self.layer, hidden)
         num_tokens, top_k = top_k_index.shape
         table = self.cache.slot_table(self.layer)
         if table is not None:
+            if self.before is not None:
+                self.before(self.layer, hidden)
             return self._forward_resident(table, hidden, top_k_index, top_k_weights)
         index_cpu = top_k_index.reshape(-1).cpu()  # [S] the one host sync: which experts to load
         needed = [e for e in torch.unique(index_cpu).tolist() if e != UNUSED]
@@ -62,10 +62,17 @@ class OnDemandExperts(nn.Module):
         rows_out = hidden.new_zeros((num_tokens * top_k, hidden.shape[-1]), dtype=out_dtype)  # [S,H]
         outcomes: dict[int, str] = {}
         stall = 0.0  # seconds this forward waited for experts to become resident
+        speculated = self.before is None
         while needed:  # one pass when the working set fits; otherwise experts stream through
             started = time.perf_counter()
             lease = self.cache.acquire(self.layer, needed)
             stall += time.perf_counter() - started
+            if not speculated:
+                # Speculate only once this layer's first experts are pinned, so a
+                # prefetch for deeper layers can never evict what is about to run;
+                # its loads then overlap this layer's compute.
+                self.before(self.layer, hidden)
+                speculated = True
             try:
                 self._compute(lease, hidden, index_cpu, top_k, top_k_weights.reshape(-1), rows_out)
             finally:
