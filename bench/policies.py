@@ -1,16 +1,18 @@
 """Eviction and prefetch policies against LRU, on the demo model decoding held-out text.
 
-    python -m bench policies [--tokens 128] [--budgets 0.125,0.25,0.5] [--json F]
+    python -m bench policies [--tokens 128] [--budgets 0.125,0.25,0.5] [--batch 1] [--json F]
 
 Every run decodes the same held-out tokens one forward per token (teacher forcing, KV
 cache on), from a cold cache, with exact routing, so every run produces the same logits
-and only the cache's behaviour differs. For each budget (share of all experts resident)
-and each of lru / salience eviction, without and with speculative prefetch (the next MoE
-layer's gate applied to this layer's hidden state, widened by Surprise):
+and only the cache's behaviour differs. `--batch B` decodes B held-out streams side by
+side, as a server's batch does (each forward routes B tokens). For each budget (share of
+all experts resident) and each eviction policy (lru, salience, layer-lru), without and
+with speculative prefetch (the next MoE layer's gate applied to this layer's hidden
+state, widened by Surprise):
   hit rate          demand queries served by a resident expert (prefetched ones count)
-  loads/token       experts copied into the cache per token (demand + prefetch)
+  loads/token       experts copied into the cache per decoded token (demand + prefetch)
   MB moved/token    loads x expert bytes
-  tokens/s          wall clock of the decode (CPU here: loads are safetensors reads)
+  tokens/s          decoded tokens (all streams) per second of wall clock (CPU here: loads are safetensors reads)
   prefetch precision  prefetched experts later used / prefetches issued
   prefetch recall     demand fetches covered by a prefetch / all demand fetches that were not plain hits
 The reference row is transformers with every expert in memory, decoding the same tokens.
@@ -39,6 +41,7 @@ WIDENING = {  # ExactPolicy prefetch settings: how Surprise widens the predicted
 
 @dataclass
 class Result:
+    batch: int
     budget: float
     eviction: str
     prefetch: bool
@@ -54,6 +57,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench policies", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=128, help="held-out tokens to decode per run (default 128)")
     parser.add_argument("--budgets", default="0.125,0.25,0.5", help="cache budgets, shares of all experts")
+    parser.add_argument("--batch", type=int, default=1, help="held-out streams decoded side by side (default 1)")
+    parser.add_argument("--evictions", default="lru,salience,layer-lru", help="eviction policies to compare")
     parser.add_argument("--store", type=Path, default=Path(".cache/bench/quality/store-all"),
                         help="demo store with every expert (built if missing)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -70,19 +75,22 @@ def main(argv: list[str] | None = None) -> int:
 
     extract_store(CHECKPOINT_DIR, args.store, quiet=True)
     tokenizer = AutoTokenizer.from_pretrained(CHECKPOINT_DIR)
-    ids = tokenizer(HELDOUT_TEST_TEXT.read_text(), return_tensors="pt").input_ids[0, 2000: 2000 + args.tokens]
-    ids = ids.to(args.device)
+    text = tokenizer(HELDOUT_TEST_TEXT.read_text(), return_tensors="pt").input_ids[0]
+    starts = [2000 + i * args.tokens for i in range(args.batch)]
+    if starts[-1] + args.tokens > text.numel():
+        raise SystemExit(f"held-out text has {text.numel()} tokens: too few for --batch {args.batch} x {args.tokens}")
+    ids = torch.stack([text[start: start + args.tokens] for start in starts]).to(args.device)  # [B,T]
     reference = AutoModelForCausalLM.from_pretrained(CHECKPOINT_DIR, dtype=torch.float32).to(args.device).eval()
     ref_seconds = decode(reference, ids)
-    print(f"reference: transformers, every expert in memory: {args.tokens / ref_seconds:.1f} tokens/s "
-          f"({args.tokens} tokens)")
+    print(f"reference: transformers, every expert in memory: {ids.numel() / ref_seconds:.1f} tokens/s "
+          f"({args.batch} x {args.tokens} tokens)")
     results = []
     for budget in map(float, args.budgets.split(",")):
-        for eviction in ("lru", "salience"):
+        for eviction in args.evictions.split(","):
             for prefetch in (False, True):
                 results.append(run(args.store, ids, budget, eviction, prefetch, args.device))
                 print_result(results[-1])
-    print_table(results, args.tokens / ref_seconds)
+    print_table(results, ids.numel() / ref_seconds)
     widening = {name: run(args.store, ids, 0.25, "lru", True, args.device, **settings)
                 for name, settings in WIDENING.items()}
     print("\nSurprise-widened prefetch, 25% budget, lru:\n| prefetch width | hit rate | loads/token | precision | recall |")
@@ -90,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in widening.items():
         print(f"| {name} | {r.hit_rate:.2%} | {r.loads_per_token:.2f} | {r.precision:.1%} | {r.recall:.1%} |")
     if args.json:
-        args.json.write_text(json.dumps({"tokens": args.tokens, "reference_tokens_per_s": args.tokens / ref_seconds,
+        args.json.write_text(json.dumps({"tokens": args.tokens, "batch": args.batch,
+                                         "reference_tokens_per_s": ids.numel() / ref_seconds,
                                          "results": [asdict(r) for r in results],
                                          "widening": {n: asdict(r) for n, r in widening.items()}}, indent=1))
     return 0
@@ -98,13 +107,13 @@ def main(argv: list[str] | None = None) -> int:
 
 @torch.inference_mode()
 def decode(model, ids: torch.Tensor) -> float:
-    """Seconds to run `ids` through `model` one token per forward, with the KV cache."""
+    """Seconds to run `ids` [B,T] through `model` one position per forward, with the KV cache."""
     past = None
     started = time.perf_counter()
-    for t in range(ids.numel()):
-        out = model(input_ids=ids[t: t + 1].unsqueeze(0), past_key_values=past, use_cache=True)
+    for t in range(ids.shape[1]):
+        out = model(input_ids=ids[:, t: t + 1], past_key_values=past, use_cache=True)
         past = out.past_key_values
-        out.logits[0, -1].argmax().item()  # a decoder reads its token every step: include the sync
+        out.logits[:, -1].argmax(-1).tolist()  # a decoder reads its tokens every step: include the sync
     return time.perf_counter() - started
 
 
@@ -130,14 +139,14 @@ def run(store: Path, ids: torch.Tensor, budget: float, eviction: str, prefetch: 
     loads = sum(stats.loads.values())
     issued = stats.prefetch["issued"]
     not_hits = outcomes["prefetched"] + outcomes["miss"]
-    return Result(budget, eviction, prefetch, stats.hit_rate, loads / tokens,
+    return Result(ids.shape[0], budget, eviction, prefetch, stats.hit_rate, loads / tokens,
                   loads * runtime.cache.slot_bytes / tokens / 1e6, tokens / seconds,
                   stats.prefetch["used"] / issued if prefetch and issued else None,
                   outcomes["prefetched"] / not_hits if prefetch and not_hits else None)
 
 
 def print_result(r: Result) -> None:
-    print(f"  {r.budget:.1%} {r.eviction:8s} prefetch={'on ' if r.prefetch else 'off'}: hit rate {r.hit_rate:.2%}, "
+    print(f"  batch {r.batch} {r.budget:.1%} {r.eviction:9s} prefetch={'on ' if r.prefetch else 'off'}: hit rate {r.hit_rate:.2%}, "
           f"{r.loads_per_token:.2f} loads/token, {r.tokens_per_s:.1f} tokens/s", flush=True)
 
 
@@ -145,7 +154,7 @@ def print_table(results: list[Result], ref_tps: float) -> None:
     def pct(value):
         return "-" if value is None else f"{value:.1%}"
 
-    print(f"\nreference: transformers, every expert in memory: {ref_tps:.1f} tokens/s")
+    print(f"\nbatch {results[0].batch}; reference: transformers, every expert in memory: {ref_tps:.1f} tokens/s")
     print("| budget | eviction | prefetch | hit rate | loads/token | MB moved/token | tokens/s | prefetch precision "
           "| prefetch recall |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -85,7 +85,7 @@ class LRUPolicy:
 
     name = "lru"
 
-    def victim(self, order: Iterable[Key], cache: "ExpertCache") -> Key | None:
+    def victim(self, order: Iterable[Key], cache: "ExpertCache", incoming: Key) -> Key | None:
         return next(iter(order), None)
 
 
@@ -115,6 +115,7 @@ class ExpertCache:
                                      dtype=self.dtype, device=self.device)  # [G,H,I]
         self._free = list(range(self.num_slots - 1, -1, -1))
         self._slots: OrderedDict[Key, _Slot] = OrderedDict()  # LRU order: oldest first
+        self._by_layer: dict[int, OrderedDict[int, _Slot]] = {}  # the same, per layer (per-layer policies)
         self._lock = threading.Condition()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cadre-loader")
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -154,7 +155,7 @@ class ExpertCache:
             while experts:
                 lease = self.acquire(layer, experts)
                 self.release(lease)
-                experts = experts[len(lease.slots):]
+                experts = [e for e in experts if e not in lease.slots]
 
     def slot_table(self, layer: int) -> tuple | None:
         """(device table expert -> slot - first, first, end) for a layer that can never
@@ -194,6 +195,18 @@ class ExpertCache:
             self._stats.hits += used
         self._deferred.clear()
 
+    # --- for eviction policies (called with the lock held) -------------------------
+    def layer_count(self, layer: int) -> int:
+        """Slots held (resident or loading) by `layer`."""
+        return len(self._by_layer.get(layer, ()))
+
+    def oldest_evictable(self, layer: int) -> Key | None:
+        """`layer`'s least recently used expert that is resident and unpinned."""
+        for expert, slot in self._by_layer.get(layer, {}).items():
+            if slot.pins == 0 and slot.ready:
+                return layer, expert
+        return None
+
     def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (gate_up [2I,H], down [H,I]) of a pinned slot."""
         return self._gate_up[slot], self._down[slot]
@@ -210,7 +223,10 @@ class ExpertCache:
         """
         lease = Lease(layer)
         with self._lock:
-            for expert in experts:
+            # Resident experts first: once they are pinned, a miss of this same call can
+            # no longer evict one of them (in-order pinning made a working set one larger
+            # than the budget miss on every expert, every step).
+            for expert in sorted(experts, key=lambda e: (layer, e) not in self._slots):
                 slot = self._pin(lease, (layer, expert))
                 if slot is None:
                     break
@@ -229,8 +245,8 @@ class ExpertCache:
             if slot is None:
                 if lease.pinned:
                     return None  # compute what is pinned first, then come back
-                self._lock.wait_for(self._can_reserve)
-                slot = self._reserve(key)
+                while (slot := self._reserve(key)) is None:  # every slot pinned: wait for a release
+                    self._lock.wait()
             self._start_load(key, slot)
             lease.outcomes[key[1]] = "miss"
             self._stats.misses += 1
@@ -241,6 +257,7 @@ class ExpertCache:
             slot.prefetched = False
             self._stats.hits += 1
             self._slots.move_to_end(key)
+            self._by_layer[key[0]].move_to_end(key[1])
         self._stats.queries += 1
         slot.pins += 1
         lease.pinned[key[1]] = slot
@@ -279,23 +296,22 @@ class ExpertCache:
         return started
 
     # --- internals (called with the lock held) ------------------------------------
-    def _can_reserve(self) -> bool:
-        return bool(self._free) or any(s.pins == 0 and s.ready for s in self._slots.values())
-
     def _reserve(self, key: Key) -> _Slot | None:
-        if not self._free and not self._evict_one():
+        if not self._free and not self._evict_one(key):
             return None
         slot = _Slot(index=self._free.pop())
         self._slots[key] = slot
+        self._by_layer.setdefault(key[0], OrderedDict())[key[1]] = slot
         assert len(self._slots) <= self.num_slots, "cache over its byte budget"
         return slot
 
-    def _evict_one(self) -> bool:
+    def _evict_one(self, incoming: Key) -> bool:
         candidates = (k for k, s in self._slots.items() if s.pins == 0 and s.ready)
-        victim = self.policy.victim(candidates, self)
+        victim = self.policy.victim(candidates, self, incoming)
         if victim is None:
             return False
         slot = self._slots.pop(victim)
+        del self._by_layer[victim[0]][victim[1]]
         if slot.prefetched:
             self._stats.prefetch["wasted"] += 1
         self._stats.evictions += 1
@@ -377,6 +393,7 @@ class ExpertCache:
         """A failed load leaves the cache as if it had never been tried."""
         if self._slots.get(key) is slot:
             del self._slots[key]
+            del self._by_layer[key[0]][key[1]]
             self._free.append(slot.index)
         self._lock.notify_all()
 

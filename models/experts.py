@@ -78,7 +78,7 @@ class OnDemandExperts(nn.Module):
             finally:
                 self.cache.release(lease)
             outcomes.update(lease.outcomes)
-            needed = needed[len(lease.slots):]
+            needed = [e for e in needed if e not in lease.slots]
             if self.on_miss is not None:
                 missed = [e for e, outcome in lease.outcomes.items() if outcome == "miss"]
                 if missed:

@@ -1,7 +1,8 @@
 """Eviction policies beyond LRU, looked up by name by the runtime (`RuntimeConfig(eviction=...)`).
 
-The cache calls `victim(candidates, cache)` with its unpinned resident (layer, expert)
-keys in LRU order, oldest first, and evicts the key returned (None: nothing evictable).
+The cache calls `victim(candidates, cache, incoming)` with its unpinned resident
+(layer, expert) keys in LRU order, oldest first, and the key it needs a slot for; it
+evicts the key returned (None: nothing evictable). Called with the cache's lock held.
 """
 
 from __future__ import annotations
@@ -40,9 +41,39 @@ class SalienceEviction:
         layer, expert = key
         return self.history.reward(layer, expert) * (1.0 - self.history.novelty(layer, expert))
 
-    def victim(self, order: Iterable[Key], cache) -> Key | None:
+    def victim(self, order: Iterable[Key], cache, incoming: Key) -> Key | None:
         oldest = list(islice(order, self.window))
         return min(oldest, key=self.salience, default=None)  # min keeps the first (oldest) of ties
 
 
-EVICTION_POLICIES: dict[str, type] = {"salience": SalienceEviction}
+class LayerShareEviction:
+    """LRU within fair per-layer shares: each MoE layer may keep num_slots / layers slots.
+
+    A forward visits the layers in a cycle, so when a batch's working set over all
+    layers exceeds the budget, global LRU evicts exactly the experts the next layers
+    are about to use (a cyclic scan: hit rate near zero). Here a layer under its share
+    takes a slot from a layer over its share (else the global LRU expert); a layer at
+    its share replaces its own least recently used expert, and when all of its experts
+    are pinned by the forward in progress, the rest of its working set streams through
+    its own slots (None: the cache computes what is pinned first) instead of evicting
+    the other layers' shares.
+    """
+
+    name = "layer-lru"
+
+    def victim(self, order: Iterable[Key], cache, incoming: Key) -> Key | None:
+        share = max(1, cache.num_slots // len(cache.store.moe_layers))
+        at_share = cache.layer_count(incoming[0]) >= share
+        if at_share:
+            own = cache.oldest_evictable(incoming[0])
+            if own is not None:
+                return own
+        oldest = None
+        for key in order:
+            if cache.layer_count(key[0]) > share:
+                return key
+            oldest = oldest or key
+        return None if at_share else oldest
+
+
+EVICTION_POLICIES: dict[str, type] = {"salience": SalienceEviction, "layer-lru": LayerShareEviction}

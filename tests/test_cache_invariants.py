@@ -63,6 +63,25 @@ def test_pinned_experts_are_never_evicted_and_overflow_streams(store):
     cache.release(rest)
 
 
+
+def test_a_working_set_one_larger_than_the_budget_keeps_its_resident_experts(store):
+    cache = make_cache(store, slots=3)
+    layer = store.moe_layers[0]
+
+    def step():  # what OnDemandExperts does: acquire, compute, release, until all ran
+        needed, outcomes = [0, 1, 2, 3], {}
+        while needed:
+            lease = cache.acquire(layer, needed)
+            cache.release(lease)
+            outcomes.update(lease.outcomes)
+            needed = [e for e in needed if e not in lease.slots]
+        return outcomes
+
+    step()
+    # resident experts are pinned before a miss takes a slot, so only one expert misses
+    # per step (in request order, each miss would evict the next one needed: 0 hits)
+    assert sorted(step().values()) == ["hit", "hit", "hit", "miss"]
+
 def test_budget_holds_under_concurrent_load_and_contents_stay_correct(store, monkeypatch):
     cache = make_cache(store, slots=4)
     real_load = ExpertStore.load_expert

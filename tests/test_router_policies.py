@@ -77,8 +77,8 @@ def test_salience_eviction_evicts_the_expert_that_carried_least_weight():
     eviction.attach(FakeRuntime())
     eviction.history.observe(0, torch.tensor([[0, 1], [0, 2]]), torch.tensor([[0.9, 0.1], [0.8, 0.2]]))
     # LRU order 0, 1, 2, 3: expert 3 never routed -> first; among used ones, 1 carried least
-    assert eviction.victim(iter([(0, 0), (0, 1), (0, 2), (0, 3)]), cache=None) == (0, 1)  # window of 3
-    assert eviction.victim(iter([(0, 0), (0, 3), (0, 1)]), cache=None) == (0, 3)
+    assert eviction.victim(iter([(0, 0), (0, 1), (0, 2), (0, 3)]), cache=None, incoming=(0, 5)) == (0, 1)  # window of 3
+    assert eviction.victim(iter([(0, 0), (0, 3), (0, 1)]), cache=None, incoming=(0, 5)) == (0, 3)
 
 
 def test_cache_aware_substitutes_resident_experts_and_counts_regret(store_factory):

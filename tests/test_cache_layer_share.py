@@ -1,0 +1,66 @@
+"""layer-lru eviction: fair per-layer shares instead of one global LRU order.
+
+A forward visits the MoE layers in a cycle; when a batch's working set over all layers
+exceeds the budget, global LRU evicts what the next layers are about to use.
+"""
+
+import random
+
+import torch
+
+from extractor.store import ExpertStore
+from models import Runtime, RuntimeConfig
+from models.cache import ExpertCache
+from models.runtime import expert_bytes
+from router.eviction import EVICTION_POLICIES, LayerShareEviction
+
+
+def decode_steps(cache, store, working_sets):
+    """Every layer in turn acquires (streaming) its working set of each step."""
+    for experts in working_sets:
+        for layer in store.moe_layers:
+            needed = sorted(experts)
+            while needed:
+                lease = cache.acquire(layer, needed)
+                assert len(cache._slots) <= cache.num_slots
+                cache.release(lease)
+                needed = [e for e in needed if e not in lease.slots]
+    return cache.stats()
+
+
+def test_layer_shares_beat_global_lru_when_the_batch_overflows_the_budget(store_factory):
+    store = ExpertStore.open(store_factory("qwen3_moe")[1])
+    rng = random.Random(0)
+    # a batch's skewed demand: 8 draws per layer from a few popular experts, as routers do
+    steps = [{min(int(rng.expovariate(0.25)), 15) for _ in range(8)} for _ in range(60)]
+    budget = 4 * len(store.moe_layers) * expert_bytes(store, store.dtype)  # a share of 4 experts per layer
+    lru = decode_steps(ExpertCache(store, capacity_bytes=budget), store, steps)
+    shared = decode_steps(ExpertCache(store, capacity_bytes=budget, policy=LayerShareEviction()), store, steps)
+    assert lru.queries == shared.queries
+    assert shared.hit_rate > 1.5 * lru.hit_rate  # seeded: 19.8% vs 10.3%, (shared.hit_rate, lru.hit_rate)
+
+
+def test_layers_take_back_their_shares_and_overflow_streams_through_its_own(store_factory):
+    store = ExpertStore.open(store_factory("qwen3_moe")[1])
+    layers = store.moe_layers
+    cache = ExpertCache(store, capacity_bytes=2 * len(layers) * expert_bytes(store, store.dtype),
+                        policy=LayerShareEviction())
+    share = cache.num_slots // len(layers)
+    cache.release(cache.acquire(layers[0], list(range(cache.num_slots))))  # free slots: the first layer takes all
+    assert cache.layer_count(layers[0]) == cache.num_slots
+    stats = decode_steps(cache, store, [set(range(6))] * 3)  # each layer needs 6, three times its share
+    assert [cache.layer_count(layer) for layer in layers] == [share] * len(layers)
+    # each layer keeps its share across steps: `share` of its 6 experts hit in every later step
+    assert stats.hits == cache.num_slots + 2 * share * len(layers), stats
+
+
+def test_layer_lru_changes_no_token(store_factory):
+    checkpoint, store = store_factory("qwen3_moe")
+    assert "layer-lru" in EVICTION_POLICIES
+    ids = torch.randint(0, 128, (4, 6), generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for eviction in ("lru", "layer-lru"):
+        runtime = Runtime.from_store(store, RuntimeConfig(cache_fraction=0.25, eviction=eviction))
+        outputs[eviction] = runtime.generate(ids, max_new_tokens=12, do_sample=False)
+        runtime.close()
+    assert torch.equal(outputs["lru"], outputs["layer-lru"])
