@@ -24,6 +24,9 @@ def parse_args(argv):
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: the store's)")
     parser.add_argument("--full-depth", action="store_true", help="a miss also prefetches the expert's deeper layers")
+    parser.add_argument("--routing", default="exact", help="routing policy: exact (default), cache-aware, dynamic-k")
+    parser.add_argument("--eviction", default="lru",
+                        help="lru (default), layer-lru (per-layer shares: batches larger than the budget) or salience")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     return parser.parse_args(argv)
 
@@ -34,10 +37,15 @@ def main(argv=None) -> int:
 
     try:
         config = RuntimeConfig(device=args.device, dtype=args.dtype, cache_bytes=args.cache_bytes,
-                               cache_fraction=args.cache_fraction, full_depth=args.full_depth)
+                               cache_fraction=args.cache_fraction, full_depth=args.full_depth,
+                               routing=args.routing, eviction=args.eviction)
         runtime = Runtime.from_store(args.store, config)
     except (StoreError, ValueError) as exc:
         print(f"python -m models: {exc}", file=sys.stderr)
+        return 2
+    if runtime.tokenizer is None:
+        print(f"python -m models: {args.store}: store has no tokenizer to encode --prompt with", file=sys.stderr)
+        runtime.close()
         return 2
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {}
     started = time.perf_counter()

@@ -18,12 +18,20 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from extractor.store import ExpertStore
-from router.policy import make_policy
+from router.eviction import EVICTION_POLICIES
+from router.policy import make_policy, policy_class
 
 from .cache import ExpertCache, LRUPolicy
 from .loading import install_router, load_model, moe_blocks, routing_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def eviction_class(name: str) -> type:
+    policies = {"lru": LRUPolicy, **EVICTION_POLICIES}
+    if name not in policies:
+        raise ValueError(f"unknown eviction policy {name!r} (known: {', '.join(sorted(policies))})")
+    return policies[name]
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class RuntimeConfig:
             raise ValueError(f"cache_fraction must be in (0, 1], got {self.cache_fraction}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        policy_class(self.routing), eviction_class(self.eviction)  # unknown names fail here, before any loading
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -151,15 +160,7 @@ class Runtime:
 
 
 def make_eviction(name: str):
-    if name == "lru":
-        return LRUPolicy()
-    try:
-        from router.eviction import EVICTION_POLICIES
-    except ImportError:
-        EVICTION_POLICIES = {}
-    if name not in EVICTION_POLICIES:
-        raise ValueError(f"unknown eviction policy {name!r} (known: lru, {', '.join(sorted(EVICTION_POLICIES))})")
-    return EVICTION_POLICIES[name]()
+    return eviction_class(name)()
 
 
 def cache_budget(store: ExpertStore, config: RuntimeConfig, dtype: torch.dtype) -> int:

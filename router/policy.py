@@ -195,7 +195,11 @@ def reweight(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | Non
 POLICIES: dict[str, type] = {"exact": ExactPolicy, "cache-aware": CacheAwarePolicy, "dynamic-k": DynamicKPolicy}
 
 
-def make_policy(name: str):
+def policy_class(name: str) -> type:
     if name not in POLICIES:
         raise ValueError(f"unknown routing policy {name!r} (known: {', '.join(sorted(POLICIES))})")
-    return POLICIES[name]()
+    return POLICIES[name]
+
+
+def make_policy(name: str):
+    return policy_class(name)()
