@@ -117,7 +117,11 @@ class ExpertCache:
         self._slots: OrderedDict[Key, _Slot] = OrderedDict()  # LRU order: oldest first
         self._by_layer: dict[int, OrderedDict[int, _Slot]] = {}  # the same, per layer (per-layer policies)
         self._lock = threading.Condition()
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cadre-loader")
+        # One OpenMP thread for the loader: a second long-lived thread with a torch thread
+        # team of its own makes every team sleep between parallel regions on a small CPU
+        # (see server.app.in_passing_thread), and its copies are memory-bound anyway.
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cadre-loader",
+                                          initializer=torch.set_num_threads, initargs=(1,))
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.host = HostTier(host_capacity_bytes) if self.device.type == "cuda" else None
         self._stats = CacheStats(capacity_bytes=self.capacity_bytes)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -60,13 +61,8 @@ class AppState:
 def runtime_config(config: ServerConfig):
     from models import RuntimeConfig
 
-    kwargs = {"device": config.device, "cache_bytes": config.cache_bytes, "cache_fraction": config.cache_fraction,
-              "dtype": resolved_dtype(config)}
-    if "routing" in {f.name for f in fields(RuntimeConfig)}:
-        kwargs["routing"] = config.routing
-    elif config.routing != "exact":
-        raise ValueError(f"--routing {config.routing}: this runtime supports only 'exact'")
-    return RuntimeConfig(**kwargs)
+    return RuntimeConfig(device=config.device, cache_bytes=config.cache_bytes, cache_fraction=config.cache_fraction,
+                         dtype=resolved_dtype(config), routing=config.routing, eviction=config.eviction)
 
 
 def resolved_dtype(config: ServerConfig) -> str | None:
@@ -103,12 +99,12 @@ async def bring_up(state: AppState, runtime=None) -> None:
     """Load (unless given a runtime), start the batching loop, warm up; never raises."""
     try:
         started = time.perf_counter()
-        state.runtime = runtime or await asyncio.to_thread(load_runtime, state.config)
+        state.runtime = runtime or await in_passing_thread(load_runtime, state.config)
         c = state.config
         engine = Engine(state.runtime, EngineConfig(max_concurrency=c.max_concurrency, max_queue=c.max_queue,
                                                     max_model_len=context_window(state.runtime, c)),
                         state.metrics)
-        await asyncio.to_thread(engine.start)
+        await in_passing_thread(engine.start)
         state.metrics.attach_runtime(engine.recorder, state.runtime.cache)
         state.engine = engine
         await engine.warmup()
@@ -176,7 +172,27 @@ def add_ops_routes(app: FastAPI, state: AppState) -> None:
              responses={503: {"model": ErrorResponse}})
     async def experts():
         engine = state.require_engine()
-        return experts_report(state, engine)
+        return await in_passing_thread(experts_report, state, engine, torch_threads=1)
+
+
+async def in_passing_thread(fn, *args, torch_threads: int | None = None):
+    """fn(*args) in a thread of its own that ends with it, off the event loop.
+
+    Why not asyncio.to_thread: a long-lived thread that has run a parallel torch op keeps
+    an OpenMP team alive, and with more OpenMP threads alive than cores every team waits
+    by sleeping instead of spinning: one GET /v1/experts on the event loop cut the demo
+    model's 16-client throughput from ~600 to ~240 tok/s for good (2-core VM). A thread
+    that ends takes its team with it; torch_threads=1 keeps it from making one at all.
+    """
+    def call():
+        if torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(torch_threads)  # this thread's OpenMP setting only
+        return fn(*args)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cadre-aside") as pool:
+        return await asyncio.wrap_future(pool.submit(call))
 
 
 def experts_report(state: AppState, engine: Engine) -> dict:
