@@ -46,6 +46,7 @@ def parse_args(argv):
     p.add_argument("--duration", type=float, default=90.0, help="seconds per level at most (requests in flight finish)")
     p.add_argument("--max-tokens", type=int, default=32, help="max_new_tokens of every request")
     p.add_argument("--cache-fraction", type=float, default=None, help="server --cache-fraction")
+    p.add_argument("--eviction", default="layer-lru", help="server --eviction (default: the server's, layer-lru)")
     p.add_argument("--rounds", type=int, default=2,
                    help="run every level this many times, interleaved (a busy machine varies from minute to minute)")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers rows")
@@ -79,6 +80,7 @@ def start_server(args, port: int, max_concurrency: int) -> subprocess.Popen:
         command += ["--model", args.model]
     if args.cache_fraction:
         command += ["--cache-fraction", str(args.cache_fraction)]
+    command += ["--eviction", args.eviction]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -134,8 +136,17 @@ async def run_level(url: str, clients: int, prompts: list[str], args) -> dict:
 
     limits = httpx.Limits(max_connections=clients + 1)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        before = (await client.get(f"{url}/v1/experts")).json()["cache"]
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
-    return summarize(clients, results, started)
+        after = (await client.get(f"{url}/v1/experts")).json()["cache"]
+    return {**summarize(clients, results, started), **cache_delta(before, after)}
+
+
+def cache_delta(before: dict, after: dict) -> dict:
+    """The expert cache's hit rate and loads during one level (server-side counters)."""
+    queries = after["queries"] - before["queries"]
+    loads = sum(after["loads"].values()) - sum(before["loads"].values())
+    return {"hit_rate": (after["hits"] - before["hits"]) / queries if queries else None, "loads": loads}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -226,17 +237,22 @@ def reference_rows(args, prompts: list[str], batch: int) -> list[dict]:
     return rows
 
 
+def fraction(value) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def print_results(levels: list[dict], reference: list[dict], description: str) -> None:
     print(f"\n{description}")
     print(f"{'round':>5} {'clients':>7} {'requests':>8} {'errors':>6} {'5xx':>4} {'req/s':>7} {'tok/s':>8} {'tok/req':>7} "
-          f"{'p50 lat s':>9} {'p99 lat s':>9} {'p50 TTFT s':>10} {'p99 TTFT s':>10}")
+          f"{'p50 lat s':>9} {'p99 lat s':>9} {'p50 TTFT s':>10} {'p99 TTFT s':>10} {'hit rate':>8} {'loads/tok':>9}")
     for r in levels:
         if not r["requests"]:
             print(f"{r['round']:>5} {r['clients']:>7} {0:>8} {r['errors']:>6} {r['errors_5xx']:>4}  (no request succeeded)")
             continue
         print(f"{r['round']:>5} {r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['errors_5xx']:>4} {r['req_s']:>7.2f} "
               f"{r['tok_s']:>8.1f} {r['tokens_per_request']:>7.1f} {r['latency_p50']:>9.2f} {r['latency_p99']:>9.2f} "
-              f"{r['ttft_p50']:>10.3f} {r['ttft_p99']:>10.3f}")
+              f"{r['ttft_p50']:>10.3f} {r['ttft_p99']:>10.3f} {fraction(r['hit_rate']):>8} "
+              f"{r['loads'] / max(1, r['tokens_per_request'] * r['requests']):>9.2f}")
     medians = {c: median(r["tok_s"] for r in levels if r["clients"] == c)
                for c in sorted({r["clients"] for r in levels})}
     print("median aggregate tok/s over rounds: " + ", ".join(f"{c} clients {t:.1f}" for c, t in medians.items()))
@@ -278,7 +294,8 @@ def main(argv) -> int:
     model = args.store or args.model or "demo model"
     # Other work on the machine changes every figure: say how busy it was.
     description = (f"python -m bench serve: {model} on {args.device} (dtype {args.dtype}), "
-                   f"{args.max_tokens} max new tokens, greedy, streaming /generate over loopback; "
+                   f"{args.max_tokens} max new tokens, greedy, streaming /generate over loopback, "
+                   f"cache {args.cache_fraction or 1.0:.0%} of experts, eviction {args.eviction}; "
                    f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before the server levels, "
                    f"{load_server:.1f} after them, {os.getloadavg()[0]:.1f} after the reference")
     print_results(levels, reference, description)

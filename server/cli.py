@@ -60,6 +60,9 @@ def build_parser() -> OneLineParser:
     budget.add_argument("--cache-fraction", type=float, help="expert cache budget as a fraction of the store's experts")
     p.add_argument("--routing", default="exact",
                    help="routing policy: exact (the model's own top-k, default) or a lossy one of router.policy")
+    p.add_argument("--eviction", default=ServerConfig.eviction,
+                   help="expert cache eviction: layer-lru (default: LRU within fair per-layer shares, so a batch "
+                        "whose experts exceed the budget does not evict what the next layers need), lru or salience")
     p.add_argument("--max-concurrency", type=positive_int, default=16,
                    help="requests decoded together in one continuous batch")
     p.add_argument("--max-queue", type=non_negative_int, default=64,
@@ -99,15 +102,17 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ) -> None:
         action.default = value
 
 
-def check_routing(parser: argparse.ArgumentParser, routing: str) -> None:
-    if routing == "exact":
-        return  # the default needs no import of the router (and torch) to check
-    try:
-        from router.policy import POLICIES
-    except ImportError:  # a router without named policies: only exact exists
-        POLICIES = {"exact": None}
+def check_policies(parser: argparse.ArgumentParser, routing: str, eviction: str) -> None:
+    if (routing, eviction) == ("exact", ServerConfig.eviction):
+        return  # the defaults need no import of the router (and torch) to check
+    from router.eviction import EVICTION_POLICIES
+    from router.policy import POLICIES
+
     if routing not in POLICIES:
         parser.error(f"--routing {routing}: unknown routing mode (known: {', '.join(sorted(POLICIES))})")
+    evictions = {"lru", *EVICTION_POLICIES}
+    if eviction not in evictions:
+        parser.error(f"--eviction {eviction}: unknown eviction policy (known: {', '.join(sorted(evictions))})")
 
 
 def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -122,7 +127,7 @@ def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
     apply_env_defaults(parser, os.environ if environ is None else environ)
     args = parser.parse_args(argv)
     check_paths(parser, args)
-    check_routing(parser, args.routing)
+    check_policies(parser, args.routing, args.eviction)
     try:
         return ServerConfig(**vars(args))
     except ValueError as exc:  # cross-flag checks (e.g. a flag and the other group's env var)

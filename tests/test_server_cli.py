@@ -33,6 +33,15 @@ def test_flags_beat_environment_beats_defaults(tmp_path):
     assert parse_config(["--port", "9002"], environ=env).port == 9002
 
 
+def test_policies_reach_the_runtime():
+    from server.app import runtime_config
+
+    config = parse_config(["--eviction", "layer-lru", "--routing", "dynamic-k", "--device", "cpu"], environ={})
+    runtime = runtime_config(config)
+    assert (runtime.eviction, runtime.routing) == ("layer-lru", "dynamic-k")
+    assert runtime_config(parse_config([], environ={})).eviction == "layer-lru"  # batches: see README, Router
+
+
 @pytest.mark.parametrize("args,env,named", [
     (["--port", "abc"], {}, "--port"),
     (["--max-concurrency", "0"], {}, "--max-concurrency"),
@@ -43,6 +52,8 @@ def test_flags_beat_environment_beats_defaults(tmp_path):
     (["--model", "/nonexistent/ckpt"], {}, "/nonexistent/ckpt"),
     (["--bogus"], {}, "--bogus"),
     (["--routing", "magic"], {}, "--routing"),
+    (["--eviction", "fifo"], {}, "--eviction"),
+    ([], {"CADRE_EVICTION": "mru"}, "--eviction mru"),
     ([], {"CADRE_PORT": "eighty"}, "CADRE_PORT"),
     ([], {"CADRE_DEVICE": "tpu"}, "CADRE_DEVICE"),
 ])
