@@ -110,6 +110,9 @@ def conflict(probs: torch.Tensor, indices: torch.Tensor, resident: torch.Tensor)
     return margin, alt_e
 
 
+USAGE_DECAY = 0.95  # per event of a layer: a horizon of about 20 forwards
+
+
 class UsageHistory:
     """Decayed per-(layer, expert) use counts and weight mass, fed by routing events.
 
@@ -117,7 +120,7 @@ class UsageHistory:
     With decay d the history's horizon is about 1 / (1 - d) events of that layer.
     """
 
-    def __init__(self, num_experts: int, decay: float = 0.95):
+    def __init__(self, num_experts: int, decay: float = USAGE_DECAY):
         self.num_experts, self.decay = num_experts, decay
         self.counts: dict[int, torch.Tensor] = {}  # layer -> [E]
         self.mass: dict[int, torch.Tensor] = {}  # layer -> [E]

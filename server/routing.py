@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from router.analytics import distinct_pathways, routing_entropy, utilisation
-from router.signals import UsageHistory, novelty
+from router.signals import USAGE_DECAY, novelty
 
 HIT_OUTCOMES = ("hit", "prefetched")  # resident when the layer asked for it: no wait
 ANALYTICS_WINDOW = 4096  # most recent token rows kept for /v1/experts' routing analytics
@@ -75,10 +75,10 @@ class RoutingRecorder:
         self.hits = torch.zeros(len(self.moe_layers), dtype=torch.int64)
         self.regret_total = substitutions()  # the policy's count as of the last event
         # For /v1/experts: decayed SNARC usage (Novelty, Reward: router.signals.UsageHistory's
-        # c <- d * c + uses per layer event, kept as [L, E] to update once per forward) and the
+        # recurrence c <- d * c + uses, kept as [L, E] to update once per forward) and the
         # recent forwards' choices, each {layer: [T,K] experts sorted by weight}, whole
         # forwards so that pathways line up across layers.
-        self.decay = UsageHistory(num_experts).decay
+        self.decay = USAGE_DECAY
         self.usage_counts = torch.zeros(len(self.moe_layers), num_experts)  # [L, E]
         self.usage_mass = torch.zeros(len(self.moe_layers), num_experts)  # [L, E]
         self._recent: deque[dict[int, torch.Tensor]] = deque()
