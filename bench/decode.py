@@ -5,8 +5,12 @@
 
 Prints tokens/s at batch 1 (greedy, fixed token count, after a warm-up generation),
 cache hit rate and expert loads per token for each cadre budget, beside transformers
-with the whole model resident (every experts implementation that runs, best marked)
-and, with --accelerate, transformers + accelerate offload at cadre's GPU memory.
+with the whole model resident (every experts implementation that runs) and, with
+--accelerate, transformers + accelerate offload at cadre's GPU memory.
+
+Every system is loaded first and the timed runs are interleaved (round r times each
+system once), so a machine whose speed drifts during the run (a shared VM, a GPU
+warming up) shifts every system alike; the median of the rounds is reported.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -57,18 +63,27 @@ def prompt_ids(vocab_size: int) -> torch.Tensor:
     return torch.randint(10, min(vocab_size, 4000), (1, 16), generator=torch.Generator().manual_seed(0))
 
 
-def timed_decode(generate, ids, tokens, repeats, device) -> float:
-    """Median tokens/s of `repeats` greedy generations of exactly `tokens` tokens."""
-    generate(ids, 4)  # warm-up: kernels, allocator, first loads
-    rates = []
+@dataclass
+class Contender:
+    """A loaded system: generate(ids, tokens) -> ids, and its row's extra figures afterwards."""
+
+    system: str
+    generate: Callable
+    finish: Callable[[], dict] = field(default=lambda: {})
+
+
+def timed_rounds(contenders: list[Contender], ids, tokens: int, repeats: int, device) -> dict[str, float]:
+    """Median tokens/s of each contender over `repeats` interleaved rounds of `tokens` greedy tokens."""
+    rates: dict[str, list[float]] = {c.system: [] for c in contenders}
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        out = generate(ids, tokens)
-        sync(device)
-        assert out.shape[1] == ids.shape[1] + tokens
-        rates.append(tokens / (time.perf_counter() - start))
-    return sorted(rates)[len(rates) // 2]
+        for contender in contenders:
+            sync(device)
+            start = time.perf_counter()
+            out = contender.generate(ids, tokens)
+            sync(device)
+            assert out.shape[1] == ids.shape[1] + tokens
+            rates[contender.system].append(tokens / (time.perf_counter() - start))
+    return {system: sorted(r)[len(r) // 2] for system, r in rates.items()}
 
 
 def sync(device):
@@ -114,53 +129,57 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
-def bench_transformers(checkpoint: Path, device, dtype, ids, args) -> list[dict]:
+def transformers_contenders(checkpoint: Path, device, dtype, ids) -> tuple[list[Contender], list[dict]]:
+    """transformers with every expert resident, one contender per experts implementation
+    (an implementation this device/dtype lacks becomes an error row, not a hidden gap)."""
     from transformers import AutoModelForCausalLM
 
-    rows = []
+    contenders, errors = [], []
     for impl in ("grouped_mm", "batched_mm", "eager"):
         try:
             model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, experts_implementation=impl)
-            model = model.to(device).eval()
-            rate = timed_decode(hf_generate(model), ids, args.tokens, args.repeats, device)
-        except Exception as exc:  # an implementation this device/dtype lacks is reported, not hidden
-            rows.append({"system": f"transformers ({impl})", "error": str(exc).splitlines()[0][:80]})
-            continue
-        finally:
-            model = None
+            generate = hf_generate(model.to(device).eval())
+            generate(ids, 4)  # warm-up: kernels, allocator
+        except Exception as exc:
+            errors.append({"system": f"transformers ({impl})", "error": str(exc).splitlines()[0][:80]})
             free_memory()
-        rows.append({"system": f"transformers ({impl}), all resident", "tok_s": rate})
-    return rows
+            continue
+        contenders.append(Contender(f"transformers ({impl}), all resident", generate))
+    return contenders, errors
 
 
-def bench_cadre(store: Path, device, dtype_name, ids, fraction, full_depth, args) -> dict:
+def cadre_contender(store: Path, device, dtype_name, ids, fraction, full_depth, args) -> Contender:
     from models import Runtime, RuntimeConfig
 
+    on_gpu = torch.device(device).type == "cuda"
+    allocated = torch.cuda.memory_allocated() if on_gpu else 0
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     runtime = Runtime.from_store(store, RuntimeConfig(device=device, dtype=dtype_name, cache_fraction=fraction,
                                                       full_depth=full_depth))
     if runtime.cache.host is not None:  # GPU: every expert in pinned host RAM, the budget on the GPU
         runtime.cache.host.warm(runtime.store, all_experts(runtime.store), runtime.cache.dtype)
     generate = lambda ids, tokens: runtime.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens)
-    generate(ids, 4)
+    generate(ids, 4)  # warm-up: kernels, allocator, first loads
     before = runtime.cache.stats()
-    rate = timed_decode(generate, ids, args.tokens, args.repeats, device)
-    after = runtime.cache.stats()
-    tokens = args.tokens * (args.repeats + 1)  # timed runs + the warm-up inside timed_decode
-    loads = sum(after.loads.values()) - sum(before.loads.values())
-    queries = after.queries - before.queries
-    row = {
-        "system": f"cadre {fraction:.0%} of experts" + (" full-depth" if full_depth else ""),
-        "tok_s": rate,
-        "hit_rate": (after.hits - before.hits) / queries if queries else 0.0,
-        "loads_per_token": loads / tokens,
-        "cache_gib": after.capacity_bytes / 2**30,
-    }
-    if torch.device(device).type == "cuda":
-        row["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    runtime.close()
-    del runtime
-    free_memory()
-    return row
+    peak = torch.cuda.max_memory_allocated() - allocated if on_gpu else 0  # this runtime's own
+
+    def finish() -> dict:
+        after = runtime.cache.stats()
+        tokens = args.tokens * args.repeats
+        queries = after.queries - before.queries
+        row = {
+            "hit_rate": (after.hits - before.hits) / queries if queries else 0.0,
+            "loads_per_token": (sum(after.loads.values()) - sum(before.loads.values())) / tokens,
+            "cache_gib": after.capacity_bytes / 2**30,
+        }
+        if on_gpu:
+            row["gpu_peak_gib"] = peak / 2**30  # trunk + cache slots + warm-up activations
+        runtime.close()
+        return row
+
+    name = f"cadre {fraction:.0%} of experts" + (" full-depth" if full_depth else "")
+    return Contender(name, generate, finish)
 
 
 def all_experts(store):
@@ -172,7 +191,9 @@ def bench_accelerate(checkpoint: Path, dtype, ids, gpu_bytes: int, args) -> dict
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, device_map="auto",
                                                  max_memory={0: gpu_bytes, "cpu": 200 * 2**30})
-    rate = timed_decode(hf_generate(model), ids, min(args.tokens, 16), 1, "cuda")
+    generate = hf_generate(model)
+    generate(ids, 2)
+    rate = timed_rounds([Contender("accelerate", generate)], ids, min(args.tokens, 16), 1, "cuda")["accelerate"]
     del model
     free_memory()
     return {"system": f"transformers + accelerate offload, {gpu_bytes / 2**30:.1f} GiB GPU", "tok_s": rate}
@@ -209,19 +230,18 @@ def main(argv) -> int:
     config = json.loads((checkpoint / "config.json").read_text())
     ids = prompt_ids(config.get("vocab_size", 512))
 
-    rows = bench_transformers(checkpoint, device, dtype, ids, args)
+    contenders, errors = transformers_contenders(checkpoint, device, dtype, ids)
+    budgets = [float(f) for f in args.budgets.split(",")]
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.full_depth]
-    peak = 0
-    for fraction in (float(f) for f in args.budgets.split(",")):
-        for full_depth in modes:
-            if on_gpu:
-                torch.cuda.reset_peak_memory_stats()
-            row = bench_cadre(store, device, dtype_name, ids, fraction, full_depth, args)
-            rows.append(row)
-            if on_gpu and fraction == min(float(f) for f in args.budgets.split(",")):
-                peak = max(peak, int(row["gpu_peak_gib"] * 2**30))
-    if args.accelerate and on_gpu:
-        rows.append(bench_accelerate(checkpoint, dtype, ids, peak, args))
+    contenders += [cadre_contender(store, device, dtype_name, ids, fraction, full_depth, args)
+                   for fraction in budgets for full_depth in modes]
+    rates = timed_rounds(contenders, ids, args.tokens, args.repeats, device)
+    rows = [{"system": c.system, "tok_s": rates[c.system], **c.finish()} for c in contenders] + errors
+    del contenders
+    free_memory()
+    if args.accelerate and on_gpu:  # at the GPU memory of cadre's smallest budget
+        peak = max(r["gpu_peak_gib"] for r in rows if r["system"].startswith(f"cadre {min(budgets):.0%}"))
+        rows.append(bench_accelerate(checkpoint, dtype, ids, int(peak * 2**30), args))
 
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
     print_table(f"decode, batch 1, {args.tokens} tokens, {args.model} ({dtype_name}, store {store_dtype}) "
