@@ -30,6 +30,8 @@ import torch
 
 from extractor.store import ExpertStore, StoreError
 
+from .host_tier import HostTier
+
 Key = tuple[int, int]  # (layer, expert)
 
 # Table lookups (fully resident layers) are counted lazily so decode never waits for
@@ -123,7 +125,9 @@ class ExpertCache:
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cadre-loader",
                                           initializer=torch.set_num_threads, initargs=(1,))
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.host = HostTier(host_capacity_bytes) if self.device.type == "cuda" else None
+        # Pinned host tier (GPU only): capped, LRU, refused below one layer's working set (models.host_tier)
+        self.host = HostTier(host_capacity_bytes, entry_bytes=self.slot_bytes, min_entries=store.top_k,
+                             copy_stream=self._copy_stream) if self.device.type == "cuda" else None
         self._stats = CacheStats(capacity_bytes=self.capacity_bytes)
         self._last_use: dict[int, "torch.cuda.Event"] = {}  # slot index -> last compute reading it
         total = sum(len(store.experts_present(layer)) for layer in store.moe_layers)
@@ -403,43 +407,6 @@ class ExpertCache:
 
     def close(self) -> None:
         self._loader.shutdown(wait=True)
-
-
-class HostTier:
-    """Pinned host-RAM copies of experts (GPU only): a hit here costs a PCIe copy, not a disk read."""
-
-    def __init__(self, capacity_bytes: int | None):
-        self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[Key, tuple[torch.Tensor, ...]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: Key):
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-            return entry
-
-    def put(self, key: Key, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        pinned = tuple(p.pin_memory() for p in parts)
-        size = sum(p.nbytes for p in pinned)
-        with self._lock:
-            if self.capacity_bytes is not None:
-                while self._entries and self._bytes + size > self.capacity_bytes:
-                    _, old = self._entries.popitem(last=False)
-                    self._bytes -= sum(p.nbytes for p in old)
-                if size > self.capacity_bytes:
-                    return pinned
-            self._entries[key] = pinned
-            self._bytes += size
-        return pinned
-
-    def warm(self, store: ExpertStore, keys: Iterable[Key], dtype: torch.dtype) -> None:
-        for key in keys:
-            if self.get(key) is None:
-                tensors = store.load_expert(*key)
-                self.put(key, tuple(tensors[n].to(dtype) for n in ("gate_proj", "up_proj", "down_proj")))
 
 
 def _expert_shapes(store: ExpertStore) -> tuple[int, int]:
