@@ -4,9 +4,9 @@ Requests are decoded together by transformers' continuous-batching manager (page
 cache, FIFO scheduler, chunked prefill, one flat forward per step). cadre adds what the
 HTTP layer needs around it:
 
-- admission: at most `max_concurrency` requests in the batch, `max_queue` waiting for a
-  slot, 503 beyond (the KV cache is sized so admitted requests always fit, so the
-  manager never has to preempt);
+- admission: at most `max_concurrency` requests in the batch, whose prompt + max_new_tokens
+  pages fit in the memory plan's KV tokens together (so admitted requests always fit and
+  the manager never has to preempt), `max_queue` waiting, 503 beyond;
 - per-request sampling with its own generator (sampling.py);
 - routing mapped back to requests from the batch layout (routing.py);
 - detokenization, stop strings and cancellation, on the event loop.
@@ -46,6 +46,14 @@ class EngineConfig:
     max_queue: int = 64
     max_model_len: int = 512
     retry_after_s: int = 1
+    kv_tokens: int | None = None  # KV tokens the running requests share (the memory plan's); None: each slot's
+    #                               full max_model_len, as before the plan
+
+    @property
+    def kv_pages(self) -> int:
+        if self.kv_tokens is None:
+            return (self.max_concurrency + CANCEL_SLACK) * math.ceil(self.max_model_len / PAGE_SIZE)
+        return math.ceil(self.kv_tokens / PAGE_SIZE)
 
 
 class EngineUnavailable(Exception):
@@ -130,6 +138,7 @@ class Engine:
         self._running: dict[str, RequestStream] = {}
         self._waiting: deque[RequestStream] = deque()
         self._sampler_slots: dict[str, int] = {}
+        self._kv_pages: dict[str, int] = {}  # running request -> KV pages reserved for its prompt + max_new_tokens
         self._idle = asyncio.Event()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -137,10 +146,10 @@ class Engine:
         """Build and start the continuous-batching manager (blocking; call off the event loop)."""
         model = self.runtime.model
         max_requests = self.config.max_concurrency + CANCEL_SLACK
-        pages_per_request = math.ceil(self.config.max_model_len / PAGE_SIZE)
         cb_config = ContinuousBatchingConfig(
             page_size=PAGE_SIZE,
-            num_blocks=max_requests * pages_per_request,  # every admitted request fits: no preemption
+            # the plan's KV; admission (_fits) keeps admitted requests within it: no preemption
+            num_blocks=self.config.kv_pages,
             max_batch_tokens=MAX_BATCH_TOKENS,
             max_requests_per_batch=max_requests,
             # Routing listeners and on-demand expert loads are Python, run inside the forward:
@@ -210,25 +219,33 @@ class Engine:
             raise EngineUnavailable("not_ready", "model is still loading")
         if not self.is_alive:
             raise EngineUnavailable("not_ready", "generation loop is not running")
-        if len(self._running) >= self.config.max_concurrency and len(self._waiting) >= self.config.max_queue:
-            raise EngineUnavailable("queue_full", f"server is at capacity ({self.config.max_concurrency} running, "
-                                                  f"{self.config.max_queue} waiting); retry later")
+        launch_now = not self._waiting and self._fits(len(prompt_ids), params.max_new_tokens)
+        if not launch_now and len(self._waiting) >= self.config.max_queue:
+            raise EngineUnavailable("queue_full", f"server is at capacity ({len(self._running)} running, "
+                                                  f"{len(self._waiting)} waiting); retry later")
         stream = RequestStream(request_id=f"cmpl-{next(self._ids)}", prompt_ids=list(prompt_ids), params=params,
                                trace=trace, detokenizer=IncrementalDetokenizer(self.tokenizer),
                                stops=StopStrings(params.stop), internal=internal)
         stream._engine = self
         if not internal:
             self.metrics.prompt_tokens.inc(len(prompt_ids))
-        if len(self._running) < self.config.max_concurrency:
+        if launch_now:
             self._launch(stream)
         else:
             self._waiting.append(stream)
         self._update_gauges()
         return stream
 
+    def _fits(self, prompt_len: int, max_new_tokens: int) -> bool:
+        """A batch slot is free and the KV pages the request can reach are not reserved by others."""
+        need = math.ceil((prompt_len + max_new_tokens) / PAGE_SIZE)
+        return (len(self._running) < self.config.max_concurrency
+                and sum(self._kv_pages.values()) + need <= self.config.kv_pages)
+
     def _launch(self, stream: RequestStream) -> None:
         rid = stream.request_id
         self._running[rid] = stream
+        self._kv_pages[rid] = math.ceil((len(stream.prompt_ids) + stream.params.max_new_tokens) / PAGE_SIZE)
         self.recorder.register(rid, stream.trace)
         slot = self.samplers.register(stream.params)
         self._sampler_slots[rid] = slot
@@ -240,7 +257,7 @@ class Engine:
             self._finish(stream, "error", error="generation loop is not accepting requests")
 
     def _admit_waiting(self) -> None:
-        while self._waiting and len(self._running) < self.config.max_concurrency:
+        while self._waiting and self._fits(len(self._waiting[0].prompt_ids), self._waiting[0].params.max_new_tokens):
             self._launch(self._waiting.popleft())
         self._update_gauges()
 
@@ -305,6 +322,7 @@ class Engine:
         stream.finish_reason, stream.error = reason, error
         stream.finished_at = time.perf_counter()
         rid = stream.request_id
+        self._kv_pages.pop(rid, None)
         if self._running.pop(rid, None) is not None:
             if reason in ("stop", "cancelled"):  # the manager would keep generating: end it there too
                 self.manager.cancel_request(rid)
@@ -318,6 +336,11 @@ class Engine:
         self._admit_waiting()
         if not self._running:
             self._idle.set()
+
+    def store_available(self) -> bool:
+        """False once the expert store's files are gone (a failed load then means 503, not 500)."""
+        root = getattr(self.runtime.store, "root", None)
+        return root is None or (root / "manifest.json").is_file()
 
     # --- compute thread ------------------------------------------------------------------------
     def _batch_layout(self) -> list[BatchSlot]:
