@@ -168,6 +168,11 @@ def _write_manifest(out: Path, plan: Plan, files: dict[str, FileRecord]) -> None
         "plan": plan.fingerprint,  # the extractor's own: same request again -> nothing to do
         "source_fused_experts": ckpt.fused,
     }
+    write_manifest(out, manifest)
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """manifest.json, last and durably: it vouches for files already on disk (also bench synth-store's)."""
     out_file = AtomicFile(out / MANIFEST)
     out_file.write(_manifest_text(manifest).encode())
     out_file.commit(before_rename=lambda: None, durable=True)

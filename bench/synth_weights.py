@@ -1,0 +1,80 @@
+"""Random weights of a model's real shapes, with a stated routing spread (bench synth-store).
+
+Every tensor is drawn from its own seeded generator, so a tensor's values depend only on
+(seed, name, device) and the trunk and the expert shards can be written in any order.
+
+    norms                  ones (RMSNorm / LayerNorm weights), biases zeros
+    token embeddings       normal(0, spread.embed_std)
+    router rows (gate)     normal(0, spread.gate_std) x exp(spread.skew x z_e), z_e ~ N(0, 1) per layer
+    everything else        normal(0, initializer_range) (transformers' own init, 0.02)
+
+Why a spread at all: with transformers' init, the attention output (a near-uniform average
+over the context) dominates the residual stream, consecutive tokens get nearly the same
+hidden state and route to nearly the same experts (a cache hits ~99%); a per-token router
+with no skew routes nearly uniformly instead (the cache's worst case). `embed_std` sets how
+much of the hidden state follows the current token (temporal locality), `skew` how unequal
+the experts' popularity is, `gate_std` how peaked the routing weights are (top-k choices do
+not depend on it). The defaults are calibrated (python -m bench synth-calibrate) so that
+per-layer routing entropy and the LRU hit-rate curve match the demo model on held-out text;
+docs/memory-plan.md records the calibration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+
+ROUTER = re.compile(r"(?:^|\.)(?:mlp|block_sparse_moe|feed_forward)\.(?:gate|router)\.weight$")
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The synthetic routers' knobs (see the module docstring)."""
+
+    embed_std: float = 0.02
+    gate_std: float = 0.02
+    skew: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+DEFAULT_SPREAD = Spread()  # replaced by the calibrated values below once measured
+
+
+def generator(seed: int, name: str, device: str | torch.device) -> torch.Generator:
+    """A generator seeded by (seed, name): every tensor reproducible on its own."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def trunk_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, *, seed: int, spread: Spread,
+                 init_std: float, num_experts: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """One trunk tensor of `shape` in `dtype`, drawn as the module docstring says."""
+    if name.endswith(("norm.weight", "layernorm.weight")):
+        return torch.ones(shape, dtype=dtype, device=device)
+    if name.endswith(("bias", ".e_score_correction_bias")) or len(shape) < 2:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    gen = generator(seed, name, device)
+    if name.endswith("embed_tokens.weight"):
+        return _normal(shape, spread.embed_std, dtype, gen, device)
+    if ROUTER.search(name) and shape[0] == num_experts:
+        rows = _normal(shape, spread.gate_std, torch.float32, gen, device)  # [E, H]
+        skew = torch.randn((shape[0], 1), generator=gen, device=device) * spread.skew  # [E, 1]
+        return (rows * skew.exp()).to(dtype)
+    return _normal(shape, init_std, dtype, gen, device)
+
+
+def expert_tensor(layer: int, expert: int, inter: int, hidden: int, dtype: torch.dtype, *, seed: int,
+                  init_std: float, device: str | torch.device = "cpu") -> torch.Tensor:
+    """[3*I*H]: one expert's gate_proj [I,H], up_proj [I,H], down_proj [H,I], flattened in that order."""
+    gen = generator(seed, f"experts.{layer}.{expert}", device)
+    return _normal((3 * inter * hidden,), init_std, dtype, gen, device)
+
+
+def _normal(shape, std: float, dtype: torch.dtype, gen: torch.Generator, device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.normal_(0.0, std, generator=gen)

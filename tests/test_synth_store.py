@@ -1,0 +1,100 @@
+"""bench synth-store: a store of random weights in the extractor's exact format, that the extractor
+verifies and the runtime loads and generates from; bad input exits 2 with one line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.synth_store import main as synth_store
+from extractor.extract import verify_store
+from extractor.store import ExpertStore
+from models import Runtime, RuntimeConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_config(path: Path, family: str, **overrides) -> Path:
+    from tiny_models import tiny_config
+
+    path.mkdir(parents=True, exist_ok=True)
+    tiny_config(family, **overrides).to_json_file(path / "config.json")
+    return path / "config.json"
+
+
+@pytest.fixture(scope="module")
+def demo_synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "demo-2l"
+    assert synth_store(["--config", "demo", "--layers", "2", "--out", str(out), "--workers", "2"]) == 0
+    return out
+
+
+def test_the_store_verifies_and_has_the_real_shapes(demo_synth):
+    assert verify_store(demo_synth) == []
+    store = ExpertStore.open(demo_synth)
+    demo = json.loads((ROOT / "models/demo/checkpoint/config.json").read_text())
+    assert (store.num_layers, store.moe_layers, store.num_experts, store.top_k) == (2, [0, 1], 32, 4)
+    shard = store.load_expert(1, 31)
+    assert shard["gate_proj"].shape == (demo["moe_intermediate_size"], demo["hidden_size"])
+    assert shard["down_proj"].shape == (demo["hidden_size"], demo["moe_intermediate_size"])
+    assert store.dtype == torch.bfloat16 and shard["up_proj"].dtype == torch.bfloat16
+    assert abs(float(shard["up_proj"].float().std()) - 0.02) < 0.005  # transformers' init scale
+    synthetic = store.manifest["synthetic"]
+    assert synthetic["config"] == "demo" and {"embed_std", "gate_std", "skew"} <= set(synthetic)
+
+
+def test_the_cli_verifies_it_too(demo_synth):
+    result = subprocess.run([sys.executable, "-m", "extractor", "--out", str(demo_synth), "--verify"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_runtime_loads_it_and_generates(demo_synth):
+    runtime = Runtime.from_store(demo_synth, RuntimeConfig(device="cpu", dtype="float32", cache_fraction=0.5))
+    try:
+        ids = runtime.generate("ROMEO:", max_new_tokens=6)
+        assert ids.shape[1] == len(runtime.tokenizer("ROMEO:").input_ids) + 6
+        assert runtime.plan.expert_slots == 32  # half of 2 x 32
+    finally:
+        runtime.close()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_a_tiny_config_of_each_naming_loads(tmp_path, family):
+    """Mixtral's router is `block_sparse_moe.gate` on disk and `mlp.gate` in memory: the trunk
+    carries checkpoint names, as extracted stores do."""
+    config = write_config(tmp_path / "cfg", family)
+    out = tmp_path / "store"
+    assert synth_store(["--config", str(config), "--out", str(out), "--dtype", "float32"]) == 0
+    assert verify_store(out) == []
+    from safetensors.torch import load_file
+
+    trunk = load_file(out / "trunk.safetensors")
+    on_disk = "model.layers.0.block_sparse_moe.gate.weight" if family == "mixtral" else "model.layers.0.mlp.gate.weight"
+    runtime = Runtime.from_store(out, RuntimeConfig(device="cpu"))
+    try:
+        assert runtime.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3).shape == (1, 6)
+        gate = runtime.model.get_parameter("model.layers.0.mlp.gate.weight")
+        assert torch.equal(gate.detach(), trunk[on_disk])  # loaded from the trunk, not left at its init
+    finally:
+        runtime.close()
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--config", "no-such-model"], "--config no-such-model: no such config"),
+    (["--config", "demo", "--layers", "99"], "--layers 99"),
+    (["--config", "demo", "--workers", "0"], "--workers 0"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, args, named):
+    result = subprocess.run([sys.executable, "-m", "bench", "synth-store", "--out", str(tmp_path / "s"), *args],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and named in result.stderr, result.stderr
+
+
+def test_a_non_empty_out_is_refused(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    assert synth_store(["--config", "demo", "--out", str(tmp_path)]) == 2
+    assert (tmp_path / "keep.txt").read_text() == "mine"
