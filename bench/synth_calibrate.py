@@ -93,19 +93,32 @@ def synthetic_model(config: dict, layers: int, vocab: int, seed: int):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config(config), dtype=torch.bfloat16)
     model = model.to_empty(device="cpu").eval()
+    _rebuild_rotary_buffers(model)
     init_std = getattr(model.config, "initializer_range", 0.02) or 0.02
     for name, module in model.named_modules():
         if name.endswith(".experts") and hasattr(module, "gate_up_proj"):
-            _fill_experts(module, int(name.split(".")[-3]), seed, init_std)
+            _fill_experts(module, int(name.split(".")[-3]), seed, init_std, layers)
     return model
 
 
-def _fill_experts(module, layer: int, seed: int, init_std: float) -> None:
+def _rebuild_rotary_buffers(model) -> None:
+    """to_empty() leaves buffers uninitialised: recompute the rotary frequencies (garbage there
+    makes every token's hidden state the same, and every token route alike)."""
+    for module in model.modules():
+        if hasattr(module, "inv_freq"):
+            fresh = type(module)(config=getattr(module, "config", model.config.get_text_config()))
+            with torch.no_grad():
+                for name, buffer in fresh.named_buffers(recurse=False):
+                    getattr(module, name).copy_(buffer)
+
+
+def _fill_experts(module, layer: int, seed: int, init_std: float, layers: int) -> None:
     num_experts, two_inter, hidden = module.gate_up_proj.shape
     inter = two_inter // 2
     with torch.no_grad():
         for expert in range(num_experts):
-            row = expert_tensor(layer, expert, inter, hidden, torch.bfloat16, seed=seed, init_std=init_std)  # [3IH]
+            row = expert_tensor(layer, expert, inter, hidden, torch.bfloat16, seed=seed, init_std=init_std,
+                                layers=layers)  # [3IH]
             module.gate_up_proj[expert].copy_(row[: 2 * inter * hidden].view(two_inter, hidden))  # gate rows first
             module.down_proj[expert].copy_(row[2 * inter * hidden:].view(hidden, inter))
 
@@ -118,7 +131,8 @@ def apply_spread(model, spread: Spread, seed: int, num_experts: int) -> None:
             if ".experts." in name or name.endswith("inv_freq"):
                 continue
             param.copy_(trunk_tensor(name, tuple(param.shape), param.dtype, seed=seed, spread=spread,
-                                     init_std=init_std, num_experts=num_experts))
+                                     init_std=init_std, num_experts=num_experts,
+                                     layers=model.config.num_hidden_layers))
 
 
 def route(model, windows: torch.Tensor, top_k: int) -> torch.Tensor:

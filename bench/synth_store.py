@@ -106,6 +106,7 @@ class Layout:
         text = hf.get_text_config()
         self.top_k = int(text.num_experts_per_tok)
         self.init_std = float(getattr(text, "initializer_range", 0.02) or 0.02)
+        self.layers = int(text.num_hidden_layers)
         self.experts: dict[int, tuple[int, int, int]] = {}  # MoE layer -> (E, I, H)
         for name, module in model.named_modules():
             if name.endswith(".experts") and hasattr(module, "down_proj") and module.down_proj.dim() == 3:
@@ -210,7 +211,7 @@ class StoreWriter:
         header = self._encode_header([(ckpt, self.st_dtype, shape) for ckpt, shape, _ in entries])
         chunks = (self._host_bytes(trunk_tensor(model_name, shape, self.dtype, seed=self.seed, spread=self.spread,
                                                 init_std=self.layout.init_std, num_experts=self.layout.num_experts,
-                                                device=self.device))
+                                                layers=self.layout.layers, device=self.device))
                   for _, shape, model_name in entries)
         self._write_file(TRUNK, [header], chunks)
 
@@ -221,7 +222,7 @@ class StoreWriter:
         header = self._encode_header([("gate_proj", self.st_dtype, (inter, hidden)), ("up_proj", self.st_dtype,
                                       (inter, hidden)), ("down_proj", self.st_dtype, (hidden, inter))])
         weights = expert_tensor(layer, expert, inter, hidden, self.dtype, seed=self.seed,
-                                init_std=self.layout.init_std, device=self.device)  # [3IH]
+                                init_std=self.layout.init_std, layers=self.layout.layers, device=self.device)  # [3IH]
         data = self._host_bytes(weights)
         path = self.out / expert_relpath(layer, expert)
         path.parent.mkdir(parents=True, exist_ok=True)

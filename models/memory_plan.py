@@ -303,7 +303,7 @@ def _refuse(name: str, size: int, left: int, budget: int, source: str):
     short = size - max(0, left)
     raise PlanError(f"memory plan does not fit: {name} needs {size} bytes ({gib(size)}) but the device budget of "
                     f"{gib(budget)} ({source}) has {max(0, left)} bytes left for it: short by {short} bytes "
-                    f"({short / GiB:.2f} GiB)")
+                    f"({short / GiB:.3g} GiB)")
 
 
 def _host_experts(facts: ModelFacts, request: PlanRequest, host_bytes: int) -> int:

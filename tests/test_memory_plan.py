@@ -84,7 +84,7 @@ def test_a_budget_that_cannot_hold_the_working_set_is_refused_with_one_line():
     assert message.startswith("memory plan does not fit: the expert cache (384 slots x 9.4 MB, one token's top-k")
     short = int(message.split("short by ")[1].split(" bytes")[0])
     f = facts("qwen3-30b-a3b")
-    assert short > 0 and f"({short / GiB:.2f} GiB)" in message
+    assert short > 0 and f"({short / GiB:.3g} GiB)" in message
     with pytest.raises(PlanError, match="the trunk needs"):
         plan("qwen3-30b-a3b", gpu_memory="2GiB")
 
