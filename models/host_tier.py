@@ -51,6 +51,18 @@ def chunk_sizes(capacity: int | None, entry_bytes: int) -> list[int]:
     return sizes
 
 
+def tier_size(capacity: int, entry_bytes: int, max_entries: int) -> tuple[int, int]:
+    """(bytes pinned, entries held) by a tier under `capacity` that never needs more than
+    `max_entries`: the first chunks of chunk_sizes(capacity) that hold them. A HostTier capped at
+    those bytes allocates exactly those chunks."""
+    pinned = entries = 0
+    for size in chunk_sizes(capacity, entry_bytes):
+        if entries >= max_entries:
+            break
+        pinned, entries = pinned + size, entries + size // entry_bytes
+    return pinned, min(entries, max_entries)
+
+
 def entries_within(capacity: int | None, entry_bytes: int) -> int:
     """Entries of `entry_bytes` a tier capped at `capacity` can hold (whole entries per chunk)."""
     if capacity is None:

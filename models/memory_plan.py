@@ -198,7 +198,7 @@ def plan_memory(facts: ModelFacts, request: PlanRequest, device: MemoryInfo,
         _refuse(f"the expert cache ({slots} slots x {mb(facts.expert_bytes)})", slots * facts.expert_bytes, left,
                 budget, source)
     host_bytes = host_budget(request, host)
-    host_experts = _host_experts(facts, request, host_bytes)
+    host_pinned, host_experts = _host_tier(facts, request, host_bytes)
     return MemoryPlan(
         device=request.device, dtype_bytes=facts.itemsize, budget_bytes=budget, budget_source=source,
         trunk_bytes=facts.trunk_bytes, kv_cache_bytes=kv_bytes(facts, kv_tokens, concurrency),
@@ -206,7 +206,7 @@ def plan_memory(facts: ModelFacts, request: PlanRequest, device: MemoryInfo,
         slot_bytes=facts.expert_bytes, expert_slots=slots, total_experts=facts.total_experts, kv_tokens=kv_tokens,
         kv_bytes_per_token=facts.kv_bytes_per_token, max_model_len=max_len, max_concurrency=concurrency,
         concurrency_at_max_len=kv_tokens / max_len, context=facts.context, host_budget_bytes=host_bytes,
-        host_tier_bytes=host_experts * facts.expert_bytes, host_tier_experts=host_experts, notes=tuple(notes),
+        host_tier_bytes=host_pinned, host_tier_experts=host_experts, notes=tuple(notes),
     )
 
 
@@ -306,19 +306,20 @@ def _refuse(name: str, size: int, left: int, budget: int, source: str):
                     f"({short / GiB:.3g} GiB)")
 
 
-def _host_experts(facts: ModelFacts, request: PlanRequest, host_bytes: int) -> int:
-    """Experts the pinned tier may hold; refused below one layer's working set (top_k experts)."""
+def _host_tier(facts: ModelFacts, request: PlanRequest, host_bytes: int) -> tuple[int, int]:
+    """(bytes pinned at most, experts held) by the pinned tier; refused below one layer's working
+    set (top_k experts). Never more than every expert of the store needs."""
     if request.device == "cpu":
-        return 0
-    from .host_tier import entries_within
+        return 0, 0
+    from .host_tier import tier_size
 
-    entries = min(facts.total_experts, entries_within(host_bytes, facts.expert_bytes))
+    pinned, entries = tier_size(host_bytes, facts.expert_bytes, facts.total_experts)
     need = min(facts.top_k, facts.total_experts)
     if entries < need:
         raise PlanError(f"host budget of {gib(host_bytes)} pins {entries} experts, fewer than one layer's "
                         f"working set of {need} (top_k x {mb(facts.expert_bytes)}): short by "
                         f"{need * facts.expert_bytes - host_bytes} bytes; raise --host-memory")
-    return entries
+    return pinned, entries
 
 
 def gib(nbytes: int) -> str:

@@ -119,3 +119,14 @@ def test_the_cap_holds_at_every_moment_under_concurrent_loads(monkeypatch):
     stats = tier.stats()
     assert stats.peak_pinned_bytes <= cap and stats.entries <= entries_within(cap, ENTRY) and stats.lent == 0
     assert stats.evictions > 0
+
+
+def test_a_tier_capped_at_the_plans_bytes_holds_the_plans_experts():
+    from models.host_tier import tier_size
+
+    for capacity, entry, experts in [(8 << 30, 9437184, 6144), (100 << 30, 9437184, 6144), (1 << 20, ENTRY, 40),
+                                     (50 << 30, 352321536, 256)]:
+        pinned, held = tier_size(capacity, entry, experts)
+        assert pinned <= capacity and held <= experts
+        assert entries_within(pinned, entry) == held or held == experts
+        assert chunk_sizes(pinned, entry) == chunk_sizes(capacity, entry)[:len(chunk_sizes(pinned, entry))]

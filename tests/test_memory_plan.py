@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from models.footprint import facts_from_config
-from models.memory_plan import (GiB, MemoryInfo, PlanError, PlanRequest, parse_budget, plan_memory)
+from models.host_tier import entries_within
+from models.memory_plan import GiB, MemoryInfo, PlanError, PlanRequest, parse_budget, plan_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {name: ROOT / "bench" / "configs" / f"{name}.json" for name in
@@ -107,8 +108,10 @@ def test_cache_bytes_and_fraction_are_checked_against_the_plan():
 
 def test_the_host_tier_is_capped_and_refused_below_one_layers_working_set():
     p = plan("qwen3-30b-a3b", gpu_memory="24GiB", host_memory="8GiB")
-    assert p.host_tier_bytes <= 8 * GiB and p.host_tier_experts == p.host_tier_bytes // p.slot_bytes
-    assert p.host_tier_experts >= 8 * 100  # power-of-two chunks waste little
+    assert p.host_tier_bytes <= 8 * GiB and p.host_tier_experts == entries_within(p.host_tier_bytes, p.slot_bytes)
+    assert p.host_tier_experts * p.slot_bytes > 0.95 * 8 * GiB  # power-of-two chunks waste little
+    every = plan("qwen3-30b-a3b", gpu_memory="24GiB", host_memory="100GiB")
+    assert every.host_tier_experts == 6144 and every.host_tier_bytes < 6144 * every.slot_bytes * 1.04
     with pytest.raises(PlanError, match="fewer than one layer's working set of 8"):
         plan("qwen3-30b-a3b", gpu_memory="24GiB", host_memory="50MB")
     assert plan("qwen3-30b-a3b", gpu_memory="24GiB").host_budget_bytes == 60 * GiB  # half the available RAM

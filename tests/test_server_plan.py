@@ -120,3 +120,22 @@ def test_a_plan_that_cannot_fit_exits_2_before_loading(args, named):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], result.stderr
+
+
+def test_a_store_that_vanishes_while_serving_is_a_503_not_a_hang(tmp_path):
+    """A miss after the store's directory is gone: the request gets 503 naming the store, later
+    requests 503 at once (the generation loop stopped), nothing waits forever."""
+    _, runtime = tiny_runtime(tmp_path, cache_fraction=0.25)
+    try:
+        with serve(runtime, max_concurrency=1) as server:
+            server.wait_ready()
+            store = runtime.store.root
+            store.rename(tmp_path / "moved-away")
+            first = httpx.post(f"{server.url}/generate", json={"prompt": "the king", "max_new_tokens": 24},
+                               timeout=60)
+            assert first.status_code == 503, first.text
+            assert "expert store unavailable" in first.json()["error"]["message"]
+            second = httpx.post(f"{server.url}/generate", json={"prompt": "a", "max_new_tokens": 2}, timeout=60)
+            assert second.status_code == 503
+    finally:
+        runtime.close()
