@@ -83,9 +83,11 @@ def test_a_budget_that_cannot_hold_the_working_set_is_refused_with_one_line():
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith("memory plan does not fit: the expert cache (384 slots x 9.4 MB, one token's top-k")
+    needed = 384 * 9437184
+    left = int(message.split("has ")[1].split(" bytes")[0])
     short = int(message.split("short by ")[1].split(" bytes")[0])
-    f = facts("qwen3-30b-a3b")
-    assert short > 0 and f"({short / GiB:.3g} GiB)" in message
+    assert f"needs {needed} bytes" in message and short == needed - left > 0
+    assert f"({short / GiB:.3g} GiB)" in message
     with pytest.raises(PlanError, match="the trunk needs"):
         plan("qwen3-30b-a3b", gpu_memory="2GiB")
 
