@@ -189,9 +189,23 @@ def main(argv: list[str]) -> int:
         f"L{i} {r['entropy']:.3f} " + "/".join(f"{r[f'lru{int(s * 100)}']:.2f}" for s in SHARES)
         for i, r in enumerate(best["layers"])))
     if args.json:
-        args.json.write_text(json.dumps({"config": args.config, "layers": args.layers, "tokens": windows.numel(),
-                                         "rows": rows, "best": best}, indent=1))
+        args.json.write_text(json.dumps({**run_facts(argv), "config": args.config, "layers": args.layers,
+                                         "tokens": windows.numel(), "rows": rows, "best": best["system"]}, indent=1))
     return 0
+
+
+def run_facts(argv: list[str]) -> dict:
+    """command, commit, machine and date of this run (bench/results convention)."""
+    import datetime
+    import os
+    import platform
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    return {"command": "python -m bench synth-calibrate " + " ".join(argv), "commit": commit or "unknown",
+            "machine": f"{platform.machine()} {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end",
+            "date": datetime.date.today().isoformat()}
 
 
 def print_row(row: dict) -> None:

@@ -77,7 +77,8 @@ def memory_plan(config: ServerConfig, runtime=None):
     if runtime is not None:
         from dataclasses import replace
 
-        fixed = replace(runtime_config(config), cache_bytes=runtime.cache.capacity_bytes, cache_fraction=None)
+        fixed = replace(runtime_config(config), device=runtime.device.type, cache_bytes=runtime.cache.capacity_bytes,
+                        cache_fraction=None)
         return plan_for_store(runtime.store, fixed, runtime.cache.dtype, **server)
     rt_config = runtime_config(config)
     if config.store:

@@ -6,6 +6,7 @@ lending are the same code as on a GPU."""
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -107,13 +108,12 @@ def test_the_cap_holds_at_every_moment_under_concurrent_loads(monkeypatch):
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    loaders = [threading.Thread(target=load, args=(w,)) for w in range(8)]
-    for t in loaders:
-        t.start()
-    for t in loaders:
-        t.join()
-    stop.set()
-    watcher.join()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(load, range(8)))  # re-raises a loader's failed assertion here
+    finally:
+        stop.set()
+        watcher.join()
     assert not errors, errors[:3]
     assert len(seen) > 100 and peak[0] <= cap
     stats = tier.stats()

@@ -4,6 +4,7 @@ other threads evict and rewrite slots; every copy must still read the expert it 
 Marked `gpu`: run on the lent GPU machine with `python -m pytest -m gpu tests/test_host_tier_gpu.py`."""
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -48,11 +49,8 @@ def test_copies_read_what_they_were_lent_while_slots_are_rewritten():
                 with lock:
                     failures.append(expert)
 
-    threads = [threading.Thread(target=load, args=(w,)) for w in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(load, range(6)))  # a loader's exception is raised here
     stats = tier.stats()
     assert not failures, f"copies read a rewritten slot for experts {failures[:10]}"
     assert stats.peak_pinned_bytes <= cap and stats.evictions > 0 and stats.lent == 0
