@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bench.synth_weights import DEFAULT_SPREAD, Spread, expert_tensor, trunk_tensor
+from bench.synth_weights import CALIBRATION, DEFAULT_SPREAD, Spread, expert_tensor, trunk_tensor
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -191,7 +191,7 @@ class StoreWriter:
                 f"{self.written / 1e9:.2f} GB in {seconds:.1f} s = {self.written / 1e9 / seconds:.2f} GB/s "
                 f"({self.workers} writers, drawn on {self.device}) -> {self.out}; routing spread "
                 f"embed_std={self.spread.embed_std} gate_std={self.spread.gate_std} skew={self.spread.skew} "
-                f"({DEFAULT_SPREAD_NOTE})")
+                f"({CALIBRATION if self.spread == DEFAULT_SPREAD else 'not the calibrated default'})")
 
     # --- files -------------------------------------------------------------------------------
     def _small_files(self) -> None:
@@ -281,8 +281,6 @@ class StoreWriter:
             "synthetic": {"config": name, "seed": self.seed, "device": str(self.device), **self.spread.as_dict()},
         })
 
-
-DEFAULT_SPREAD_NOTE = "defaults calibrated against the demo model: docs/memory-plan.md"
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

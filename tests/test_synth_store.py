@@ -125,3 +125,26 @@ def test_deepseek_v2_writes_although_no_family_row_reads_it_yet(tmp_path):
         names = set(trunk.keys())
     assert "model.layers.1.mlp.shared_experts.down_proj.weight" in names and "model.layers.0.mlp.down_proj.weight" in names
     assert not any(".experts." in name for name in names)
+
+
+def test_the_spread_is_what_the_docs_say():
+    from bench.synth_weights import Spread, expert_tensor, residual_std, trunk_tensor
+
+    spread = Spread(embed_std=0.7, gate_std=0.05, skew=1.0)
+
+    def draw(name, shape):
+        return trunk_tensor(name, shape, torch.float32, seed=1, spread=spread, init_std=0.02, num_experts=64,
+                            layers=8).float()
+
+    assert torch.equal(draw("model.layers.3.input_layernorm.weight", (256,)), torch.ones(256))
+    assert torch.equal(draw("model.layers.3.self_attn.q_proj.bias", (256,)), torch.zeros(256))
+    assert abs(draw("model.embed_tokens.weight", (512, 256)).std() - 0.7) < 0.02
+    assert abs(draw("model.layers.3.self_attn.q_proj.weight", (512, 256)).std() - 0.02) < 0.001
+    assert abs(draw("model.layers.3.self_attn.o_proj.weight", (512, 256)).std() - residual_std(0.02, 8)) < 0.0005
+    rows = draw("model.layers.3.mlp.gate.weight", (64, 1024)).std(dim=1)  # per-expert scale exp(skew z)
+    assert rows.max() / rows.min() > 5 and abs(rows.median() - 0.05) < 0.02
+    again = draw("model.layers.3.mlp.gate.weight", (64, 1024))
+    assert torch.equal(again, draw("model.layers.3.mlp.gate.weight", (64, 1024)))  # reproducible per name
+    expert = expert_tensor(2, 5, 64, 32, torch.float32, seed=1, init_std=0.02, layers=8)  # [3IH]
+    gate, down = expert[: 64 * 32], expert[2 * 64 * 32:]
+    assert abs(gate.std() - 0.02) < 0.002 and abs(down.std() - residual_std(0.02, 8)) < 0.0005
