@@ -222,8 +222,9 @@ class ExpertCache:
 
     def count_table_hits(self, layer: int, top_k_index: torch.Tensor) -> None:
         """Count a complete layer's lookup (every one a hit) on the device: no sync."""
-        used = torch.zeros(self.store.num_experts + 1, dtype=torch.bool, device=top_k_index.device)
-        used[top_k_index.reshape(-1)] = True  # index -1 lands in the last column
+        experts = self.store.num_experts
+        used = torch.zeros(experts + 1, dtype=torch.bool, device=top_k_index.device)
+        used.index_fill_(0, top_k_index.reshape(-1) % (experts + 1), True)  # index -1 lands in the last column
         self._table_queries[layer] += used[:-1].sum()
 
     # --- for eviction policies (called with the lock held) -------------------------

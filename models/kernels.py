@@ -37,7 +37,7 @@ def expert_mlp(module: torch.nn.Module, hidden: torch.Tensor, slots: torch.Tenso
     -> [T,H] (reduce) or the weighted rows [T,K,H]. `module` is the family's experts module:
     its `_apply_gate` turns the gate/up projection into the activation."""
     num_tokens, top_k = slots.shape
-    if hidden.is_cuda and num_tokens * top_k <= GATHER_ROWS:
+    if hidden.is_cuda and (num_tokens * top_k <= GATHER_ROWS or not _grouped_capturable(hidden)):
         rows = _gathered(module, hidden, slots.reshape(-1), gate_up, down)  # [S,H]
         rows = rows * weights.reshape(-1, 1)  # [S,H]
     else:
@@ -68,6 +68,15 @@ def _grouped(module, hidden, slots, weights, top_k, gate_up, down) -> torch.Tens
     rows = torch.empty_like(y, dtype=torch.promote_types(y.dtype, weights.dtype))
     rows[order] = y * weights[order]
     return rows
+
+
+def _grouped_capturable(hidden: torch.Tensor) -> bool:
+    """Inside a CUDA graph capture the grouped path needs torch's kernel (the fallback reads
+    the offsets on the host); the kernel was probed by the eager step that precedes every
+    capture, so no probe runs while capturing."""
+    if not torch.cuda.is_current_stream_capturing():
+        return True
+    return _grouped_support.get((str(hidden.device), hidden.dtype), False)
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
