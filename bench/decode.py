@@ -64,6 +64,8 @@ def parse_args(argv):
     p.add_argument("--tokens", type=int, default=64, help="new tokens per prompt per timed run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
     p.add_argument("--compile", action="store_true", help="also transformers static cache + torch.compile")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --compile: set torch._inductor.config.KEY (Python literal VALUE); repeatable")
     p.add_argument("--compile-modes", default="compiled",
                    help="with --compile: compiled (gpt-fast's manual torch.compile), auto-compile (transformers' own)")
     p.add_argument("--cadre-eager", action="store_true", help="also cadre through transformers' generate()")
@@ -154,6 +156,7 @@ def transformers_contenders(checkpoint: Path, device, dtype, ids, args) -> tuple
     variants = [(impl, "eager") for impl in args.impls.split(",")]
     if args.compile:
         variants += [(impl, mode) for impl in ("grouped_mm", "batched_mm") for mode in args.compile_modes.split(",")]
+    set_inductor_options(args.inductor)
     contenders, errors = [], []
     for impl, mode in variants:
         name = f"transformers {impl}, " + {"eager": "eager", "auto-compile": "static cache, automatic compile",
@@ -172,9 +175,23 @@ def transformers_contenders(checkpoint: Path, device, dtype, ids, args) -> tuple
     return contenders, errors
 
 
+def set_inductor_options(options: list[str]) -> None:
+    """--inductor KEY=VALUE: torch 2.11 on an H200 segfaulted in inductor's static Triton
+    launcher while recording the compiled forward's CUDA graphs, so its settings are
+    exposed for the run (and recorded in the results' command line)."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    for option in options:
+        key, _, value = option.partition("=")
+        inductor_config.__setattr__(key, ast.literal_eval(value))
+
+
 def _compile_kwargs(model, mode: str) -> dict:
     if mode == "eager":
         return {}
+
     if mode == "compiled":  # gpt-fast's recipe, as transformers' docs give it
         model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
         return {"cache_implementation": "static", "disable_compile": True}
