@@ -61,6 +61,9 @@ def parse_args(argv):
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--budgets", default="1.0,0.5,0.25", help="cadre cache budgets as fractions of all experts")
     p.add_argument("--batch", type=int, default=1, help="prompts decoded together")
+    p.add_argument("--prefetch", default="0",
+                   help="cadre rows at these prefetch depths (comma-separated; 1 = predict the next MoE "
+                        "layer's experts from this layer's input and load them while it computes)")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per prompt per timed run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
     p.add_argument("--compile", action="store_true", help="also transformers static cache + torch.compile")
@@ -136,9 +139,17 @@ def build_checkpoint(name: str, workdir: Path, device: str, dtype: torch.dtype) 
         for param in model.parameters():
             param.normal_(0.0, 0.02)
     model.save_pretrained(path, max_shard_size="2GB")
+    copy_demo_tokenizer(path)  # so the server can take text prompts (ids stay below the vocab size)
     del model
     free_memory()
     return path
+
+
+def copy_demo_tokenizer(path: Path) -> None:
+    from models.demo import CHECKPOINT_DIR
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(CHECKPOINT_DIR / name, path / name)
 
 
 def free_memory():
@@ -198,14 +209,16 @@ def _compile_kwargs(model, mode: str) -> dict:
     return {"cache_implementation": "static"}  # transformers compiles the forward itself
 
 
-def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool, args) -> Contender:
+def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool, prefetch: int,
+                    args) -> Contender:
     from models import Runtime, RuntimeConfig
 
     on_gpu = torch.device(device).type == "cuda"
     allocated = torch.cuda.memory_allocated() if on_gpu else 0
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    runtime = Runtime.from_store(store, RuntimeConfig(device=device, dtype=dtype_name, cache_fraction=fraction))
+    runtime = Runtime.from_store(store, RuntimeConfig(device=device, dtype=dtype_name, cache_fraction=fraction,
+                                                      prefetch_layers=prefetch))
     if runtime.cache.host is not None:  # GPU: every expert in pinned host RAM, the budget on the GPU
         runtime.cache.host.warm(runtime.store, all_experts(runtime.store), runtime.cache.dtype)
     if graphs:
@@ -234,6 +247,8 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
 
     name = f"cadre {fraction:.0%} of experts, " + ("slot-cache decoder" + (" (CUDA graphs)" if on_gpu else "")
                                                  if graphs else "transformers generate()")
+    if prefetch:
+        name += f", prefetch {prefetch} layer" + ("s" if prefetch > 1 else "")
     return Contender(name, generate, finish)
 
 
@@ -312,8 +327,9 @@ def main(argv) -> int:
     contenders, errors = transformers_contenders(checkpoint, device, dtype, ids, args)
     budgets = [float(f) for f in args.budgets.split(",")]
     modes = [True, False] if args.cadre_eager else [True]
-    contenders += [cadre_contender(store, device, dtype_name, ids, fraction, graphs, args)
-                   for fraction in budgets for graphs in modes]
+    depths = [int(d) for d in args.prefetch.split(",")]
+    contenders += [cadre_contender(store, device, dtype_name, ids, fraction, graphs, depth, args)
+                   for fraction in budgets for graphs in modes for depth in (depths if fraction < 1 else [0])]
     rates = timed_rounds(contenders, ids, args.tokens, args.repeats, device)
     rows = [{"system": c.system, "tok_s": rates[c.system], **c.finish()} for c in contenders] + errors
     del contenders
