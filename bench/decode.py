@@ -70,7 +70,9 @@ def parse_args(argv):
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="with --compile: set torch._inductor.config.KEY (Python literal VALUE); repeatable")
     p.add_argument("--compile-modes", default="compiled",
-                   help="with --compile: compiled (gpt-fast's manual torch.compile), auto-compile (transformers' own)")
+                   help="with --compile, any of: compiled (torch.compile of generate()'s forward, static cache), "
+                        "auto-compile (transformers' own), gpt-fast (eager prefill into a StaticCache, the "
+                        "decode step alone compiled, as gpt-fast does)")
     p.add_argument("--cadre-eager", action="store_true", help="also cadre through transformers' generate()")
     p.add_argument("--impls", default="grouped_mm,batched_mm,eager", help="transformers experts implementations")
     p.add_argument("--accelerate", action="store_true", help="also transformers + accelerate offload (GPU)")
@@ -171,11 +173,13 @@ def transformers_contenders(checkpoint: Path, device, dtype, ids, args) -> tuple
     contenders, errors = [], []
     for impl, mode in variants:
         name = f"transformers {impl}, " + {"eager": "eager", "auto-compile": "static cache, automatic compile",
-                                           "compiled": "static cache, torch.compile reduce-overhead"}[mode]
+                                           "compiled": "static cache, torch.compile reduce-overhead",
+                                           "gpt-fast": "static cache, compiled decode step (gpt-fast)"}[mode]
         try:
             model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, experts_implementation=impl)
             model = model.to(device).eval()
-            generate = hf_generate(model, **_compile_kwargs(model, mode))
+            generate = gptfast_generate(model, ids.shape[1] + args.tokens) if mode == "gpt-fast" else \
+                hf_generate(model, **_compile_kwargs(model, mode))
             for _ in range(2 if mode != "eager" else 1):
                 generate(ids, 8)  # warm-up: kernels, allocator; compile and graph recording
         except Exception as exc:
@@ -184,6 +188,39 @@ def transformers_contenders(checkpoint: Path, device, dtype, ids, args) -> tuple
             continue
         contenders.append(Contender(name, generate))
     return contenders, errors
+
+
+def gptfast_generate(model, max_len: int):
+    """gpt-fast's loop on a transformers model: one StaticCache allocated once, the prompt
+    prefilled eagerly (so the cache's buffers are created outside the compiler and marked
+    static), then each token from a decode step compiled with mode="reduce-overhead"."""
+    import inspect
+
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def step(token, position):  # [B,1], [B,1] -> next token [B,1]
+        logits = model(input_ids=token, position_ids=position, use_cache=True, **{kwarg: cache}).logits
+        return logits[:, -1].argmax(dim=-1, keepdim=True)
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+
+    def run(ids, tokens):
+        ids = ids.to(model.device)
+        batch, length = ids.shape
+        with torch.inference_mode():
+            cache.reset()
+            logits = model(input_ids=ids, use_cache=True, **{kwarg: cache}).logits
+            token = logits[:, -1].argmax(dim=-1, keepdim=True)
+            out = [token]
+            for i in range(tokens - 1):
+                position = torch.full((batch, 1), length + i, device=model.device)
+                token = compiled(token, position).clone()
+                out.append(token)
+        return torch.cat([ids, *out], dim=1)
+    return run
 
 
 def set_inductor_options(options: list[str]) -> None:
