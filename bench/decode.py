@@ -74,6 +74,8 @@ def parse_args(argv):
                         "auto-compile (transformers' own), gpt-fast (eager prefill into a StaticCache, the "
                         "decode step alone compiled, as gpt-fast does)")
     p.add_argument("--cadre-eager", action="store_true", help="also cadre through transformers' generate()")
+    p.add_argument("--cadre-compile", action="store_true",
+                   help="also cadre with RuntimeConfig(compile=True): its norms, gates and experts compiled")
     p.add_argument("--impls", default="grouped_mm,batched_mm,eager", help="transformers experts implementations")
     p.add_argument("--accelerate", action="store_true", help="also transformers + accelerate offload (GPU)")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -247,7 +249,7 @@ def _compile_kwargs(model, mode: str) -> dict:
 
 
 def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool, prefetch: int,
-                    args) -> Contender:
+                    args, compiled: bool = False) -> Contender:
     from models import Runtime, RuntimeConfig
 
     on_gpu = torch.device(device).type == "cuda"
@@ -255,7 +257,7 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     runtime = Runtime.from_store(store, RuntimeConfig(device=device, dtype=dtype_name, cache_fraction=fraction,
-                                                      prefetch_layers=prefetch))
+                                                      prefetch_layers=prefetch, compile=compiled))
     if runtime.cache.host is not None:  # GPU: every expert in pinned host RAM, the budget on the GPU
         runtime.cache.host.warm(runtime.store, all_experts(runtime.store), runtime.cache.dtype)
     if graphs:
@@ -286,6 +288,8 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
                                                  if graphs else "transformers generate()")
     if prefetch:
         name += f", prefetch {prefetch} layer" + ("s" if prefetch > 1 else "")
+    if compiled:
+        name += ", compiled leaves"
     return Contender(name, generate, finish)
 
 
@@ -367,6 +371,9 @@ def main(argv) -> int:
     depths = [int(d) for d in args.prefetch.split(",")]
     contenders += [cadre_contender(store, device, dtype_name, ids, fraction, graphs, depth, args)
                    for fraction in budgets for graphs in modes for depth in (depths if fraction < 1 else [0])]
+    if args.cadre_compile:
+        contenders += [cadre_contender(store, device, dtype_name, ids, fraction, True, 0, args, compiled=True)
+                       for fraction in budgets]
     rates = timed_rounds(contenders, ids, args.tokens, args.repeats, device)
     rows = [{"system": c.system, "tok_s": rates[c.system], **c.finish()} for c in contenders] + errors
     del contenders

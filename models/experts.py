@@ -82,6 +82,7 @@ class ExpertLayer:
         self.on_route: Callable | None = None  # (layer, index [T,K], weights [T,K], outcomes, stall_s)
         self.on_miss: Callable | None = None  # (layer, missed experts) -> None (full-depth prefetch)
         self.before: Callable | None = None  # (layer, hidden [T,H]) -> None (speculative prefetch)
+        self.mlp = expert_mlp  # the experts' compute (models/compile.py may swap in a compiled one)
         self.outcomes: dict[int, str] | None = None  # of the last forward (None: resident for good)
         self.stall = 0.0  # seconds the last forward waited for experts to become resident
 
@@ -104,8 +105,8 @@ class ExpertLayer:
     def _compute(self, module, hidden, top_k_index, top_k_weights, slot_range, reduce=True) -> torch.Tensor:
         first, end = slot_range
         slots = self.cache.lookup(self.layer, top_k_index, first)  # [T,K] slot - first
-        return expert_mlp(module, hidden, slots, top_k_weights, self.cache.gate_up[first:end],
-                          self.cache.down[first:end], reduce=reduce)
+        return self.mlp(module, hidden, slots, top_k_weights, self.cache.gate_up[first:end],
+                        self.cache.down[first:end], reduce=reduce)
 
     def _compute_resident(self, module, hidden, top_k_index, top_k_weights) -> torch.Tensor:
         """Make the chosen experts resident, then compute. When the budget cannot pin them

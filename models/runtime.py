@@ -46,6 +46,7 @@ class RuntimeConfig:
     eviction: str = "lru"  # "lru" or a policy of router.eviction (when present)
     prefetch_layers: int = 0  # > 0: predict the next N MoE layers' experts and load them ahead
     decoder: str = "auto"  # greedy generate() through models/decoder.py: auto (on CUDA) | on | off
+    compile: bool = False  # torch.compile the norms, gates and experts' compute (models/compile.py)
 
     def __post_init__(self):
         if self.cache_bytes is not None and self.cache_fraction is not None:
@@ -92,6 +93,10 @@ class Runtime:
             experts.bind(cache, on_route=self._emit, on_miss=on_miss, before=self.policy.before_experts)
         for layer, block in moe_blocks(model).items():
             install_router(block, self._router_for(layer))
+        if config.compile:
+            from .compile import compile_hot_paths
+
+            compile_hot_paths(model)
 
     @classmethod
     def from_store(cls, root: str | Path, config: RuntimeConfig = RuntimeConfig(), policy=None) -> "Runtime":

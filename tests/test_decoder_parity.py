@@ -103,3 +103,4 @@ def test_runtime_generate_through_the_decoder_stops_at_eos_as_transformers_does(
     assert torch.equal(got, want)
     assert torch.equal(runtime.generate(ids, max_new_tokens=12, min_new_tokens=12), free_run)
     runtime.close()
+
