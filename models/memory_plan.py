@@ -18,7 +18,9 @@ the KV takes at most KV_SHARE of what the trunk, margin, workspace and one token
 experts leave, never more than max_concurrency full-length requests, and the length
 defaults to the model's context cut to what that KV holds. Requests share the KV tokens
 page by page, so the full context is never reserved for every slot; the plan reports
-how many full-length requests fit at once (`concurrency_at_max_len`).
+how many full-length requests fit at once (`concurrency_at_max_len`). With `slot_rows` (the
+server's decoder engine: each request holds a whole KV row), the KV is rows x length: the
+one of them not given is what the share holds (at least one row of MIN_MODEL_LEN tokens).
 
 On a GPU the host budget (`host_memory`, default HOST_SHARE of the available RAM) is the
 pinned host tier's cap (models.host_tier); on the CPU the device is the host, so there
@@ -70,6 +72,7 @@ class PlanRequest:
     max_concurrency: int | None = None
     default_concurrency: int = 1  # used when max_concurrency is None (the server: 16 batch slots)
     max_batch_tokens: int = 2048  # tokens in one forward (the server chunks prefill at 512)
+    slot_rows: bool = False  # every request holds a KV row of max_model_len (cadre's slot-cache decoder)
     cache_bytes: int | None = None  # an explicit expert cache: checked against the plan
     cache_fraction: float | None = None
 
@@ -190,7 +193,9 @@ def plan_memory(facts: ModelFacts, request: PlanRequest, device: MemoryInfo,
     min_slots = explicit_slots or facts.working_set
     min_len = request.max_model_len or min(facts.context, MIN_MODEL_LEN)
     _check_minimum(facts, request, budget, source, margin, min_len, min_slots)
-    kv_tokens, max_len, notes = _size_kv(facts, request, budget - facts.trunk_bytes - margin, min_slots, concurrency)
+    kv_tokens, max_len, concurrency, notes = _size_kv(facts, request, budget - facts.trunk_bytes - margin,
+                                                      min_slots, concurrency)
+    _check_kv(facts, request, budget, source, margin, kv_tokens, concurrency, min_slots)
     workspace = workspace_bytes(facts, request, kv_tokens, concurrency)
     left = budget - facts.trunk_bytes - margin - workspace - kv_bytes(facts, kv_tokens, concurrency)
     slots = explicit_slots or min(facts.total_experts, left // facts.expert_bytes)
@@ -240,22 +245,39 @@ def workspace_bytes(facts: ModelFacts, request: PlanRequest, kv_tokens: int, con
 
 
 def _size_kv(facts: ModelFacts, request: PlanRequest, after_trunk: int, min_slots: int,
-             concurrency: int) -> tuple[int, int, list[str]]:
-    """(KV tokens, max_model_len, notes) chosen as the module docstring says."""
+             concurrency: int) -> tuple[int, int, int, list[str]]:
+    """(KV tokens, max_model_len, max_concurrency, notes) chosen as the module docstring says."""
     notes: list[str] = []
     if request.max_model_len and request.max_concurrency:
-        return request.max_concurrency * request.max_model_len, request.max_model_len, notes
-    want_len = request.max_model_len or facts.context
+        return request.max_concurrency * request.max_model_len, request.max_model_len, concurrency, notes
     room = after_trunk - min_slots * facts.expert_bytes - workspace_bytes(facts, request, 0, concurrency)
     share_tokens = int(room * KV_SHARE) // max(1, facts.kv_bytes_per_token)
     floor = request.max_model_len or min(facts.context, MIN_MODEL_LEN)
+    if request.slot_rows:
+        return (*_size_rows(facts, request, share_tokens, floor, concurrency), notes)
+    want_len = request.max_model_len or facts.context
     tokens = max(floor, min(concurrency * want_len, share_tokens))
     tokens = max(floor, tokens // KV_ALIGN * KV_ALIGN)
     max_len = request.max_model_len or min(facts.context, tokens)
     if max_len < facts.context and not request.max_model_len:
         notes.append(f"max_model_len {max_len} < the model's context {facts.context}: a full context would "
                      f"take more than {KV_SHARE:.0%} of the memory left for KV and experts")
-    return tokens, max_len, notes
+    return tokens, max_len, concurrency, notes
+
+
+def _size_rows(facts: ModelFacts, request: PlanRequest, share_tokens: int, floor: int,
+               concurrency: int) -> tuple[int, int, int]:
+    """(KV tokens, max_model_len, rows) when every request holds a whole row: the rows and the
+    length that are not given share the KV, at least one row of `floor` tokens."""
+    if request.max_model_len:  # the length is given: as many rows as the share holds, up to the default
+        rows = max(1, min(concurrency, share_tokens // request.max_model_len))
+        return rows * request.max_model_len, request.max_model_len, rows
+    length = min(facts.context, share_tokens // concurrency // KV_ALIGN * KV_ALIGN)
+    if length < floor and not request.max_concurrency:  # fewer rows rather than rows too short
+        concurrency = max(1, share_tokens // floor)
+        length = floor
+    length = max(length, floor)
+    return concurrency * length, length, concurrency
 
 
 def _check_request(facts: ModelFacts, request: PlanRequest) -> None:
@@ -297,6 +319,16 @@ def _check_minimum(facts, request, budget, source, margin, min_len, min_slots) -
         if used + size > budget:
             _refuse(name, size, budget - used, budget, source)
         used += size
+
+
+def _check_kv(facts, request, budget, source, margin, kv_tokens, concurrency, min_slots) -> None:
+    """The chosen KV (rows of a given length, say) beside the smallest expert cache, or PlanError."""
+    kv = kv_bytes(facts, kv_tokens, concurrency)
+    left = (budget - facts.trunk_bytes - margin - workspace_bytes(facts, request, kv_tokens, concurrency)
+            - min_slots * facts.expert_bytes)
+    if kv > left:
+        _refuse(f"the KV cache ({kv_tokens} tokens x {facts.kv_bytes_per_token} bytes, beside the smallest "
+                f"expert cache)", kv, left, budget, source)
 
 
 def _refuse(name: str, size: int, left: int, budget: int, source: str):

@@ -7,6 +7,7 @@ The model loads in the background after the server binds, so /health answers at 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -70,27 +71,32 @@ def runtime_config(config: ServerConfig, plan=None):
 
 def memory_plan(config: ServerConfig, runtime=None):
     """The server's memory plan (models.memory_plan), computed before loading: for --store, --model
-    (its config.json, every expert) or the demo; for an already loaded `runtime`, around its cache."""
+    (its config.json, every expert) or the demo; for an already loaded `runtime`, around its cache.
+    With the decoder engine every request holds a KV row of max_model_len, so the plan sizes rows."""
+    from models.footprint import hf_config
     from models.runtime import plan_for_checkpoint, plan_for_store
 
+    rt_config = runtime_config(config)
+    device = runtime.device.type if runtime is not None else rt_config.resolved_device().type
     server = {"default_concurrency": DEFAULT_MAX_CONCURRENCY, "max_batch_tokens": MAX_BATCH_TOKENS}
     if runtime is not None:
         from dataclasses import replace
 
-        fixed = replace(runtime_config(config), device=runtime.device.type, cache_bytes=runtime.cache.capacity_bytes,
-                        cache_fraction=None)
+        server["slot_rows"] = uses_decoder(config.engine, device, runtime.model.config)
+        fixed = replace(rt_config, device=device, cache_bytes=runtime.cache.capacity_bytes, cache_fraction=None)
         return plan_for_store(runtime.store, fixed, runtime.cache.dtype, **server)
-    rt_config = runtime_config(config)
     if config.store:
         from extractor.store import ExpertStore
 
         store = ExpertStore.open(config.store)
+        server["slot_rows"] = uses_decoder(config.engine, device, hf_config(store.config))
         return plan_for_store(store, rt_config, plan_dtype(rt_config, store.dtype), **server)
-    if config.model:
-        return plan_for_checkpoint(Path(config.model), rt_config, **server)
     from models.demo import CHECKPOINT_DIR
 
-    return plan_for_checkpoint(CHECKPOINT_DIR, rt_config, **server)
+    checkpoint = Path(config.model) if config.model else CHECKPOINT_DIR
+    server["slot_rows"] = uses_decoder(config.engine, device,
+                                       hf_config(json.loads((checkpoint / "config.json").read_text())))
+    return plan_for_checkpoint(checkpoint, rt_config, **server)
 
 
 def plan_dtype(rt_config, store_dtype):
@@ -131,6 +137,27 @@ def adopt_plan(state: AppState, plan) -> None:
     state.metrics.attach_plan(plan)
 
 
+def engine_class(runtime, choice: str) -> type[Engine]:
+    """The engine that runs the forwards: cadre's decoder (CUDA graphs) on a GPU where the
+    model's attention allows it, transformers' continuous batching otherwise (README, Server)."""
+    from .decode_engine import DecoderEngine
+
+    return DecoderEngine if uses_decoder(choice, runtime.device.type, runtime.model.config) else Engine
+
+
+def uses_decoder(choice: str, device: str, model_config) -> bool:
+    """Whether engine_class picks the decoder; known from the config alone, so the plan (made
+    before loading) sizes the KV the way that engine holds it."""
+    from types import SimpleNamespace
+
+    from models.decoder import unsupported_reason
+
+    reason = unsupported_reason(SimpleNamespace(config=model_config))  # it reads model.config only
+    if choice == "decoder" and reason is not None:
+        raise ValueError(f"--engine decoder: {reason}")
+    return choice == "decoder" or (choice == "auto" and device == "cuda" and reason is None)
+
+
 async def bring_up(state: AppState, runtime=None) -> None:
     """Plan (unless planned before), load (unless given a runtime), start the batching loop, warm
     up; never raises: a failure turns /ready and /health to 503 with the reason."""
@@ -140,16 +167,17 @@ async def bring_up(state: AppState, runtime=None) -> None:
             adopt_plan(state, await in_passing_thread(memory_plan, state.config, runtime))
         plan = state.plan
         state.runtime = runtime or await in_passing_thread(load_runtime, state.config, plan)
-        engine = Engine(state.runtime, EngineConfig(max_concurrency=plan.max_concurrency,
-                                                    max_queue=state.config.max_queue,
-                                                    max_model_len=plan.max_model_len, kv_tokens=plan.kv_tokens),
-                        state.metrics)
+        engine_cls = engine_class(state.runtime, state.config.engine)
+        engine = engine_cls(state.runtime, EngineConfig(max_concurrency=plan.max_concurrency,
+                                                        max_queue=state.config.max_queue,
+                                                        max_model_len=plan.max_model_len, kv_tokens=plan.kv_tokens),
+                            state.metrics)
         await in_passing_thread(engine.start)
         state.metrics.attach_runtime(engine.recorder, state.runtime.cache)
         state.engine = engine
         await engine.warmup()
         state.status = "ready"
-        log_event("ready", model=state.model_name, max_model_len=engine.config.max_model_len,
+        log_event("ready", model=state.model_name, engine=engine.kind, max_model_len=engine.config.max_model_len,
                   seconds=round(time.perf_counter() - started, 2))
     except Exception as exc:  # the server stays up to say why on /ready and /health
         state.status, state.detail = "failed", f"{type(exc).__name__}: {exc}"

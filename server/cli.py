@@ -67,9 +67,13 @@ def build_parser() -> OneLineParser:
                         "of the device's free memory such as 0.9 (default: free memory less a safety margin)")
     p.add_argument("--host-memory", help="pinned host tier budget on a GPU: bytes, 32GiB, or a fraction of the "
                         "available RAM (default: half of the available RAM)")
+    p.add_argument("--engine", choices=("auto", "decoder", "continuous-batching"), default="auto",
+                   help="decoder: cadre's slot-cache decoder, decode steps replayed as CUDA graphs on a GPU; "
+                        "continuous-batching: transformers' manager; auto (default): decoder on CUDA where "
+                        "the model's attention allows it, continuous batching otherwise")
     p.add_argument("--max-concurrency", type=positive_int,
-                   help="requests decoded together in one continuous batch (default 16; they share the KV tokens "
-                        "of the memory plan)")
+                   help="requests decoded together in one batch (default 16; they share the KV tokens of the "
+                        "memory plan)")
     p.add_argument("--max-queue", type=non_negative_int, default=64,
                    help="requests that may wait for a slot; beyond this the server answers 503 + Retry-After")
     p.add_argument("--max-model-len", type=positive_int,

@@ -21,6 +21,7 @@ class ServerConfig:
     eviction: str = "layer-lru"  # a batch's experts can exceed the budget: fair per-layer shares (README, Router)
     gpu_memory: str | None = None  # device budget: bytes, 24GiB, or a fraction of free memory (models.memory_plan)
     host_memory: str | None = None  # pinned host tier budget on a GPU: bytes, 32GiB, or a fraction of available RAM
+    engine: str = "auto"  # auto | decoder | continuous-batching (server.app.engine_class)
     max_concurrency: int | None = None  # requests decoded together; None = DEFAULT_MAX_CONCURRENCY
     max_queue: int = 64  # requests waiting for a slot; beyond this: 503 + Retry-After
     max_model_len: int | None = None  # None: the memory plan's choice (at most the model's context window)
