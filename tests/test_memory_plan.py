@@ -174,3 +174,33 @@ def test_kv_and_weights_match_a_real_model_measured(family):
     assert f.trunk_bytes == 4 * trunk
     assert f.expert_bytes * f.total_experts == 4 * routed
     assert math.isclose(f.expert_bytes, 4 * 3 * f.expert_intermediate * 32)
+
+
+def test_slot_rows_give_every_request_a_whole_row():
+    """The decoder engine holds one KV row of max_model_len per request: rows x length."""
+    rows = plan("qwen3-30b-a3b", gpu_memory="24GiB", default_concurrency=16, max_batch_tokens=512, slot_rows=True)
+    assert rows.kv_tokens == rows.max_concurrency * rows.max_model_len and rows.max_concurrency == 16
+    assert rows.max_model_len % 64 == 0 and 512 <= rows.max_model_len < rows.context
+    shared = plan("qwen3-30b-a3b", gpu_memory="24GiB", default_concurrency=16, max_batch_tokens=512)
+    assert abs(rows.kv_cache_bytes - shared.kv_cache_bytes) < 16 * 64 * rows.kv_bytes_per_token  # the same share
+    given = plan("qwen3-30b-a3b", gpu_memory="24GiB", default_concurrency=16, max_model_len=8192, slot_rows=True)
+    assert given.max_model_len == 8192 and 1 <= given.max_concurrency < 16  # fewer rows of the length asked
+    tight = plan("qwen3-30b-a3b", gpu_memory="10GiB", default_concurrency=16, slot_rows=True)
+    assert tight.max_model_len == 512 and tight.max_concurrency < 16  # rows of at least 512 tokens
+    with pytest.raises(PlanError, match="the KV cache"):
+        plan("qwen3-30b-a3b", gpu_memory="10GiB", max_concurrency=64, slot_rows=True)
+
+
+def test_the_server_plans_rows_for_the_decoder_engine():
+    from server.app import uses_decoder
+
+    from models.footprint import hf_config
+
+    qwen = hf_config(json.loads(CONFIGS["qwen3-30b-a3b"].read_text()))
+    assert uses_decoder("auto", "cuda", qwen) and not uses_decoder("auto", "cpu", qwen)
+    assert uses_decoder("decoder", "cpu", qwen) and not uses_decoder("continuous-batching", "cuda", qwen)
+    sliding = hf_config({**json.loads(CONFIGS["qwen3-30b-a3b"].read_text()), "use_sliding_window": True,
+                         "sliding_window": 4096})
+    assert not uses_decoder("auto", "cuda", sliding)
+    with pytest.raises(ValueError, match="--engine decoder: sliding-window"):
+        uses_decoder("decoder", "cuda", sliding)
