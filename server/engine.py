@@ -9,7 +9,12 @@ HTTP layer needs around it:
   manager never has to preempt);
 - per-request sampling with its own generator (sampling.py);
 - routing mapped back to requests from the batch layout (routing.py);
-- detokenization, stop strings and cancellation, on the event loop.
+- detokenization, stop strings and cancellation, on the event loop;
+- one release path (`_release`): however a request ends -- finished, stopped, cancelled,
+  or failed while admitting, running or finishing -- it gives back its batch slot and KV
+  pages, its sampler slot and its routing record, so no request can hurt the next;
+- prompt scoring (`score`) outside the batch, while the batching loop is paused;
+- a progress watch: `health_problem()` says when the loop died or stopped stepping.
 
 The manager's thread runs the forwards and delivers each request's outputs to the event
 loop (`register_result_handler`); everything else here runs on the loop, so the
@@ -22,6 +27,8 @@ import asyncio
 import itertools
 import logging
 import math
+import queue
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -33,7 +40,10 @@ from .detokenize import IncrementalDetokenizer, StopStrings
 from .logs import log_event
 from .metrics import Metrics
 from .routing import BatchSlot, RequestRouting, RoutingRecorder
-from .sampling import SLOT_KWARG, PerRequestSampler, SamplerTable, SamplingParams
+from .sampling import GREEDY_SLOT, SLOT_KWARG, PerRequestSampler, SamplerTable, SamplingParams, StepResult
+from .scoring import prompt_logprobs
+from .threads import in_passing_thread
+from .vocab import Vocabulary
 
 PAGE_SIZE = 64  # KV tokens per page: small pages waste little on short requests
 MAX_BATCH_TOKENS = 512  # tokens per forward; longer prefills are chunked so decodes keep flowing
@@ -46,6 +56,7 @@ class EngineConfig:
     max_queue: int = 64
     max_model_len: int = 512
     retry_after_s: int = 1
+    stall_timeout_s: float = 60.0  # no step for this long while work is in flight: not ready
 
 
 class EngineUnavailable(Exception):
@@ -77,6 +88,8 @@ class RequestStream:
     internal: bool = False  # warm-up: no request metrics, no log line
     token_ids: list[int] = field(default_factory=list)
     steps: list[TokenEvent] = field(default_factory=list)  # kept when tracing
+    logprobs: list[StepResult] = field(default_factory=list)  # per token, when params.logprobs is set
+    offsets: list[int] = field(default_factory=list)  # per token: where its text starts in the full text
     text: str = ""
     finish_reason: str | None = None  # length | stop | eos | cancelled | error
     error: str | None = None
@@ -119,7 +132,9 @@ class Engine:
         self.metrics = metrics
         self.tokenizer = runtime.tokenizer
         self.eos_token_ids = eos_token_ids(runtime.model)
-        self.samplers = SamplerTable()
+        self.vocab_size = runtime.model.get_output_embeddings().weight.shape[0]
+        self.samplers = SamplerTable(self.vocab_size)
+        self.vocabulary = Vocabulary(self.tokenizer, self.vocab_size)  # token texts for logprobs, built on first use
         policy = getattr(runtime, "policy", None)
         self.recorder = RoutingRecorder(runtime.store.moe_layers, runtime.store.num_experts, self._batch_layout,
                                         substitutions=lambda: int(getattr(policy, "regret", 0)))
@@ -131,6 +146,10 @@ class Engine:
         self._waiting: deque[RequestStream] = deque()
         self._sampler_slots: dict[str, int] = {}
         self._idle = asyncio.Event()
+        self._score_lock = threading.Lock()  # one scoring forward at a time (the pause admits several threads)
+        self._scoring = 0  # scoring calls in flight (event loop)
+        self._outside_batch = False  # a scoring forward is running: its routing belongs to no batch request
+        self._last_progress = time.monotonic()
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -176,22 +195,40 @@ class Engine:
     def is_alive(self) -> bool:
         return self.manager is not None and self.manager.is_running()
 
+    def health_problem(self) -> str | None:
+        """Why the engine cannot make progress now (None: it can): what /ready reports."""
+        if not self.is_alive:
+            fatal = getattr(getattr(self.manager, "background_thread_status", None), "fatal_error", None)
+            return "generation loop stopped" + (f": {fatal}" if fatal is not None else "")
+        in_flight = len(self._running) + len(self._waiting) + self._scoring
+        quiet = time.monotonic() - self._last_progress
+        if in_flight and quiet > self.config.stall_timeout_s:
+            return (f"no generation step completed in {quiet:.0f} s with {in_flight} requests in flight "
+                    f"(stall timeout {self.config.stall_timeout_s:g} s)")
+        return None
+
+    def _note_progress(self) -> None:
+        self._last_progress = time.monotonic()
+
     async def shutdown(self, timeout: float) -> None:
-        """Refuse new requests, give running ones `timeout` seconds, cancel the rest, stop."""
+        """Refuse new requests, give running ones `timeout` seconds, cancel the rest, stop. Never raises."""
         self.is_accepting = False
-        for stream in list(self._waiting):
-            self.cancel(stream)
-        if self._running:
-            self._idle.clear()
-            try:
-                await asyncio.wait_for(self._idle.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
-        for stream in list(self._running.values()):
-            self.cancel(stream)
-        if self.manager is not None:
-            await asyncio.to_thread(self.manager.stop, block=True, timeout=30)
-            self.runtime.remove_routing_listener(self.recorder)
+        try:
+            for stream in list(self._waiting):
+                self.cancel(stream)
+            if self._running:
+                self._idle.clear()
+                try:
+                    await asyncio.wait_for(self._idle.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+            for stream in list(self._running.values()):
+                self.cancel(stream)
+            if self.manager is not None:
+                await asyncio.to_thread(self.manager.stop, block=True, timeout=30)
+                self.runtime.remove_routing_listener(self.recorder)
+        except Exception as exc:  # noqa: BLE001 -- shutting down: say what went wrong, finish anyway
+            log_event("shutdown_error", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}")
 
     # --- admission ---------------------------------------------------------------------------
     @property
@@ -202,23 +239,30 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
-    async def submit(self, prompt_ids: list[int], params: SamplingParams, trace: bool,
-                     internal: bool = False) -> RequestStream:
+    def check_capacity(self, streams: int = 1) -> None:
+        """Raise EngineUnavailable unless `streams` more requests can be admitted now."""
         if not self.is_accepting:
             raise EngineUnavailable("shutting_down", "server is shutting down")
-        if not internal and not self.is_ready:
-            raise EngineUnavailable("not_ready", "model is still loading")
         if not self.is_alive:
             raise EngineUnavailable("not_ready", "generation loop is not running")
-        if len(self._running) >= self.config.max_concurrency and len(self._waiting) >= self.config.max_queue:
+        free = (self.config.max_concurrency - len(self._running)) + (self.config.max_queue - len(self._waiting))
+        if streams > free:
             raise EngineUnavailable("queue_full", f"server is at capacity ({self.config.max_concurrency} running, "
                                                   f"{self.config.max_queue} waiting); retry later")
+
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, trace: bool,
+                     internal: bool = False) -> RequestStream:
+        if not internal and not self.is_ready and self.is_accepting:
+            raise EngineUnavailable("not_ready", "model is still loading")
+        self.check_capacity()
         stream = RequestStream(request_id=f"cmpl-{next(self._ids)}", prompt_ids=list(prompt_ids), params=params,
                                trace=trace, detokenizer=IncrementalDetokenizer(self.tokenizer),
                                stops=StopStrings(params.stop), internal=internal)
         stream._engine = self
         if not internal:
             self.metrics.prompt_tokens.inc(len(prompt_ids))
+        if not self._running and not self._waiting:
+            self._note_progress()  # the stall clock starts when work arrives at an idle engine
         if len(self._running) < self.config.max_concurrency:
             self._launch(stream)
         else:
@@ -227,17 +271,28 @@ class Engine:
         return stream
 
     def _launch(self, stream: RequestStream) -> None:
+        """Put a request in the batch; a failure on the way ends it (and frees what it took) at once."""
         rid = stream.request_id
         self._running[rid] = stream
-        self.recorder.register(rid, stream.trace)
-        slot = self.samplers.register(stream.params)
-        self._sampler_slots[rid] = slot
-        self.manager.register_result_handler(rid, lambda output, s=stream: self._on_output(s, output))
-        added = self.manager.add_request(stream.prompt_ids, request_id=rid,
-                                         max_new_tokens=stream.params.max_new_tokens, streaming=True,
-                                         eos_token_id=self.eos_token_ids or -1, **{SLOT_KWARG: slot})
+        try:
+            self.recorder.register(rid, stream.trace)
+            stops = self.stop_token_ids(stream.params)
+            slot = self.samplers.register(stream.params, stream.prompt_ids, stops)
+            self._sampler_slots[rid] = slot
+            self.manager.register_result_handler(rid, lambda output, s=stream: self._on_output(s, output))
+            added = self.manager.add_request(stream.prompt_ids, request_id=rid,
+                                             max_new_tokens=stream.params.max_new_tokens, streaming=True,
+                                             eos_token_id=stops or -1, **{SLOT_KWARG: slot})
+        except Exception as exc:  # noqa: BLE001 -- e.g. a sampler that cannot be built: this request fails alone
+            self._finish(stream, "error", error=f"{type(exc).__name__}: {exc}")
+            return
         if added is None:  # the manager is stopping or died
             self._finish(stream, "error", error="generation loop is not accepting requests")
+
+    def stop_token_ids(self, params: SamplingParams) -> list[int]:
+        """Tokens that end this request: EOS (unless ignore_eos) and its stop_token_ids."""
+        eos = [] if params.ignore_eos else self.eos_token_ids
+        return list(dict.fromkeys([*eos, *params.stop_token_ids]))
 
     def _admit_waiting(self) -> None:
         while self._waiting and len(self._running) < self.config.max_concurrency:
@@ -250,10 +305,17 @@ class Engine:
 
     # --- outputs (event loop) ------------------------------------------------------------------
     def _on_output(self, stream: RequestStream, output) -> None:
+        self._note_progress()
         if stream.finished:
             return  # cancelled or stopped: late outputs of steps already in flight
+        try:
+            self._take_output(stream, output)
+        except Exception as exc:  # noqa: BLE001 -- e.g. a detokenizer failure: this request fails alone
+            self._finish(stream, "error", error=f"{type(exc).__name__}: {exc}")
+
+    def _take_output(self, stream: RequestStream, output) -> None:
         if output.error is not None:
-            self._finish(stream, "error", error=output.error)
+            self._finish(stream, "error", error=output.error, manager_done=True)
             return
         for token_id in output.generated_tokens[len(stream.token_ids):]:
             self._add_token(stream, token_id)
@@ -261,11 +323,18 @@ class Engine:
                 return
         if output.is_finished():
             last = stream.token_ids[-1] if stream.token_ids else None
-            self._finish(stream, "eos" if last in self.eos_token_ids else "length")
+            eos = last in self.eos_token_ids and not stream.params.ignore_eos
+            reason = "eos" if eos else "stop" if last in stream.params.stop_token_ids else "length"
+            self._finish(stream, reason, manager_done=True)
 
     def _add_token(self, stream: RequestStream, token_id: int) -> None:
         now = time.perf_counter()
         index = len(stream.token_ids)
+        sampled = self.samplers.take(self._sampler_slots.get(stream.request_id, GREEDY_SLOT), index)
+        if sampled is not None and sampled.error is not None:
+            self._finish(stream, "error", error=f"sampling failed: {sampled.error}")
+            return
+        assert sampled is None or sampled.token_id == token_id, (sampled, token_id)
         if not stream.internal:
             if stream.last_token_at is None:
                 self.metrics.time_to_first_token.observe(now - stream.arrived)
@@ -276,9 +345,14 @@ class Engine:
         stream.last_token_at = now
         step = self.recorder.take_step(stream.request_id, index)
         stream.outcomes.update(step.outcomes)
+        stream.offsets.append(len(stream.detokenizer.text))
         piece = stream.detokenizer.add(token_id)
         stream.token_ids.append(token_id)
-        stop_at = stream.stops.find(stream.detokenizer.text, len(piece))
+        if stream.params.logprobs is not None:
+            stream.logprobs.append(sampled)
+        # vLLM's min_tokens: no stop string may end the text before that many tokens
+        stop_at = stream.stops.find(stream.detokenizer.text, len(piece)) \
+            if len(stream.token_ids) >= stream.params.min_tokens else None
         stream.text = stream.detokenizer.text if stop_at is None else stream.detokenizer.text[:stop_at]
         event = TokenEvent(index, token_id, piece, step.layers)
         if stream.trace:
@@ -295,22 +369,15 @@ class Engine:
 
     # --- endings -----------------------------------------------------------------------------------
     def cancel(self, stream: RequestStream) -> None:
-        if stream.finished:
-            return
-        if stream.request_id not in self._running:
-            self._waiting.remove(stream)
-        self._finish(stream, "cancelled")
+        if not stream.finished:
+            self._finish(stream, "cancelled")
 
-    def _finish(self, stream: RequestStream, reason: str, error: str | None = None) -> None:
+    def _finish(self, stream: RequestStream, reason: str, error: str | None = None,
+                manager_done: bool = False) -> None:
+        """End a request: `manager_done` when the manager ended it itself (length, eos, its own error)."""
         stream.finish_reason, stream.error = reason, error
         stream.finished_at = time.perf_counter()
-        rid = stream.request_id
-        if self._running.pop(rid, None) is not None:
-            if reason in ("stop", "cancelled"):  # the manager would keep generating: end it there too
-                self.manager.cancel_request(rid)
-                forget_result_handler(self.manager, rid)
-            self.samplers.release(self._sampler_slots.pop(rid))
-            stream.routing = self.recorder.release(rid)
+        self._release(stream, manager_done)
         stream._events.put_nowait(None)
         stream._done.set()
         if not stream.internal:
@@ -319,14 +386,62 @@ class Engine:
         if not self._running:
             self._idle.set()
 
+    def _release(self, stream: RequestStream, manager_done: bool) -> None:
+        """The one path that gives back what a request holds -- its batch slot and KV pages (the
+        manager's), its sampler slot, its routing record -- whatever stage it reached."""
+        rid = stream.request_id
+        if self._running.pop(rid, None) is None:
+            if stream in self._waiting:
+                self._waiting.remove(stream)
+            return
+        if not manager_done:
+            self.manager.cancel_request(rid)  # its pages free at the loop's next step
+        forget_result_handler(self.manager, rid)
+        self.samplers.release(self._sampler_slots.pop(rid, GREEDY_SLOT))
+        stream.routing = self.recorder.release(rid)
+
+    # --- prompt scoring --------------------------------------------------------------------------
+    async def score(self, prompt_ids: list[int], top_n: int) -> list[StepResult | None]:
+        """Logprobs of every prompt token (and its top_n alternatives): one forward outside the batch."""
+        self.check_capacity(0)
+        self._scoring += 1
+        try:
+            return await in_passing_thread(self._score_paused, list(prompt_ids), top_n)
+        except RuntimeError as exc:  # the loop stopped before it could pause
+            raise EngineUnavailable("not_ready", f"generation loop is not running ({exc})") from None
+        finally:
+            self._scoring -= 1
+            self._note_progress()
+
+    def _score_paused(self, prompt_ids: list[int], top_n: int) -> list[StepResult | None]:
+        # The manager's pause parks its loop between two steps, so this forward never
+        # interleaves with a batch's; its routing events count as usage but map to no request.
+        with self._score_lock, self.manager.pause():
+            self._outside_batch = True
+            try:
+                return prompt_logprobs(self.runtime.model, prompt_ids, top_n, self.runtime.device)
+            finally:
+                self._outside_batch = False
+
     # --- compute thread ------------------------------------------------------------------------
     def _batch_layout(self) -> list[BatchSlot]:
         """Rows of each request in the forward running now (called inside that forward)."""
+        if self._outside_batch:
+            return []
         io = self.manager.batch_processor.inputs_and_outputs
         batch = io.requests_in_batch
         cu = io.cumulative_seqlens_q[: len(batch) + 1].tolist()
         return [BatchSlot(fs.state.request_id, cu[i], cu[i + 1], fs.state.generated_len() if fs.has_new_token else None)
                 for i, fs in enumerate(batch)]
+
+    def kv_pages_in_use(self) -> int:
+        """KV-cache pages held by requests (0 when idle: a leak check). Reads the manager's
+        allocators' block tables, which transformers does not document as public."""
+        processor = self.manager.batch_processor if self.manager is not None else None
+        if processor is None:
+            return 0
+        return sum(len(table) for allocator in processor.cache.cache_allocators.values()
+                   for table in list(allocator.block_table.values()))
 
 
 def eos_token_ids(model) -> list[int]:
@@ -339,11 +454,18 @@ def eos_token_ids(model) -> list[int]:
 
 
 def forget_result_handler(manager, request_id: str) -> None:
-    """Drop a cancelled request's output handler: the manager only removes handlers of
-    requests that finish, and a cancelled one never does (no public API for this)."""
+    """Drop an ended request's output handler: the manager only removes handlers of requests
+    that finish, and a cancelled one never does (no public API for this). Outputs of steps
+    still in flight then land in the manager's shared output queue, which nothing else
+    reads: drop those too, so they cannot pile up."""
     router = manager.output_router
     with router._lock:
         router.result_handlers.pop(request_id, None)
+    while True:
+        try:
+            router.output_queue.get_nowait()
+        except queue.Empty:
+            return
 
 
 def routing_counts(stream: RequestStream) -> dict:
