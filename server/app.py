@@ -16,7 +16,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from . import api_generate, api_openai
+from . import api_generate, api_openai, api_tokenize
 from .config import ServerConfig
 from .engine import Engine, EngineConfig
 from .errors import APIError, BearerAuth, BodySizeLimit, install_error_handlers
@@ -140,6 +140,7 @@ def create_app(config: ServerConfig, runtime=None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(api_generate.router)
     app.include_router(api_openai.router)
+    app.include_router(api_tokenize.router)
     add_ops_routes(app, state)
     app.add_middleware(BodySizeLimit, limit=config.max_body_bytes)
     if config.api_key:
