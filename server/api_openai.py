@@ -27,7 +27,7 @@ from .engine import Engine, EngineUnavailable, RequestStream
 from .errors import APIError
 from .logprobs import chat_logprobs, completion_logprobs
 from .openai_params import (Prompt, check_chat, check_completion, choice_params, choices_per_prompt,
-                            completion_prompts)
+                            completion_prompts, grammar_for)
 from .sampling import StepResult
 from .schemas import ErrorResponse
 from .schemas_openai import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
@@ -96,7 +96,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     max_tokens = requested or limit - len(prompt.ids)
     check_context(len(prompt.ids), max_tokens, limit, param)
     capture = (body.top_logprobs or 0) if body.logprobs else None
-    params = [choice_params(engine, body, max_tokens, capture, j) for j in range(body.n)]
+    grammar = await grammar_for(engine, body)
+    params = [choice_params(engine, body, max_tokens, capture, j, grammar) for j in range(body.n)]
     streams = await submit_all(engine, [(prompt.ids, sp) for sp in params])
     choices = [Choice(j, prompt, stream) for j, stream in enumerate(streams)]
     reply = Reply(engine, served, "chat.completion", streams, [prompt])

@@ -37,6 +37,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig, LogitsProce
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessorList
 
 from .detokenize import IncrementalDetokenizer, StopStrings
+from .grammar import Grammars
 from .logs import log_event
 from .metrics import Metrics
 from .routing import BatchSlot, RequestRouting, RoutingRecorder
@@ -135,6 +136,7 @@ class Engine:
         self.vocab_size = runtime.model.get_output_embeddings().weight.shape[0]
         self.samplers = SamplerTable(self.vocab_size)
         self.vocabulary = Vocabulary(self.tokenizer, self.vocab_size)  # token texts for logprobs, built on first use
+        self._grammars: Grammars | None = None
         policy = getattr(runtime, "policy", None)
         self.recorder = RoutingRecorder(runtime.store.moe_layers, runtime.store.num_experts, self._batch_layout,
                                         substitutions=lambda: int(getattr(policy, "regret", 0)))
@@ -422,6 +424,15 @@ class Engine:
                 return prompt_logprobs(self.runtime.model, prompt_ids, top_n, self.runtime.device)
             finally:
                 self._outside_batch = False
+
+    @property
+    def grammars(self) -> Grammars:
+        """Constrained decoding's compiled indexes over this model's vocabulary (needs a tokenizer and EOS)."""
+        if self._grammars is None:
+            assert self.tokenizer is not None and self.eos_token_ids
+            self._grammars = Grammars(self.vocabulary.token_bytes, set(self.tokenizer.all_special_ids),
+                                      self.eos_token_ids[0])
+        return self._grammars
 
     # --- compute thread ------------------------------------------------------------------------
     def _batch_layout(self) -> list[BatchSlot]:

@@ -1,8 +1,9 @@
 """What OpenAI's (and vLLM's) per-request sampling parameters do to one request's
 next-token scores: a row [V] of logits, V the vocabulary.
 
-Applied in vLLM's order: min_tokens bans, logit_bias, then the penalties; temperature,
-top-k and top-p come after (transformers' warpers, in sampling.py). Penalty formulas:
+Applied in vLLM's order: min_tokens bans, logit_bias, then the penalties, then a grammar's
+mask (constrained decoding); temperature, top-k and top-p come after (transformers'
+warpers, in sampling.py). Penalty formulas:
 - repetition_penalty (transformers / CTRL): over every token of prompt and output so far,
   a positive logit is divided by the penalty, a negative one multiplied by it;
 - frequency/presence (OpenAI): logit - frequency * count - presence * (count > 0), over
@@ -17,6 +18,13 @@ import torch
 def ban(row: torch.Tensor, token_ids: torch.Tensor) -> None:
     """row [V]; token_ids [N]: never chosen (min_tokens keeps a request from stopping early)."""
     row[token_ids] = float("-inf")
+
+
+def only(row: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """row [V]; allowed [A] token ids: every other token banned (a grammar's next tokens)."""
+    kept = torch.full_like(row, float("-inf"))  # [V]
+    kept[allowed] = row[allowed]
+    return kept
 
 
 def add_bias(row: torch.Tensor, token_ids: torch.Tensor, bias: torch.Tensor) -> None:

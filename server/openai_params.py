@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from .detokenize import IncrementalDetokenizer
 from .engine import Engine
 from .errors import APIError
+from .grammar import regex_for
 from .logprobs import text_offsets
 from .sampling import SamplingParams
 from .schemas import MAX_SEED
@@ -74,10 +75,28 @@ def check_chat(body: ChatCompletionRequest) -> None:
         raise unsupported("tool_choice", "tool_choice other than 'none' is not supported (no tools)")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise unsupported("response_format", f"response_format {body.response_format.type} (constrained decoding) "
-                                             "is not supported")
+    if constrained(body) and (body.min_tokens or body.ignore_eos):
+        raise APIError(400, "response_format ends the output when the JSON is complete: it cannot be combined with "
+                            "min_tokens or ignore_eos", param="response_format")
     check_sampling(body, body.max_completion_tokens or body.max_tokens)
+
+
+def constrained(body: ChatCompletionRequest) -> bool:
+    return body.response_format is not None and body.response_format.type != "text"
+
+
+async def grammar_for(engine: Engine, body: ChatCompletionRequest):
+    """The compiled grammar a chat request's response_format asks for (None: plain text)."""
+    if not constrained(body):
+        return None
+    if engine.tokenizer is None or not engine.eos_token_ids:
+        raise unsupported("response_format", "constrained decoding needs the model's tokenizer and an EOS token")
+    regex = regex_for(body.response_format)
+    try:
+        return await engine.grammars.index(regex)
+    except Exception as exc:  # noqa: BLE001 -- e.g. a schema no token sequence of this vocabulary can match
+        raise APIError(400, f"response_format: cannot build its grammar ({type(exc).__name__}: {exc})",
+                       param="response_format") from None
 
 
 def check_sampling(body: OpenAISampling, max_tokens: int | None) -> None:
@@ -91,7 +110,7 @@ def choices_per_prompt(body: CompletionRequest) -> int:
 
 
 def choice_params(engine: Engine, body: OpenAISampling, max_tokens: int, logprobs: int | None,
-                  choice: int) -> SamplingParams:
+                  choice: int, grammar=None) -> SamplingParams:
     """The sampling of one choice: choice i of a seeded request samples with seed + i."""
     check_token_ids(engine, body.stop_token_ids or [], "stop_token_ids")
     bias = tuple((int(k), v) for k, v in (body.logit_bias or {}).items())
@@ -101,4 +120,4 @@ def choice_params(engine: Engine, body: OpenAISampling, max_tokens: int, logprob
                            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
                            min_tokens=body.min_tokens, presence_penalty=body.presence_penalty,
                            frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
-                           logit_bias=bias, logprobs=logprobs)
+                           logit_bias=bias, logprobs=logprobs, grammar=grammar)

@@ -27,6 +27,8 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
+from outlines_core import Guide
+
 from . import logits as L
 
 SLOT_KWARG = "cadre_sampler"  # the per-request kwarg continuous batching hands to the processor
@@ -49,6 +51,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
     logprobs: int | None = None  # None: none; N: the chosen token's logprob and the N most likely
+    grammar: object | None = None  # an outlines-core Index (grammar.py): only its matches may be generated
 
     def __post_init__(self):
         assert self.max_new_tokens >= 1 and self.temperature >= 0 and 0 < self.top_p <= 1 and self.top_k >= 0
@@ -62,7 +65,8 @@ class SamplingParams:
     def needs_sampler(self) -> bool:
         """False for plain greedy requests: the engine's argmax is all they need."""
         return not (self.is_greedy and self.min_tokens == 0 and not self.logit_bias and self.logprobs is None
-                    and self.presence_penalty == 0 and self.frequency_penalty == 0 and self.repetition_penalty == 1)
+                    and self.presence_penalty == 0 and self.frequency_penalty == 0 and self.repetition_penalty == 1
+                    and self.grammar is None)
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class RequestSampler:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
             self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.stop_ids = torch.tensor(stop_ids, dtype=torch.long)  # [S] banned until min_tokens
+        self.stop_set = set(stop_ids)
         self.bias_ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long)  # [N]
         self.bias = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32)  # [N]
         self.seen = None
@@ -101,6 +106,7 @@ class RequestSampler:
         self.counts = None
         if params.presence_penalty or params.frequency_penalty:
             self.counts = torch.zeros(vocab_size)  # [V]
+        self.guide = Guide(params.grammar) if params.grammar is not None else None
 
     def choose(self, row: torch.Tensor) -> int:
         """row: [V] logits of this request's next token. Returns the token; records its StepResult."""
@@ -115,7 +121,11 @@ class RequestSampler:
             scores = L.repetition_penalty(scores, self.seen, p.repetition_penalty)
         if self.counts is not None:
             scores = L.frequency_presence(scores, self.counts, p.frequency_penalty, p.presence_penalty)
+        if self.guide is not None:
+            scores = L.only(scores, torch.tensor(self.guide.get_tokens(), dtype=torch.long))
         token = int(scores.argmax()) if p.is_greedy else self._sample(scores)
+        if self.guide is not None and token not in self.stop_set:  # EOS ends a finished grammar: no transition
+            self.guide.advance(token, return_tokens=False)  # raises if the token breaks the grammar
         if self.seen is not None:
             self.seen[token] = True
         if self.counts is not None:
