@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 
 from .chat import render_chat
-from .engine import Engine, EngineUnavailable, RequestStream
+from .engine import Engine, EngineUnavailable
+from .stream import RequestStream
 from .errors import APIError
 from .logprobs import chat_logprobs, completion_logprobs
 from .openai_params import (Prompt, check_chat, check_completion, choice_params, choices_per_prompt,

@@ -8,7 +8,8 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from .engine import Engine, EngineUnavailable, RequestStream, log_request
+from .engine import Engine, EngineUnavailable
+from .stream import RequestStream, log_request
 from .errors import APIError
 from .logs import log_event
 from .sampling import SamplingParams
