@@ -157,8 +157,8 @@ def table(rows: list[dict]) -> str:
         detail = f"{row['max_abs_diff']:.2e} over {row['requests']} requests" if "max_abs_diff" in row \
             else f"{row['same_text']} / {row['docs']}"
         for metric, value in row["cadre"].items():
-            lines.append(f"| {row['task']} | {row['output_type']} | {row['docs']} | {metric} | {value:.4f} | "
-                         f"{row['hf'][metric]:.4f} | {detail} |")
+            lines.append(f"| {row['task']} | {row['output_type']} | {row['docs']} | {metric} | {value:.6g} | "
+                         f"{row['hf'][metric]:.6g} | {detail} |")
     return "\n".join(lines)
 
 
