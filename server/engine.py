@@ -70,6 +70,8 @@ class EngineUnavailable(Exception):
 
 
 class Engine:
+    kind = "continuous-batching"
+
     def __init__(self, runtime, config: EngineConfig, metrics: Metrics):
         self.runtime = runtime
         self.config = config
@@ -93,7 +95,7 @@ class Engine:
         self._idle = asyncio.Event()
         self._score_lock = threading.Lock()  # one scoring forward at a time (the pause admits several threads)
         self._scoring = 0  # scoring calls in flight (event loop)
-        self._outside_batch = False  # a scoring forward is running: its routing belongs to no batch request
+        self._outside_batch_forward = False  # a scoring forward runs: its routing belongs to no batch request
         self._last_progress = time.monotonic()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -157,23 +159,26 @@ class Engine:
 
     async def shutdown(self, timeout: float) -> None:
         """Refuse new requests, give running ones `timeout` seconds, cancel the rest, stop. Never raises."""
-        self.is_accepting = False
         try:
-            for stream in list(self._waiting):
-                self.cancel(stream)
-            if self._running:
-                self._idle.clear()
-                try:
-                    await asyncio.wait_for(self._idle.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
-            for stream in list(self._running.values()):
-                self.cancel(stream)
+            await self._drain(timeout)
             if self.manager is not None:
                 await asyncio.to_thread(self.manager.stop, block=True, timeout=30)
                 self.runtime.remove_routing_listener(self.recorder)
         except Exception as exc:  # noqa: BLE001 -- shutting down: say what went wrong, finish anyway
             log_event("shutdown_error", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+
+    async def _drain(self, timeout: float) -> None:
+        self.is_accepting = False
+        for stream in list(self._waiting):
+            self.cancel(stream)
+        if self._running:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        for stream in list(self._running.values()):
+            self.cancel(stream)
 
     # --- admission ---------------------------------------------------------------------------
     @property
@@ -221,18 +226,31 @@ class Engine:
         self._running[rid] = stream
         try:
             self.recorder.register(rid, stream.trace)
-            stops = self.stop_token_ids(stream.params)
-            slot = self.samplers.register(stream.params, stream.prompt_ids, stops)
+            slot = self.samplers.register(stream.params, stream.prompt_ids, self.stop_token_ids(stream.params))
             self._sampler_slots[rid] = slot
-            self.manager.register_result_handler(rid, lambda output, s=stream: self._on_output(s, output))
-            added = self.manager.add_request(stream.prompt_ids, request_id=rid,
-                                             max_new_tokens=stream.params.max_new_tokens, streaming=True,
-                                             eos_token_id=stops or -1, **{SLOT_KWARG: slot})
+            added = self._submit_to_compute(stream, slot)
         except Exception as exc:  # noqa: BLE001 -- e.g. a sampler that cannot be built: this request fails alone
             self._finish(stream, "error", error=f"{type(exc).__name__}: {exc}")
             return
-        if added is None:  # the manager is stopping or died
+        if not added:  # the manager is stopping or died
             self._finish(stream, "error", error="generation loop is not accepting requests")
+
+    def _submit_to_compute(self, stream: RequestStream, sampler_slot: int) -> bool:
+        """Hand a request to whatever runs the forwards: here transformers' manager."""
+        rid = stream.request_id
+        self.manager.register_result_handler(rid, lambda output, s=stream: self._on_output(s, output))
+        added = self.manager.add_request(stream.prompt_ids, request_id=rid,
+                                         max_new_tokens=stream.params.max_new_tokens, streaming=True,
+                                         eos_token_id=self.stop_token_ids(stream.params) or -1,
+                                         **{SLOT_KWARG: sampler_slot})
+        return added is not None
+
+    def _stop_generation(self, request_id: str, still_running: bool) -> None:
+        """A request ended: stop its forwards if they would go on (stop string, cancel, a failure of
+        ours), and drop the manager's handler for it (it keeps those of unfinished requests)."""
+        if still_running:
+            self.manager.cancel_request(request_id)  # its pages free at the loop's next step
+        forget_result_handler(self.manager, request_id)
 
     def stop_token_ids(self, params: SamplingParams) -> list[int]:
         """Tokens that end this request: EOS (unless ignore_eos) and its stop_token_ids."""
@@ -339,9 +357,7 @@ class Engine:
             if stream in self._waiting:
                 self._waiting.remove(stream)
             return
-        if not manager_done:
-            self.manager.cancel_request(rid)  # its pages free at the loop's next step
-        forget_result_handler(self.manager, rid)
+        self._stop_generation(rid, still_running=not manager_done)
         self.samplers.release(self._sampler_slots.pop(rid, GREEDY_SLOT))
         stream.routing = self.recorder.release(rid)
 
@@ -351,22 +367,25 @@ class Engine:
         self.check_capacity(0)
         self._scoring += 1
         try:
-            return await in_passing_thread(self._score_paused, list(prompt_ids), top_n)
+            return await self._outside_batch(lambda: prompt_logprobs(self.runtime.model, list(prompt_ids), top_n,
+                                                                     self.runtime.device))
         except RuntimeError as exc:  # the loop stopped before it could pause
             raise EngineUnavailable("not_ready", f"generation loop is not running ({exc})") from None
         finally:
             self._scoring -= 1
             self._note_progress()
 
-    def _score_paused(self, prompt_ids: list[int], top_n: int) -> list[StepResult | None]:
-        # The manager's pause parks its loop between two steps, so this forward never
-        # interleaves with a batch's; its routing events count as usage but map to no request.
-        with self._score_lock, self.manager.pause():
-            self._outside_batch = True
-            try:
-                return prompt_logprobs(self.runtime.model, prompt_ids, top_n, self.runtime.device)
-            finally:
-                self._outside_batch = False
+    async def _outside_batch(self, fn):
+        """fn() with the model to itself, between two batch steps: here in a passing thread while
+        transformers' manager holds its loop paused (its public pause()), one call at a time."""
+        def paused():
+            with self._score_lock, self.manager.pause():
+                self._outside_batch_forward = True  # its routing counts as usage, maps to no request
+                try:
+                    return fn()
+                finally:
+                    self._outside_batch_forward = False
+        return await in_passing_thread(paused)
 
     @property
     def grammars(self) -> Grammars:
@@ -380,7 +399,7 @@ class Engine:
     # --- compute thread ------------------------------------------------------------------------
     def _batch_layout(self) -> list[BatchSlot]:
         """Rows of each request in the forward running now (called inside that forward)."""
-        if self._outside_batch:
+        if self._outside_batch_forward:
             return []
         io = self.manager.batch_processor.inputs_and_outputs
         batch = io.requests_in_batch

@@ -5,7 +5,8 @@ served as if nothing happened.
 
 The engine runs here without HTTP, so the failures can be ones validation would now catch
 at the edge (a seed past 2^64 - 1, a logit_bias token outside the vocabulary): the engine
-must survive them anyway. Each case runs more times than there are batch slots.
+must survive them anyway. Each case runs more times than there are batch slots, on both
+engines: transformers' continuous batching and cadre's slot-cache decoder (CPU: eager steps).
 """
 
 import asyncio
@@ -13,6 +14,7 @@ import asyncio
 import pytest
 import torch
 
+from server.decode_engine import DecoderEngine
 from server.engine import Engine, EngineConfig
 from server.metrics import Metrics
 from server.sampling import SamplingParams
@@ -24,15 +26,22 @@ ROUNDS = SLOTS * 3  # a leak of one slot per failure would block the batch long 
 
 
 @pytest.fixture(scope="module")
-def runtime(tmp_path_factory):
+def tiny(tmp_path_factory):
     _, runtime = tiny_runtime(tmp_path_factory.mktemp("engine-release"))
     yield runtime
     runtime.close()
 
 
+@pytest.fixture(params=[Engine, DecoderEngine], ids=["continuous-batching", "decoder"])
+def runtime(request, tiny):
+    tiny.engine_class = request.param
+    return tiny
+
+
 async def started_engine(runtime) -> Engine:
     metrics = Metrics()
-    engine = Engine(runtime, EngineConfig(max_concurrency=SLOTS, max_queue=SLOTS, max_model_len=128), metrics)
+    config = EngineConfig(max_concurrency=SLOTS, max_queue=SLOTS, max_model_len=128)
+    engine = runtime.engine_class(runtime, config, metrics)
     await in_passing_thread(engine.start)
     metrics.attach_runtime(engine.recorder, runtime.cache, engine.kv_pages_in_use)
     await engine.warmup()
@@ -61,7 +70,8 @@ async def assert_released(engine: Engine) -> None:
     assert engine.num_running == 0 and engine.num_waiting == 0
     assert len(engine.samplers) == 0
     assert engine.recorder._requests == {}
-    assert engine.manager.output_router.result_handlers == {}
+    if engine.manager is not None:  # continuous batching: the manager's per-request handlers
+        assert engine.manager.output_router.result_handlers == {}
     assert engine.metrics.requests_running._value.get() == 0
     await wait_until(lambda: engine.kv_pages_in_use() == 0)  # cancelled pages free at the loop's next step
     assert engine.runtime.cache.pinned() == 0

@@ -17,10 +17,10 @@ SCHEMA = {"type": "object", "properties": {
 MESSAGES = [{"role": "user", "content": "describe the cat"}]
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
+@pytest.fixture(scope="module", params=["continuous-batching", "decoder"])
+def live(tmp_path_factory, request):
     _, runtime = tiny_runtime(tmp_path_factory.mktemp("server-json"), eos_token_id=0)  # <eos> of byte_tokenizer
-    with serve(runtime) as server:
+    with serve(runtime, engine=request.param) as server:
         server.wait_ready()
         yield server
     runtime.close()

@@ -3,7 +3,8 @@ checked against transformers on the same checkpoint: its logits for logprobs, it
 `generate()` processors for penalties, logit_bias and min_tokens.
 
 The model's EOS is set to a token its greedy continuation reaches (as in
-test_server_eos.py), so ignore_eos and min_tokens have an EOS to act on.
+test_server_eos.py), so ignore_eos and min_tokens have an EOS to act on. Every test runs on
+both engines (transformers' continuous batching, cadre's slot-cache decoder).
 """
 
 import json
@@ -21,15 +22,15 @@ PROMPT = "hello"
 OTHER = "the cat sat on"
 
 
-@pytest.fixture(scope="module")
-def case(tmp_path_factory):
+@pytest.fixture(scope="module", params=["continuous-batching", "decoder"])
+def case(tmp_path_factory, request):
     tokenizer = byte_tokenizer()
     ids = tokenizer(PROMPT)["input_ids"]
     greedy = tiny_model(FAMILY).generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):]
     eos = int(greedy[3])
     checkpoint, runtime = tiny_runtime(tmp_path_factory.mktemp("server-params"), eos_token_id=eos)
     reference = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    with serve(runtime, max_concurrency=4) as server:
+    with serve(runtime, max_concurrency=4, engine=request.param) as server:
         server.wait_ready()
         server.reference, server.tokenizer, server.eos = reference, tokenizer, eos
         server.eos_at = greedy.tolist().index(eos) + 1  # PROMPT's greedy output ends with EOS here
