@@ -68,7 +68,11 @@ def parse_args(argv):
     p.add_argument("--hostile", type=float, default=0.05, help="fraction of malformed or hostile requests")
     p.add_argument("--disconnect", type=float, default=0.1, help="fraction of valid requests the client abandons")
     p.add_argument("--max-concurrency", type=int, default=8, help="server --max-concurrency")
-    p.add_argument("--engine", default="auto", help="server --engine (auto: continuous batching on CPU)")
+    p.add_argument("--engine", default="auto", help="server --engine (auto: continuous batching on CPU, the "
+                                                    "decoder on CUDA)")
+    p.add_argument("--device", default="cpu", help="server --device")
+    p.add_argument("--dtype", default="auto", help="server --dtype (on CUDA float32 keeps batched answers equal to "
+                                                  "the ones recorded alone; bf16 rounds differently per batch size)")
     p.add_argument("--rss-bound-mib", type=float, default=64.0,
                    help="allowed RSS growth from the first sample after warm-up to the end")
     p.add_argument("--seed", type=int, default=0)
@@ -173,7 +177,7 @@ async def send_hostile(client: httpx.AsyncClient, url: str, probe: Probe, tally:
 # --- the run -----------------------------------------------------------------------------------------
 
 def start_server(port: int, args, log_path: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "server", "--port", str(port), "--device", "cpu",
+    command = [sys.executable, "-m", "server", "--port", str(port), "--device", args.device, "--dtype", args.dtype,
                "--max-concurrency", str(args.max_concurrency), "--max-queue", "512",
                "--max-body-bytes", str(MAX_BODY), "--engine", args.engine, "--log-level", "info"]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
@@ -352,7 +356,8 @@ def main(argv: list[str]) -> int:
         except subprocess.TimeoutExpired:
             server.kill()
     checks = leak_checks(tallies, samples, args, server_log.read_text(), exit_code)
-    description = (f"python -m bench soak: demo model on CPU (float32), engine {args.engine}, {args.duration:g} s, "
+    description = (f"python -m bench soak: demo model on {args.device} (dtype {args.dtype}), engine {args.engine}, "
+                   f"{args.duration:g} s, "
                    f"{args.clients} clients, "
                    f"server --max-concurrency {args.max_concurrency}, {args.hostile:.0%} hostile, "
                    f"{args.disconnect:.0%} of valid requests abandoned; {os.cpu_count()} CPUs, 1-min load average "
