@@ -63,14 +63,14 @@ class RayServe:
                "routing_stats_period_s": 0.5, "app_name": APP, **overrides}
         return RayConfig(server=ServerConfig(**server), **ray)
 
-    def deploy(self, config, timeout: float = 180) -> None:
-        """Deploy (or update) the application and wait until it answers through the proxy."""
+    def deploy(self, config, timeout: float = 180, replicas: int | None = None) -> None:
+        """Deploy (replacing what ran) and wait until `replicas` (default config.replicas) answer."""
         from ray import serve
 
         from server.ray.app import build_app
 
         serve.run(build_app(config), name=APP, route_prefix="/", blocking=False)
-        self.wait_for_replicas(config.replicas, timeout)
+        self.wait_for_replicas(replicas or config.replicas, timeout)
 
     def wait_for_replicas(self, count: int, timeout: float = 180) -> list[str]:
         deadline = time.monotonic() + timeout

@@ -24,6 +24,7 @@ class RayConfig:
     target_ongoing_requests: float | None = None  # autoscaling target per replica (default: half a batch)
     upscale_delay_s: float = 10.0
     downscale_delay_s: float = 60.0
+    look_back_period_s: float = 30.0  # window over which queue depth is averaged
     request_router: str = "affinity"  # affinity | power-of-two | round-robin
     affinity_profile: str | None = None
     affinity_imbalance: int = 4
@@ -49,7 +50,8 @@ class RayConfig:
         return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                 "initial_replicas": min(max(self.min_replicas, 1), self.max_replicas),
                 "target_ongoing_requests": target, "upscale_delay_s": self.upscale_delay_s,
-                "downscale_delay_s": self.downscale_delay_s}
+                "downscale_delay_s": self.downscale_delay_s, "look_back_period_s": self.look_back_period_s,
+                "metrics_interval_s": min(10.0, self.look_back_period_s)}
 
 
 def tokenizer_dir(server: ServerConfig) -> str:

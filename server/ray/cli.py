@@ -47,6 +47,8 @@ def build_ray_parser() -> OneLineParser:
                    help="autoscaling target of requests per replica (default: half of --max-concurrency)")
     g.add_argument("--upscale-delay-s", type=non_negative_float, default=RayConfig.upscale_delay_s)
     g.add_argument("--downscale-delay-s", type=non_negative_float, default=RayConfig.downscale_delay_s)
+    g.add_argument("--look-back-period-s", type=positive_float, default=RayConfig.look_back_period_s,
+                   help="autoscaling: seconds over which queue depth is averaged")
     g.add_argument("--request-router", choices=ROUTER_NAMES, default=RayConfig.request_router,
                    help="affinity (expert-cache affinity, queue-length fallback), power-of-two (Ray's default) "
                         "or round-robin")
