@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Hashable
 
 OUTCOMES = ("affinity", "fallback", "balanced", "no_prediction", "pinned")
-DEFAULT_IMBALANCE = 4  # requests: how much longer the favoured replica's queue may be
+DEFAULT_IMBALANCE = 2  # requests: how much longer the favoured replica's queue may be
 DEFAULT_MIN_GAIN = 0.02  # expected hit rate by which the favourite must beat the runner-up
 
 

@@ -148,11 +148,11 @@ def record(runtime, ids: torch.Tensor, layers: int = DEFAULT_LAYERS, window: int
 
 
 def build_profile(store: str | Path, text: str, layers: int = DEFAULT_LAYERS, keep: int = DEFAULT_KEEP,
-                  max_tokens: int | None = None) -> TokenProfile:
+                  max_tokens: int | None = None, device: str = "cpu") -> TokenProfile:
     """Profile `text` on every expert of `store` (a full budget: the profile is what the model routes)."""
     from models import Runtime, RuntimeConfig
 
-    runtime = Runtime.from_store(store, RuntimeConfig())
+    runtime = Runtime.from_store(store, RuntimeConfig(device=device))
     try:
         if runtime.tokenizer is None:
             raise ValueError(f"{store}: the store has no tokenizer to read the text with")
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=DEFAULT_LAYERS, help="profile the first N MoE layers")
     parser.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="shares kept per token and layer")
     parser.add_argument("--max-tokens", type=int, default=None, help="profile only the first N tokens")
+    parser.add_argument("--device", default="cpu", help="device to route the text on (every expert loaded)")
     args = parser.parse_args(argv)
     from extractor.store import StoreError
 
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         text = Path(args.text).read_text()
-        profile = build_profile(args.store, text, args.layers, args.keep, args.max_tokens)
+        profile = build_profile(args.store, text, args.layers, args.keep, args.max_tokens, args.device)
     except (OSError, ValueError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
