@@ -36,7 +36,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from .serve import free_port, one_request, summarize
 
 ROUTERS = ("affinity", "power-of-two", "round-robin")
-PROFILE_TOKENS = 32_768  # of calibration text routed for the token profile
+PROFILE_TOKENS = 65_536  # of calibration text routed for the token profile
+CALIBRATION_CHARS = 60_000  # of each source: every source in the profile, none crowding out the rest
 PROSE_MODULES = ("os", "json", "argparse", "collections", "asyncio", "pathlib", "subprocess", "logging")
 PROSE_CALIBRATION = ("functools", "itertools", "email.message", "http.client", "unittest", "typing", "inspect")
 CODE_MODULES = ("argparse", "csv", "dataclasses")
@@ -114,8 +115,9 @@ def workload(chars: int, count: int = 24) -> tuple[dict[str, list[str]], str]:
                "twelfth-night": prompts_from(twelfth[half_t:], chars, count),
                "prose": prompts_from(docstrings(PROSE_MODULES), chars, count),
                "code": prompts_from(source_code(CODE_MODULES), chars, count)}
-    calibration = "\n".join([macbeth[:half_m], twelfth[:half_t], docstrings(PROSE_CALIBRATION),
-                             source_code(CODE_CALIBRATION)])
+    calibration = "\n".join(text[:CALIBRATION_CHARS] for text in (macbeth[:half_m], twelfth[:half_t],
+                                                                  docstrings(PROSE_CALIBRATION),
+                                                                  source_code(CODE_CALIBRATION)))
     return prompts, calibration
 
 
