@@ -44,10 +44,8 @@ CODE_MODULES = ("argparse", "csv", "dataclasses")
 CODE_CALIBRATION = ("json.decoder", "shlex", "textwrap", "fractions")
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m bench affinity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", help="expert store (default: the demo model)")
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared with bench/ray_scaling.py."""
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-fraction", type=float, default=0.25)
     p.add_argument("--replicas", type=int, default=2)
@@ -56,7 +54,6 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=24, help="requests per row before measuring (caches settle)")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--prompt-chars", type=int, default=160, help="prompt length in characters")
-    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--routers", default=",".join(ROUTERS))
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--gpus-per-replica", type=float, default=0.0)
@@ -65,6 +62,14 @@ def parse_args(argv):
     p.add_argument("--profile-layers", type=int, default=4)
     p.add_argument("--profile-device", default="cpu", help="device the token profile is built on")
     p.add_argument("--json", type=Path)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench affinity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", help="expert store (default: the demo model)")
+    p.add_argument("--rounds", type=int, default=2)
+    add_common_args(p)
     return p.parse_args(argv)
 
 
@@ -244,11 +249,18 @@ def result_record(argv, rows: list[dict], summary: dict, description: str) -> di
             "date": time.strftime("%Y-%m-%d"), "description": description, "summary": summary, "rows": rows}
 
 
-def main(argv) -> int:
-    args = parse_args(argv)
+def chosen_routers(args) -> list[str] | None:
     routers = args.routers.split(",")
     if not set(routers) <= set(ROUTERS):
         print(f"error: --routers {args.routers}: each must be one of {', '.join(ROUTERS)}", file=sys.stderr)
+        return None
+    return routers
+
+
+def main(argv) -> int:
+    args = parse_args(argv)
+    routers = chosen_routers(args)
+    if routers is None:
         return 2
     from server.ray.cluster import start_local_cluster
 

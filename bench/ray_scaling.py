@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .affinity import ROUTERS, build_profile_for, deploy, fmt, measure, result_record, workload
+from .affinity import add_common_args, chosen_routers, build_profile_for, deploy, fmt, measure, result_record, workload
 from .serve import free_port
 
 
@@ -27,24 +27,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench ray_scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo", help="demo, qwen3-30b-a3b-8l (random weights) or a checkpoint dir")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bfloat16", help="of a built random checkpoint")
-    p.add_argument("--cache-fraction", type=float, default=0.25)
-    p.add_argument("--replicas", type=int, default=2)
-    p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--requests", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--prompt-chars", type=int, default=160)
-    p.add_argument("--routers", default=",".join(ROUTERS))
-    p.add_argument("--cpus-per-replica", type=float, default=1.0)
-    p.add_argument("--gpus-per-replica", type=float, default=0.0)
-    p.add_argument("--max-concurrency", type=int, default=16)
-    p.add_argument("--affinity-imbalance", type=int, default=2)
-    p.add_argument("--profile-layers", type=int, default=4)
-    p.add_argument("--profile-device", default=None, help="default: --device")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("CADRE_CACHE_DIR") or "/tmp/cadre-bench"))
-    p.add_argument("--json", type=Path)
+    add_common_args(p)
+    p.set_defaults(clients=16, requests=128, warmup=32, max_tokens=32, profile_device=None)
     return p.parse_args(argv)
 
 
@@ -71,9 +57,8 @@ def prepare_store(args) -> str | None:
 
 def main(argv) -> int:
     args = parse_args(argv)
-    routers = args.routers.split(",")
-    if not set(routers) <= set(ROUTERS):
-        print(f"error: --routers {args.routers}: each must be one of {', '.join(ROUTERS)}", file=sys.stderr)
+    routers = chosen_routers(args)
+    if routers is None:
         return 2
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.store = prepare_store(args)

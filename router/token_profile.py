@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .exact import UNUSED
+from .profile import route_windows
 
 FORMAT = "cadre-token-profile"
 VERSION = "1"
@@ -130,20 +131,15 @@ class TokenProfile:
                    t["shares"], t["mean"], int(meta["tokens"]))
 
 
-@torch.inference_mode()
 def record(runtime, ids: torch.Tensor, layers: int = DEFAULT_LAYERS, window: int = 256,
            batch: int = 8) -> TokenProfileBuilder:
     """Route token ids [T] through `runtime` in windows and accumulate the first `layers` MoE layers."""
     builder = TokenProfileBuilder(runtime.store.moe_layers[:layers], runtime.store.num_experts)
-    runtime.add_routing_listener(builder)
-    try:
-        usable = ids.numel() // window * window or ids.numel()
-        windows = ids[:usable].view(-1, min(window, usable))  # [W, S]
-        for chunk in windows.split(batch):
-            builder.token_ids = chunk.flatten()  # [B*S] the rows of this forward's routing events
-            runtime.model(input_ids=chunk.to(runtime.device), use_cache=False)
-    finally:
-        runtime.remove_routing_listener(builder)
+
+    def before_forward(chunk: torch.Tensor) -> None:
+        builder.token_ids = chunk.flatten()  # [B*S]: the rows of this forward's routing events
+
+    route_windows(runtime, ids, builder, window, batch, on_chunk=before_forward)
     return builder
 
 

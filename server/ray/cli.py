@@ -12,28 +12,14 @@ import signal
 import sys
 import threading
 
-from ..cli import (OneLineParser, apply_env_defaults, build_parser, check_paths, check_policies, non_negative_int,
-                   positive_int)
+from ..cli import (OneLineParser, apply_env_defaults, build_parser, check_paths, check_policies, non_negative_float,
+                   non_negative_int, positive_float, positive_int)
 from ..config import ServerConfig
 from .app import RayConfig
 
 PROG = "python -m server.ray"
 ROUTER_NAMES = ("affinity", "power-of-two", "round-robin")
 LAUNCH_FLAGS = ("ray_address", "ray_num_cpus")  # how to start, not what to deploy
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(text)
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
 
 
 def build_ray_parser() -> OneLineParser:

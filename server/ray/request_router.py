@@ -26,7 +26,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from router.affinity import DEFAULT_IMBALANCE, DEFAULT_MIN_GAIN, Candidate, ReplicaSummary, place
 
-from .router_support import PinnedRequests, count_decision, forwarded
+from .router_support import PinnedOrInherited, PinnedRequests, count_decision, forwarded
 
 MAX_TRACKED = 10_000  # decisions awaiting on_request_routed (cancelled requests never get there)
 
@@ -84,30 +84,12 @@ class ExpertAffinityRouter(PinnedRequests, RequestRouter):
             self._decisions.popitem(last=False)
 
 
-class PowerOfTwoRouter(PinnedRequests, PowerOfTwoChoicesRequestRouter):
+class PowerOfTwoRouter(PinnedOrInherited, PowerOfTwoChoicesRequestRouter):
     """Ray Serve's default (two random replicas, the shorter queue), with pinning."""
 
-    def initialize_state(self, **_):
-        self.register()
 
-    async def choose_replicas(self, candidate_replicas, pending_request=None):
-        pinned = self.pinned(candidate_replicas, forwarded(pending_request))
-        if pinned is not None:
-            return pinned
-        return await super().choose_replicas(candidate_replicas, pending_request)
-
-
-class RoundRobinRouter(PinnedRequests, RayRoundRobinRouter):
+class RoundRobinRouter(PinnedOrInherited, RayRoundRobinRouter):
     """Ray Serve's experimental round robin, with pinning."""
-
-    def initialize_state(self, **_):
-        self.register()
-
-    async def choose_replicas(self, candidate_replicas, pending_request=None):
-        pinned = self.pinned(candidate_replicas, forwarded(pending_request))
-        if pinned is not None:
-            return pinned
-        return await super().choose_replicas(candidate_replicas, pending_request)
 
 
 ROUTERS = {"affinity": ExpertAffinityRouter, "power-of-two": PowerOfTwoRouter, "round-robin": RoundRobinRouter}

@@ -49,3 +49,16 @@ class PinnedRequests:
         if request is None or request.replica is None:
             return None
         return [[r for r in candidates if r.replica_id.unique_id == request.replica]]
+
+
+class PinnedOrInherited(PinnedRequests):
+    """Pinning in front of a router whose own choose_replicas comes next in the MRO."""
+
+    def initialize_state(self, **_):
+        self.register()
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        pinned = self.pinned(candidate_replicas, forwarded(pending_request))
+        if pinned is not None:
+            return pinned
+        return await super().choose_replicas(candidate_replicas, pending_request)
