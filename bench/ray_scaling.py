@@ -19,7 +19,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .affinity import add_common_args, chosen_routers, build_profile_for, deploy, fmt, measure, result_record, workload
+from .affinity import (add_common_args, build_profile_for, chosen_routers, deploy, fmt, measure, result_record,
+                       workload)
 from .serve import free_port
 
 

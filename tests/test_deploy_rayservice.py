@@ -77,7 +77,8 @@ def test_serve_config_deploys_the_cadre_app_with_valid_flags(monkeypatch):
     config = ServeDeploySchema.model_validate(yaml.safe_load(ray_service()["spec"]["serveConfigV2"]))
     (app,) = config.applications
     assert app.import_path == "server.ray.app:app_builder"
-    monkeypatch.setattr("server.ray.cli.check_paths", lambda parser, args: None)  # the store lives on the cluster's volume
+    # the store and the profile live on the cluster's volume
+    monkeypatch.setattr("server.ray.cli.check_paths", lambda parser, args: None)
     monkeypatch.setattr("server.ray.cli.os.path.isfile", lambda path: True)
     argv = [part for key, value in app.args.items() for part in (f"--{key}", str(value))]
     ray_config = parse_ray_config(argv)

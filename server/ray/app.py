@@ -119,8 +119,8 @@ def with_default_profile(config: RayConfig) -> RayConfig:
     if config.server.store or config.server.model:
         from ..logs import log_event
 
-        log_event("no_affinity_profile", level=logging.WARNING, detail="without --affinity-profile the affinity router places "
-                                                          "by queue length only")
+        log_event("no_affinity_profile", level=logging.WARNING,
+                  detail="without --affinity-profile the affinity router places by queue length only")
         return config
     return dataclasses.replace(config, affinity_profile=str(ensure_demo_profile()))
 

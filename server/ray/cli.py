@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": config.server.host, "port": config.server.port})
     serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
     log_event("serving", url=f"http://{config.server.host}:{config.server.port}", router=config.request_router,
-              replicas=config.replicas if config.max_replicas is None else f"{config.min_replicas}-{config.max_replicas}")
+              replicas=config.replicas if config.max_replicas is None
+              else f"{config.min_replicas}-{config.max_replicas}")
     wait_for_stop_signal()
     serve.shutdown()  # drains every replica: in-flight requests get --shutdown-timeout to finish
     ray.shutdown()
