@@ -236,6 +236,9 @@ def build_profile_for(args, calibration: str, workdir: Path) -> str:
     path = workdir / "bench-affinity-profile.safetensors"
     build_profile(store, calibration, layers=args.profile_layers, max_tokens=PROFILE_TOKENS,
                   device=args.profile_device).save(path)
+    from .decode import free_memory
+
+    free_memory()  # the profile held every expert on its device: give it back before the replicas start
     return str(path)
 
 
