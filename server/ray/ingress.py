@@ -122,6 +122,10 @@ class CadreIngress:
             else:
                 await send({"type": "http.response.body", "body": stream_error(request.path, message).encode(),
                             "more_body": False})
+        except Exception as exc:  # a fault of the forwarding itself: the client still gets an answer
+            log_event("relay_failed", level=logging.ERROR, path=request.path, error=repr(exc))
+            if not started:
+                await error_response(APIError(500, "internal server error", type="server_error"))(scope, receive, send)
 
     async def replica_ids(self) -> list[str]:
         ids = replica_ids(self.config.app_name)
