@@ -58,7 +58,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--gpus-per-replica", type=float, default=0.0)
     p.add_argument("--max-concurrency", type=int, default=16)
-    p.add_argument("--affinity-imbalance", type=int, default=2)
+    p.add_argument("--affinity-imbalance", type=int, default=0)
     p.add_argument("--profile-layers", type=int, default=4)
     p.add_argument("--profile-device", default="cpu", help="device the token profile is built on")
     p.add_argument("--json", type=Path)

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Hashable
 
 OUTCOMES = ("affinity", "fallback", "balanced", "no_prediction", "pinned")
-DEFAULT_IMBALANCE = 2  # requests: how much longer the favoured replica's queue may be
+DEFAULT_IMBALANCE = 0  # requests the favourite's queue may exceed the shortest by (0: affinity breaks ties;
+#                         bench/results/affinity_cpu_demo*.log: 2 cost p99 1.5x on CPU replicas, 0 none)
 DEFAULT_MIN_GAIN = 0.02  # expected hit rate by which the favourite must beat the runner-up
 
 

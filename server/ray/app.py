@@ -27,7 +27,7 @@ class RayConfig:
     look_back_period_s: float = 30.0  # window over which queue depth is averaged
     request_router: str = "affinity"  # affinity | power-of-two | round-robin
     affinity_profile: str | None = None
-    affinity_imbalance: int = 2
+    affinity_imbalance: int = 0  # router.affinity.DEFAULT_IMBALANCE
     routing_stats_period_s: float = 1.0
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
