@@ -52,7 +52,7 @@ class Vocabulary:
         tok = self.tokenizer
         if tok is None:  # a store without a tokenizer: ids are all there is
             return [f"<{i}>".encode() for i in range(self.size)]
-        pieces = tok.convert_ids_to_tokens(list(range(min(self.size, len(tok)))))
+        pieces = [piece or "" for piece in tok.convert_ids_to_tokens(list(range(min(self.size, len(tok)))))]
         special = set(getattr(tok, "all_special_ids", []))
         kinds = decoder_kinds(tok)
         spell = self._spelling(kinds)
