@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from models import Runtime, RuntimeConfig
 from models.runtime import expert_bytes
-from tiny_models import FAMILIES
+from tiny_models import FIRST_SIX as FAMILIES
 
 NEW_TOKENS = 64
 
