@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import ExtractError
 from .families import Family, FamilyError, detect_family, text_config, top_k
 from .formats import DENSE, FP8, MXFP4, expected_shapes, weight_format
-from .layout import Layout, Role, describe
+from .layout import Layout, Role, describe, one_line
 from .safetensors_format import SafetensorsFormatError, TensorInfo, read_header
 
 INDEX = "model.safetensors.index.json"
@@ -163,7 +163,7 @@ def _layout(root: Path, config: dict, family: Family) -> Layout:
             hf_config = AutoConfig.from_pretrained(root)
     except Exception as exc:  # transformers' config classes raise many types on bad values
         raise ExtractError(f"{root / 'config.json'}: transformers cannot read it: {type(exc).__name__}: "
-                           f"{str(exc)[:200]}") from None
+                           f"{one_line(exc)}") from None
     try:
         return describe(hf_config)
     except ExtractError as exc:

@@ -97,7 +97,7 @@ def detect_family(config: dict) -> Family:
     family = FAMILIES.get(model_type)
     if family is None:
         supported = ", ".join(sorted(FAMILIES))
-        raise FamilyError(f"model_type '{model_type}': cadre knows no routing for it, or it is not an MoE model "
+        raise FamilyError(f"unknown or non-MoE model_type '{model_type}': cadre has no routing kind for it "
                           f"(supported: {supported}; see docs/families.md)")
     return family
 

@@ -146,8 +146,8 @@ def describe(config) -> Layout:
             raise ExtractError(f"{config.model_type}: two routed-experts modules in layer {site.layer}")
         sites[site.layer] = site
     if not sites:
-        raise ExtractError(f"{config.model_type}: transformers' model has no routed-experts module "
-                           "(@use_experts_implementation): not a mixture-of-experts model cadre can serve")
+        raise ExtractError(f"{config.model_type}: not an MoE model: transformers builds it without a routed-experts "
+                           "module (@use_experts_implementation)")
     return Layout(
         model_type=config.model_type, sites=sites,
         _renamings=tuple(t for t in transforms if not isinstance(t, WeightConverter)),
@@ -167,7 +167,12 @@ def meta_model(config):
             return AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # transformers raises ValueError, KeyError, ImportError... for configs it cannot build
         raise ExtractError(f"transformers cannot build a causal LM for model_type "
-                           f"'{config.model_type}': {type(exc).__name__}: {str(exc)[:200]}") from None
+                           f"'{config.model_type}': {type(exc).__name__}: {one_line(exc)}") from None
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line (transformers' often span several)."""
+    return " ".join(str(exc).split())[:limit]
 
 
 def _site(path: str, module) -> Site:
