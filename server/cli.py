@@ -134,6 +134,9 @@ def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
         parser.error(str(exc))
 
 
+EXIT_LOAD_FAILED = 1  # the model failed to load (logged as event "load_failed"); 2 is bad flags
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     import uvicorn
@@ -146,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn finishes in-flight requests for shutdown_timeout seconds on SIGTERM/SIGINT,
     # then cancels them (a cancelled stream cancels its generation); the app's lifespan
     # then stops the engine. Access logs are off: the app logs one line per request.
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False,
-                timeout_graceful_shutdown=config.shutdown_timeout, log_config=None)
-    return 0
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                                           access_log=False, timeout_graceful_shutdown=config.shutdown_timeout,
+                                           log_config=None))
+    # A model that cannot load will not load by waiting: stop, so an orchestrator restarts
+    # or reports the process instead of routing to a server that can only answer 503.
+    state = app.state.cadre
+    state.on_load_failure = lambda: setattr(server, "should_exit", True)
+    server.run()
+    return EXIT_LOAD_FAILED if state.load_failed else 0
