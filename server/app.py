@@ -104,6 +104,7 @@ async def bring_up(state: AppState, runtime=None) -> None:
         state.runtime = runtime or await in_passing_thread(load_runtime, state.config)
         c = state.config
         engine = Engine(state.runtime, EngineConfig(max_concurrency=c.max_concurrency, max_queue=c.max_queue,
+                                                    batching=c.batching,
                                                     max_model_len=context_window(state.runtime, c)),
                         state.metrics)
         await in_passing_thread(engine.start)
@@ -111,7 +112,7 @@ async def bring_up(state: AppState, runtime=None) -> None:
         state.engine = engine
         await engine.warmup()
         state.status = "ready"
-        log_event("ready", model=state.model_name, max_model_len=engine.config.max_model_len,
+        log_event("ready", model=state.model_name, max_model_len=engine.config.max_model_len, batching=engine.batching,
                   seconds=round(time.perf_counter() - started, 2))
     except Exception as exc:  # said on /ready and /health; `python -m server` then exits non-zero
         state.status, state.detail, state.load_failed = "failed", f"{type(exc).__name__}: {exc}", True

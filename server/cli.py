@@ -65,6 +65,9 @@ def build_parser() -> OneLineParser:
                         "whose experts exceed the budget does not evict what the next layers need), lru or salience")
     p.add_argument("--max-concurrency", type=positive_int, default=16,
                    help="requests decoded together in one continuous batch")
+    p.add_argument("--batching", choices=("auto", "continuous", "static"), default="auto",
+                   help="auto (default): transformers' continuous batching where it supports the model's attention, "
+                        "else static batches through generate() (DeepSeek's MLA, linear-attention layers)")
     p.add_argument("--max-queue", type=non_negative_int, default=64,
                    help="requests that may wait for a slot; beyond this the server answers 503 + Retry-After")
     p.add_argument("--max-model-len", type=positive_int, help="context window to enforce (default: the model's)")
