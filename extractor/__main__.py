@@ -18,6 +18,7 @@ from .store import StoreError
 EXAMPLES = """\
 examples:
   python -m extractor --model ~/models/Qwen3-30B-A3B --out ~/stores/qwen3-30b
+  python -m extractor --model Qwen/Qwen3-30B-A3B@main --out ~/stores/qwen3-30b   # from the Hub
   python -m extractor --model CKPT --out STORE --experts 0-7 --layers all --dtype bfloat16 --workers 2
   python -m extractor --model CKPT --out STORE --experts auto:8 --profile usage.json
   python -m extractor --model CKPT --out STORE --dtype fp8          # FP8 experts from a bf16 checkpoint
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", metavar="CKPT", help="checkpoint directory (config.json + *.safetensors), "
-                        "e.g. --model ./Qwen3-30B-A3B; required unless only --verify is asked")
+                        "e.g. --model ./Qwen3-30B-A3B, or a Hugging Face Hub id org/name[@revision] (downloads "
+                        "config, tokenizer and safetensors files only); required unless only --verify is asked")
     parser.add_argument("--out", metavar="STORE", required=True,
                         help="store directory: new, empty, or a store of the same model, e.g. --out ./store")
     parser.add_argument("--experts", metavar="SPEC", default="all",

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .checkpoint import open_checkpoint
 from .errors import ExtractError
+from .hub import resolve_model
 from .journal import JOURNAL, Journal
 from .plan import FP8_BLOCK, Plan, make_plan
 from .run import Run
@@ -61,7 +62,8 @@ def extract_store(
     profile: str | Path | None = None,
     fp8_block: tuple[int, int] = FP8_BLOCK,
 ) -> ExtractSummary:
-    """Extract `model_dir` into the store `out_dir`; ExtractError (a ValueError) on bad input."""
+    """Extract `model_dir` (a directory, or a Hub id org/name[@revision]) into the store `out_dir`;
+    ExtractError (a ValueError) on bad input."""
     started = time.perf_counter()
     if not isinstance(workers, int) or workers < 1:
         raise ExtractError(f"{out_dir}: workers must be a positive integer, got {workers!r}")
@@ -69,6 +71,7 @@ def extract_store(
     if experts_ranges is None:
         experts_ranges = _parse(parse_spec, experts, "--experts", where=model_dir)
     layer_ranges = _parse(parse_spec, layers, "--layers", where=model_dir)
+    model_dir = resolve_model(model_dir, quiet=quiet)  # org/name[@revision]: the Hub snapshot
     ckpt = open_checkpoint(model_dir)
     plan = _parse(make_plan, ckpt, experts_ranges, layer_ranges, dtype, fp8_block, where=model_dir)
     out = _prepare_out_dir(Path(out_dir), ckpt.config_sha256)

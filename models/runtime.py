@@ -99,10 +99,12 @@ class Runtime:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, config: RuntimeConfig = RuntimeConfig(),
                         store_dir: str | Path | None = None, policy=None) -> "Runtime":
-        """Extract `checkpoint` into a store (cached; re-runs skip verified shards) and load it."""
+        """Extract `checkpoint` (a directory or a Hub id org/name[@revision], downloaded first) into
+        a store (cached; re-runs skip verified shards) and load it."""
         from extractor import extract_store
+        from extractor.hub import resolve_model
 
-        checkpoint = Path(checkpoint)
+        checkpoint = resolve_model(str(checkpoint))
         store_dir = Path(store_dir) if store_dir else default_store_dir(checkpoint)
         extract_store(checkpoint, store_dir, quiet=True)
         return cls.from_store(store_dir, config, policy)

@@ -49,7 +49,8 @@ def build_parser() -> OneLineParser:
                              "e.g. CADRE_PORT=9000 or CADRE_API_KEY=secret.")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--store", help="expert store directory (python -m extractor output)")
-    source.add_argument("--model", help="Hugging Face checkpoint directory; extracted to a cached store first")
+    source.add_argument("--model", help="Hugging Face checkpoint directory, or Hub id org/name[@revision] "
+                        "(downloaded first); extracted to a cached store")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=non_negative_int, default=8000)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -121,8 +122,10 @@ def check_policies(parser: argparse.ArgumentParser, routing: str, eviction: str)
 def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.store and not (Path(args.store) / "manifest.json").is_file():
         parser.error(f"--store {args.store}: not an expert store (no manifest.json)")
-    if args.model and not (Path(args.model) / "config.json").is_file():
-        parser.error(f"--model {args.model}: not a Hugging Face checkpoint (no config.json)")
+    from extractor.hub import is_hub_id
+
+    if args.model and not is_hub_id(args.model) and not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: not a Hugging Face checkpoint (no config.json) nor a Hub id org/name")
 
 
 def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
