@@ -1,16 +1,24 @@
 """Decode benchmark: cadre at several expert-cache budgets against transformers, same run.
 
     python -m bench decode                       # demo model (or a tiny random one) on CPU
-    python -m bench decode --model qwen3-30b-a3b-8l --device cuda --budgets 1.0,0.25 --accelerate
+    python -m bench decode --model qwen3-30b-a3b-8l --device cuda --budgets 1.0,0.25 --compile --accelerate
+    python -m bench decode --model qwen3-30b-a3b-8l --device cuda --batch 16 --compile
 
-Prints tokens/s at batch 1 (greedy, fixed token count, after a warm-up generation),
-cache hit rate and expert loads per token for each cadre budget, beside transformers
-with the whole model resident (every experts implementation that runs) and, with
---accelerate, transformers + accelerate offload at cadre's GPU memory.
+Prints tokens/s (greedy, a fixed number of new tokens per prompt, after a warm-up, batch
+of --batch prompts decoded together), cache hit rate and expert loads per token for each
+cadre budget, beside transformers with the whole model resident: eager with every experts
+implementation, and with --compile its static cache with torch.compile (CUDA graphs:
+transformers' automatic compile, and gpt-fast's manual `torch.compile(forward,
+mode="reduce-overhead", fullgraph=True)`); with --accelerate also transformers +
+accelerate offload at cadre's GPU memory. cadre runs its slot-cache decoder (CUDA graphs
+on a GPU) and, with --cadre-eager, also transformers' generate() over cadre's model.
+
+On a GPU it also measures the pinned host -> device copy bandwidth, and prints for every
+cadre row the copy-bound floor: loads per token x bytes per expert / that bandwidth.
 
 Every system is loaded first and the timed runs are interleaved (round r times each
-system once), so a machine whose speed drifts during the run (a shared VM, a GPU
-warming up) shifts every system alike; the median of the rounds is reported.
+system once), so a machine whose speed drifts (a shared VM, a GPU warming up) shifts every
+system alike; the median of the rounds is reported.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from typing import Callable
 
 import torch
 
+from bench.provenance import provenance
+
 # Qwen3-30B-A3B's dimensions with the depth cut to 8 layers (random weights).
 QWEN3_30B_A3B_8L = dict(
     hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=8,
@@ -39,6 +49,7 @@ TINY = dict(
     num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=32, num_experts_per_tok=4,
     norm_topk_prob=True, vocab_size=512,
 )
+PROMPT_LEN = 16
 
 
 def parse_args(argv):
@@ -47,20 +58,24 @@ def parse_args(argv):
     p.add_argument("--model", default="demo",
                    help="demo (the built-in model), tiny, qwen3-30b-a3b-8l, or a checkpoint directory")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: checkpoint's; bf16 for synthetic on GPU)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--budgets", default="1.0,0.5,0.25", help="cadre cache budgets as fractions of all experts")
-    p.add_argument("--tokens", type=int, default=64, help="generated tokens per timed run")
+    p.add_argument("--batch", type=int, default=1, help="prompts decoded together")
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per prompt per timed run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
-    p.add_argument("--full-depth", choices=["off", "on", "both"], default="both",
-                   help="cadre's full-depth prefetch mode(s) to measure")
-    p.add_argument("--accelerate", action="store_true", help="also run transformers + accelerate offload (GPU)")
+    p.add_argument("--compile", action="store_true", help="also transformers static cache + torch.compile")
+    p.add_argument("--compile-modes", default="compiled",
+                   help="with --compile: compiled (gpt-fast's manual torch.compile), auto-compile (transformers' own)")
+    p.add_argument("--cadre-eager", action="store_true", help="also cadre through transformers' generate()")
+    p.add_argument("--impls", default="grouped_mm,batched_mm,eager", help="transformers experts implementations")
+    p.add_argument("--accelerate", action="store_true", help="also transformers + accelerate offload (GPU)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--workdir", type=Path, help="where synthetic checkpoints and stores go (default: a temp dir)")
     return p.parse_args(argv)
 
 
-def prompt_ids(vocab_size: int) -> torch.Tensor:
-    return torch.randint(10, min(vocab_size, 4000), (1, 16), generator=torch.Generator().manual_seed(0))
+def prompt_ids(vocab_size: int, batch: int) -> torch.Tensor:
+    return torch.randint(10, min(vocab_size, 4000), (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
 
 
 @dataclass
@@ -73,7 +88,7 @@ class Contender:
 
 
 def timed_rounds(contenders: list[Contender], ids, tokens: int, repeats: int, device) -> dict[str, float]:
-    """Median tokens/s of each contender over `repeats` interleaved rounds of `tokens` greedy tokens."""
+    """Median tokens/s (all prompts together) of each contender over `repeats` interleaved rounds."""
     rates: dict[str, list[float]] = {c.system: [] for c in contenders}
     for _ in range(repeats):
         for contender in contenders:
@@ -81,8 +96,8 @@ def timed_rounds(contenders: list[Contender], ids, tokens: int, repeats: int, de
             start = time.perf_counter()
             out = contender.generate(ids, tokens)
             sync(device)
-            assert out.shape[1] == ids.shape[1] + tokens
-            rates[contender.system].append(tokens / (time.perf_counter() - start))
+            assert out.shape == (ids.shape[0], ids.shape[1] + tokens), (contender.system, tuple(out.shape))
+            rates[contender.system].append(ids.shape[0] * tokens / (time.perf_counter() - start))
     return {system: sorted(r)[len(r) // 2] for system, r in rates.items()}
 
 
@@ -91,10 +106,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def hf_generate(model):
+def hf_generate(model, **kwargs):
     def run(ids, tokens):
         with torch.inference_mode():
-            return model.generate(ids.to(model.device), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            return model.generate(ids.to(model.device), max_new_tokens=tokens, min_new_tokens=tokens,
+                                  do_sample=False, **kwargs)
     return run
 
 
@@ -129,61 +145,97 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
-def transformers_contenders(checkpoint: Path, device, dtype, ids) -> tuple[list[Contender], list[dict]]:
-    """transformers with every expert resident, one contender per experts implementation
-    (an implementation this device/dtype lacks becomes an error row, not a hidden gap)."""
+def transformers_contenders(checkpoint: Path, device, dtype, ids, args) -> tuple[list[Contender], list[dict]]:
+    """transformers with every expert resident: eager with each experts implementation, and
+    (--compile) static cache + torch.compile. A configuration this device/dtype cannot run
+    becomes an error row, not a hidden gap."""
     from transformers import AutoModelForCausalLM
 
+    variants = [(impl, "eager") for impl in args.impls.split(",")]
+    if args.compile:
+        variants += [(impl, mode) for impl in ("grouped_mm", "batched_mm") for mode in args.compile_modes.split(",")]
     contenders, errors = [], []
-    for impl in ("grouped_mm", "batched_mm", "eager"):
+    for impl, mode in variants:
+        name = f"transformers {impl}, " + {"eager": "eager", "auto-compile": "static cache, automatic compile",
+                                           "compiled": "static cache, torch.compile reduce-overhead"}[mode]
         try:
             model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, experts_implementation=impl)
-            generate = hf_generate(model.to(device).eval())
-            generate(ids, 4)  # warm-up: kernels, allocator
+            model = model.to(device).eval()
+            generate = hf_generate(model, **_compile_kwargs(model, mode))
+            for _ in range(2 if mode != "eager" else 1):
+                generate(ids, 8)  # warm-up: kernels, allocator; compile and graph recording
         except Exception as exc:
-            errors.append({"system": f"transformers ({impl})", "error": str(exc).splitlines()[0][:80]})
+            errors.append({"system": name, "error": str(exc).splitlines()[0][:120]})
             free_memory()
             continue
-        contenders.append(Contender(f"transformers ({impl}), all resident", generate))
+        contenders.append(Contender(name, generate))
     return contenders, errors
 
 
-def cadre_contender(store: Path, device, dtype_name, ids, fraction, full_depth, args) -> Contender:
+def _compile_kwargs(model, mode: str) -> dict:
+    if mode == "eager":
+        return {}
+    if mode == "compiled":  # gpt-fast's recipe, as transformers' docs give it
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        return {"cache_implementation": "static", "disable_compile": True}
+    return {"cache_implementation": "static"}  # transformers compiles the forward itself
+
+
+def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool, args) -> Contender:
     from models import Runtime, RuntimeConfig
 
     on_gpu = torch.device(device).type == "cuda"
     allocated = torch.cuda.memory_allocated() if on_gpu else 0
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    runtime = Runtime.from_store(store, RuntimeConfig(device=device, dtype=dtype_name, cache_fraction=fraction,
-                                                      full_depth=full_depth))
+    runtime = Runtime.from_store(store, RuntimeConfig(device=device, dtype=dtype_name, cache_fraction=fraction))
     if runtime.cache.host is not None:  # GPU: every expert in pinned host RAM, the budget on the GPU
         runtime.cache.host.warm(runtime.store, all_experts(runtime.store), runtime.cache.dtype)
-    generate = lambda ids, tokens: runtime.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens)
-    generate(ids, 4)  # warm-up: kernels, allocator, first loads
+    if graphs:
+        decoder = runtime.decoder(max_batch=ids.shape[0], max_len=PROMPT_LEN + args.tokens + 8)
+        generate = decoder.generate
+    else:
+        generate = lambda ids, tokens: runtime.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens)
+    generate(ids, args.tokens)  # warm-up: kernels, first loads, and (graphs) every step shape captured
     before = runtime.cache.stats()
     peak = torch.cuda.max_memory_allocated() - allocated if on_gpu else 0  # this runtime's own
 
     def finish() -> dict:
         after = runtime.cache.stats()
-        tokens = args.tokens * args.repeats
+        tokens = args.tokens * args.repeats * ids.shape[0]
         queries = after.queries - before.queries
         row = {
             "hit_rate": (after.hits - before.hits) / queries if queries else 0.0,
             "loads_per_token": (sum(after.loads.values()) - sum(before.loads.values())) / tokens,
+            "expert_bytes": runtime.cache.slot_bytes,
             "cache_gib": after.capacity_bytes / 2**30,
         }
         if on_gpu:
-            row["gpu_peak_gib"] = peak / 2**30  # trunk + cache slots + warm-up activations
+            row["gpu_peak_gib"] = peak / 2**30  # trunk + cache slots + KV + warm-up activations
         runtime.close()
         return row
 
-    name = f"cadre {fraction:.0%} of experts" + (" full-depth" if full_depth else "")
+    name = f"cadre {fraction:.0%} of experts, " + ("slot-cache decoder" + (" (CUDA graphs)" if on_gpu else "")
+                                                 if graphs else "transformers generate()")
     return Contender(name, generate, finish)
 
 
 def all_experts(store):
     return [(layer, e) for layer in store.moe_layers for e in store.experts_present(layer)]
+
+
+def h2d_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Pinned host -> device copy, bytes/s (the median of 5 copies of `nbytes`)."""
+    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(6):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return nbytes / sorted(times[1:])[2]
 
 
 def bench_accelerate(checkpoint: Path, dtype, ids, gpu_bytes: int, args) -> dict:
@@ -199,17 +251,27 @@ def bench_accelerate(checkpoint: Path, dtype, ids, gpu_bytes: int, args) -> dict
     return {"system": f"transformers + accelerate offload, {gpu_bytes / 2**30:.1f} GiB GPU", "tok_s": rate}
 
 
+def add_floors(rows: list[dict], bandwidth: float) -> None:
+    """Copy-bound floor of each cadre row: the time its expert loads take at `bandwidth`."""
+    for r in rows:
+        if "loads_per_token" in r:
+            seconds = r["loads_per_token"] * r["expert_bytes"] / bandwidth
+            r["copy_floor_tok_s"] = 1 / seconds if seconds else None
+
+
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
-    print(f"{'system':<52} {'tok/s':>8} {'hit rate':>9} {'loads/tok':>10} {'GPU peak GiB':>13}")
+    print(f"{'system':<66} {'tok/s':>8} {'hit rate':>9} {'loads/tok':>10} {'copy floor':>11} {'GPU peak GiB':>13}")
     for r in rows:
         if "error" in r:
-            print(f"{r['system']:<52} {'n/a':>8}  ({r['error']})")
+            print(f"{r['system']:<66} {'n/a':>8}  ({r['error']})")
             continue
         hit = f"{r['hit_rate']:.1%}" if "hit_rate" in r else "-"
         loads = f"{r['loads_per_token']:.2f}" if "loads_per_token" in r else "-"
+        floor = r.get("copy_floor_tok_s")
+        floor = f"{floor:.0f}" if floor else "-"
         peak = f"{r['gpu_peak_gib']:.2f}" if "gpu_peak_gib" in r else "-"
-        print(f"{r['system']:<52} {r['tok_s']:>8.1f} {hit:>9} {loads:>10} {peak:>13}")
+        print(f"{r['system']:<66} {r['tok_s']:>8.1f} {hit:>9} {loads:>10} {floor:>11} {peak:>13}")
 
 
 def main(argv) -> int:
@@ -220,34 +282,43 @@ def main(argv) -> int:
     device = args.device
     on_gpu = torch.device(device).type == "cuda"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cadre-bench-"))
-    synthetic_dtype = torch.bfloat16 if on_gpu else torch.float32
-    checkpoint = build_checkpoint(args.model, workdir, device if args.model != "demo" else "cpu", synthetic_dtype)
+    dtype_name = args.dtype or ("bfloat16" if on_gpu else "float32")
+    dtype = getattr(torch, dtype_name)
+    checkpoint = build_checkpoint(args.model, workdir, device if args.model != "demo" else "cpu",
+                                  torch.bfloat16 if on_gpu else torch.float32)
     store = workdir / "store"
     extract_store(checkpoint, store, quiet=True)
     store_dtype = ExpertStore.open(store).dtype
-    dtype_name = args.dtype or ("bfloat16" if on_gpu else "float32")
-    dtype = getattr(torch, dtype_name)
     config = json.loads((checkpoint / "config.json").read_text())
-    ids = prompt_ids(config.get("vocab_size", 512))
+    ids = prompt_ids(config.get("vocab_size", 512), args.batch)
 
-    contenders, errors = transformers_contenders(checkpoint, device, dtype, ids)
+    contenders, errors = transformers_contenders(checkpoint, device, dtype, ids, args)
     budgets = [float(f) for f in args.budgets.split(",")]
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.full_depth]
-    contenders += [cadre_contender(store, device, dtype_name, ids, fraction, full_depth, args)
-                   for fraction in budgets for full_depth in modes]
+    modes = [True, False] if args.cadre_eager else [True]
+    contenders += [cadre_contender(store, device, dtype_name, ids, fraction, graphs, args)
+                   for fraction in budgets for graphs in modes]
     rates = timed_rounds(contenders, ids, args.tokens, args.repeats, device)
     rows = [{"system": c.system, "tok_s": rates[c.system], **c.finish()} for c in contenders] + errors
     del contenders
     free_memory()
+    bandwidth = None
+    if on_gpu:
+        bandwidth = h2d_bandwidth()
+        add_floors(rows, bandwidth)
     if args.accelerate and on_gpu:  # at the GPU memory of cadre's smallest budget
         peak = max(r["gpu_peak_gib"] for r in rows if r["system"].startswith(f"cadre {min(budgets):.0%}"))
         rows.append(bench_accelerate(checkpoint, dtype, ids, int(peak * 2**30), args))
 
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print_table(f"decode, batch 1, {args.tokens} tokens, {args.model} ({dtype_name}, store {store_dtype}) "
-                f"on {device_name}", rows)
+    title = (f"decode, batch {args.batch}, {args.tokens} new tokens per prompt, {args.model} ({dtype_name}, "
+             f"store {store_dtype}) on {device_name}")
+    if bandwidth:
+        title += f"; pinned H2D {bandwidth / 1e9:.1f} GB/s"
+    print_table(title, rows)
     if args.json:
-        args.json.write_text(json.dumps({"device": device_name, "model": args.model, "rows": rows}, indent=2))
+        result = {**provenance(device_name), "model": args.model, "batch": args.batch, "tokens": args.tokens,
+                  "h2d_bytes_per_s": bandwidth, "rows": rows}
+        args.json.write_text(json.dumps(result, indent=2))
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -6,8 +6,10 @@ Every expert of a store has the same shapes, so the budget is a number of equal
     gate_up [S, 2I, H]   gate rows first, as transformers fuses them
     down    [S, H, I]
 
-A resident expert is a slot index; the hot path computes on views of these buffers
-and allocates nothing. A load (hit in the host tier, or read from the store's
+A resident expert is a slot index, and a device table maps (layer, expert) -> slot
+(-1: not resident), so compute looks its experts up on the device and allocates
+nothing. The table is written where the copy is queued (the side stream on CUDA), so
+a compute that waits for a copy also sees the table entry it made. A load (hit in the host tier, or read from the store's
 safetensors shard) copies into a reserved slot on a loader thread; on CUDA the copy
 runs on a side stream and the compute stream waits on its event, so loads overlap
 compute. In-flight loads hold their slot, so bytes never exceed the budget.
@@ -31,12 +33,6 @@ import torch
 from extractor.store import ExpertStore, StoreError
 
 Key = tuple[int, int]  # (layer, expert)
-
-# Table lookups (fully resident layers) are counted lazily so decode never waits for
-# the device; past this many uncounted lookups they are counted anyway (one sync), so
-# a server nobody scrapes does not hold every step's index tensor forever.
-DEFERRED_LIMIT = 4096
-
 
 @dataclass
 class CacheStats:
@@ -78,6 +74,15 @@ class Lease:
     slots: dict[int, int] = field(default_factory=dict)  # expert -> slot index, ready
     outcomes: dict[int, str] = field(default_factory=dict)  # expert -> hit | miss | prefetched
     pinned: dict[int, "_Slot"] = field(default_factory=dict)
+    missing: list[int] = field(default_factory=list)  # asked for but left out: no room now
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    def slot_range(self) -> tuple[int, int]:
+        """[first, end) spanning the pinned slots."""
+        return min(self.slots.values()), max(self.slots.values()) + 1
 
 
 class LRUPolicy:
@@ -109,9 +114,9 @@ class ExpertCache:
         # Slot buffers, allocated once: outside inference mode, so the loader thread may
         # copy into them whatever mode the caller generates in.
         with torch.inference_mode(False):
-            self._gate_up = torch.empty((self.num_slots, 2 * self.intermediate, self.hidden),
+            self.gate_up = torch.empty((self.num_slots, 2 * self.intermediate, self.hidden),
                                         dtype=self.dtype, device=self.device)  # [G,2I,H]
-            self._down = torch.empty((self.num_slots, self.hidden, self.intermediate),
+            self.down = torch.empty((self.num_slots, self.hidden, self.intermediate),
                                      dtype=self.dtype, device=self.device)  # [G,H,I]
         self._free = list(range(self.num_slots - 1, -1, -1))
         self._slots: OrderedDict[Key, _Slot] = OrderedDict()  # LRU order: oldest first
@@ -127,16 +132,30 @@ class ExpertCache:
         self._stats = CacheStats(capacity_bytes=self.capacity_bytes)
         self._last_use: dict[int, "torch.cuda.Event"] = {}  # slot index -> last compute reading it
         total = sum(len(store.experts_present(layer)) for layer in store.moe_layers)
-        # When the budget holds every expert nothing is ever evicted, so a layer whose
-        # experts are all resident can map expert -> slot on the device, with no host sync.
+        # When the budget holds every expert nothing is ever evicted: a layer whose experts
+        # are all resident then needs no host work at all (layer_is_complete).
         self.holds_everything = self.num_slots >= total
-        self._tables: dict[int, tuple] = {}  # layer -> ([E+1] slot - first, first, end) (last entry: index -1)
-        self._deferred: list[torch.Tensor] = []  # device index tensors of table lookups, counted in stats()
+        self._complete: dict[int, tuple[int, int]] = {}  # layer -> its slots' range [first, end)
+        with torch.inference_mode(False):
+            # [num_layers, E+1] slot of (layer, expert), -1 = not resident; the last column
+            # serves top-k index -1 (a slot that selects nothing, weight 0): any valid slot.
+            self.table = torch.full((store.num_layers, store.num_experts + 1), -1, dtype=torch.long,
+                                    device=self.device)
+            self.table[:, -1] = 0
+            # Lookups of complete layers are counted on the device (no sync in the forward):
+            # distinct experts per forward and layer, read when stats() is asked for.
+            self._table_queries = torch.zeros(store.num_layers, dtype=torch.long, device=self.device)
+        self._counted_table_queries = 0
 
     # --- queries -------------------------------------------------------------
     def stats(self) -> CacheStats:
+        """A snapshot of the counters (reads the device's lookup counters: one sync)."""
+        table_queries = int(self._table_queries.sum())
         with self._lock:
-            self._count_deferred()
+            new = table_queries - self._counted_table_queries
+            self._counted_table_queries = table_queries
+            self._stats.queries += new
+            self._stats.hits += new
             snapshot = self._stats.copy()
             snapshot.bytes = len(self._slots) * self.slot_bytes
             return snapshot
@@ -161,43 +180,52 @@ class ExpertCache:
                 self.release(lease)
                 experts = [e for e in experts if e not in lease.slots]
 
-    def slot_table(self, layer: int) -> tuple | None:
-        """(device table expert -> slot - first, first, end) for a layer that can never
-        miss again, else None: its slots all lie in [first, end)."""
-        table = self._tables.get(layer)
-        if table is not None or not self.holds_everything:
-            return table
+    # --- the device table -------------------------------------------------------------
+    def layer_is_complete(self, layer: int) -> bool:
+        """True once every expert of `layer` is resident for good (the budget holds the
+        whole store): its forward then needs no host work."""
+        if layer in self._complete:
+            return True
+        if not self.holds_everything:
+            return False
         with self._lock:
             present = self.store.experts_present(layer)
             slots = [self._slots.get((layer, e)) for e in present]
             if not present or any(s is None or not s.ready for s in slots):
-                return None
-            # Slots relative to the layer's lowest, so compute sees only this layer's
-            # slice of the buffers (a grouped matmul over every slot of every layer is
-            # several times slower on CPU). Index -1 -> relative slot 0, weight 0.
-            first = min(s.index for s in slots)
-            table = torch.zeros(self.store.num_experts + 1, dtype=torch.long)
-            table[torch.tensor(present)] = torch.tensor([s.index - first for s in slots])
-            last = max(s.index for s in slots)
-            self._tables[layer] = (table.to(self.device), first, last + 1)
-            for slot in slots:  # a copy still in flight must finish before table users read it
+                return False
+            for slot in slots:  # a copy still in flight must finish before lookups read it
                 if slot.event is not None:
                     torch.cuda.current_stream(self.device).wait_event(slot.event)
-            return self._tables[layer]
+            # Compute sees only this layer's slice of the buffers (a grouped matmul over
+            # every slot of every layer is several times slower on CPU); index -1 -> its first.
+            first, end = min(s.index for s in slots), max(s.index for s in slots) + 1
+            self.table[layer, -1] = first
+            self._complete[layer] = (first, end)
+            return True
 
-    def record_table_hits(self, top_k_index: torch.Tensor) -> None:
-        """Count a table lookup's queries (all hits) later, in stats(), to avoid a sync now."""
-        with self._lock:
-            self._deferred.append(top_k_index)
-            if len(self._deferred) >= DEFERRED_LIMIT:  # nobody read stats(): bound the memory held
-                self._count_deferred()
+    def layer_slots(self, layer: int) -> tuple[int, int]:
+        """[first, end): the slots of a complete layer."""
+        return self._complete[layer]
 
-    def _count_deferred(self) -> None:
-        for index in self._deferred:
-            used = int(torch.unique(index).ge(0).sum())
-            self._stats.queries += used
-            self._stats.hits += used
-        self._deferred.clear()
+    def all_slots(self) -> tuple[int, int]:
+        return 0, self.num_slots
+
+    def fits_layer(self, top_k_index: torch.Tensor) -> bool:
+        """Whether any choice of `top_k_index` [T,K] fits the budget at once (known
+        from shapes alone: no sync); if not, its experts may have to stream through."""
+        return min(self.store.num_experts, top_k_index.numel()) <= self.num_slots
+
+    def lookup(self, layer: int, top_k_index: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Slots [T,K] (relative to `first`) of resident experts, looked up on the device."""
+        slots = self.table[layer][top_k_index]  # [T,K]; index -1 -> the layer's first slot
+        return slots - first if first else slots
+
+    def count_table_hits(self, layer: int, top_k_index: torch.Tensor) -> None:
+        """Count a complete layer's lookup (every one a hit) on the device: no sync."""
+        experts = self.store.num_experts
+        used = torch.zeros(experts + 1, dtype=torch.bool, device=top_k_index.device)
+        used.index_fill_(0, top_k_index.reshape(-1) % (experts + 1), True)  # index -1 lands in the last column
+        self._table_queries[layer] += used[:-1].sum()
 
     # --- for eviction policies (called with the lock held) -------------------------
     def layer_count(self, layer: int) -> int:
@@ -213,26 +241,31 @@ class ExpertCache:
 
     def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (gate_up [2I,H], down [H,I]) of a pinned slot."""
-        return self._gate_up[slot], self._down[slot]
+        return self.gate_up[slot], self.down[slot]
 
     # --- acquire / release ------------------------------------------------------
-    def acquire(self, layer: int, experts: list[int]) -> "Lease":
+    def acquire(self, layer: int, experts: list[int], force: bool = False) -> "Lease":
         """Pin as many of `experts` as free slots allow, loading misses.
 
         Returns a Lease: {expert: slot} for the pinned ones, ready to compute on, and
         {expert: outcome} with "hit", "miss" or "prefetched". Experts left out (the
-        budget was full of other pinned experts) are for the caller's next call, after
-        it has released this lease: a budget smaller than a batch's working set
-        streams experts through it instead of failing.
+        budget was full of other pinned experts, or the eviction policy keeps the other
+        layers' slots) are in `missing`, for the caller's next call after it has released
+        this lease: a budget smaller than a batch's working set streams experts through
+        it instead of failing. `force` pins all of them, evicting the least recently used
+        where the policy declines (a captured decode step cannot stream); the caller
+        guarantees they fit the budget.
         """
         lease = Lease(layer)
         with self._lock:
             # Resident experts first: once they are pinned, a miss of this same call can
             # no longer evict one of them (in-order pinning made a working set one larger
             # than the budget miss on every expert, every step).
-            for expert in sorted(experts, key=lambda e: (layer, e) not in self._slots):
-                slot = self._pin(lease, (layer, expert))
+            ordered = sorted(experts, key=lambda e: (layer, e) not in self._slots)
+            for i, expert in enumerate(ordered):
+                slot = self._pin(lease, (layer, expert), force)
                 if slot is None:
+                    lease.missing = ordered[i:]
                     break
         try:
             for expert, slot in lease.pinned.items():
@@ -242,14 +275,14 @@ class ExpertCache:
             raise
         return lease
 
-    def _pin(self, lease: "Lease", key: Key) -> "_Slot | None":
+    def _pin(self, lease: "Lease", key: Key, force: bool = False) -> "_Slot | None":
         slot = self._slots.get(key)
         if slot is None:
-            slot = self._reserve(key)
+            slot = self._reserve(key, force)
             if slot is None:
-                if lease.pinned:
+                if lease.pinned and not force:
                     return None  # compute what is pinned first, then come back
-                while (slot := self._reserve(key)) is None:  # every slot pinned: wait for a release
+                while (slot := self._reserve(key, force)) is None:  # every slot pinned or loading: wait
                     self._lock.wait()
             self._start_load(key, slot)
             lease.outcomes[key[1]] = "miss"
@@ -268,15 +301,18 @@ class ExpertCache:
         return slot
 
     def release(self, lease: "Lease") -> None:
+        last_use = None
+        if self._copy_stream is not None and lease.pinned:
+            # a slot may be refilled by the copy stream once unpinned: that copy waits for
+            # the kernels queued so far on this stream, which may still read it (one event
+            # for the whole lease, not one per slot)
+            last_use = torch.cuda.Event()
+            last_use.record(torch.cuda.current_stream(self.device))
         with self._lock:
             for slot in lease.pinned.values():
                 assert slot.pins > 0, f"release of an unpinned slot in layer {lease.layer}"
                 slot.pins -= 1
-                if self._copy_stream is not None:
-                    # the slot may be refilled by the copy stream once unpinned: make that
-                    # copy wait for the kernels queued on this stream that still read it
-                    last_use = torch.cuda.Event()
-                    last_use.record(torch.cuda.current_stream(self.device))
+                if last_use is not None:
                     self._last_use[slot.index] = last_use
             lease.pinned.clear()
             self._lock.notify_all()
@@ -300,8 +336,8 @@ class ExpertCache:
         return started
 
     # --- internals (called with the lock held) ------------------------------------
-    def _reserve(self, key: Key) -> _Slot | None:
-        if not self._free and not self._evict_one(key):
+    def _reserve(self, key: Key, force: bool = False) -> _Slot | None:
+        if not self._free and not self._evict_one(key, force):
             return None
         slot = _Slot(index=self._free.pop())
         self._slots[key] = slot
@@ -309,13 +345,16 @@ class ExpertCache:
         assert len(self._slots) <= self.num_slots, "cache over its byte budget"
         return slot
 
-    def _evict_one(self, incoming: Key) -> bool:
+    def _evict_one(self, incoming: Key, force: bool = False) -> bool:
         candidates = (k for k, s in self._slots.items() if s.pins == 0 and s.ready)
         victim = self.policy.victim(candidates, self, incoming)
+        if victim is None and force:
+            victim = next((k for k, s in self._slots.items() if s.pins == 0 and s.ready), None)
         if victim is None:
             return False
         slot = self._slots.pop(victim)
         del self._by_layer[victim[0]][victim[1]]
+        self._set_table(victim, -1)
         if slot.prefetched:
             self._stats.prefetch["wasted"] += 1
         self._stats.evictions += 1
@@ -335,7 +374,7 @@ class ExpertCache:
         start = time.perf_counter()
         try:
             tier, (gate, up, down) = self._fetch(key)
-            self._copy_into(slot, gate, up, down)
+            self._copy_into(key, slot, gate, up, down)
         except BaseException as exc:  # surfaced to the acquirer, never lost
             with self._lock:
                 slot.error = exc
@@ -364,24 +403,36 @@ class ExpertCache:
             parts = self.host.put(key, parts)
         return "disk", parts
 
-    def _copy_into(self, slot: _Slot, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+    def _copy_into(self, key: Key, slot: _Slot, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         i = self.intermediate
         if self._copy_stream is None:
-            self._gate_up[slot.index, :i].copy_(gate)
-            self._gate_up[slot.index, i:].copy_(up)
-            self._down[slot.index].copy_(down)
+            self.gate_up[slot.index, :i].copy_(gate)
+            self.gate_up[slot.index, i:].copy_(up)
+            self.down[slot.index].copy_(down)
+            self._set_table(key, slot.index)
             return
-        # Side stream so the copy overlaps compute; the event orders the compute
-        # stream after it (see _wait_ready) without a host-side synchronisation.
+        # Side stream so the copy overlaps compute; the event orders the compute stream
+        # after it (see _wait_ready) without a host-side synchronisation, and covers the
+        # table entry written behind the copy on the same stream.
         reused_after = self._last_use.pop(slot.index, None)
         with torch.cuda.stream(self._copy_stream):
             if reused_after is not None:
                 self._copy_stream.wait_event(reused_after)
-            self._gate_up[slot.index, :i].copy_(gate, non_blocking=True)
-            self._gate_up[slot.index, i:].copy_(up, non_blocking=True)
-            self._down[slot.index].copy_(down, non_blocking=True)
+            self.gate_up[slot.index, :i].copy_(gate, non_blocking=True)
+            self.gate_up[slot.index, i:].copy_(up, non_blocking=True)
+            self.down[slot.index].copy_(down, non_blocking=True)
+            self._set_table(key, slot.index)
             slot.event = torch.cuda.Event()
             slot.event.record(self._copy_stream)
+
+    def _set_table(self, key: Key, slot: int) -> None:
+        """On CUDA, queued on the copy stream: behind the copy it publishes, and never
+        between a compute stream's lookup and its use."""
+        if self._copy_stream is None:
+            self.table[key] = slot
+            return
+        with torch.cuda.stream(self._copy_stream):
+            self.table[key].fill_(slot)
 
     def _wait_ready(self, key: Key, slot: _Slot) -> int:
         with self._lock:
@@ -399,6 +450,7 @@ class ExpertCache:
             del self._slots[key]
             del self._by_layer[key[0]][key[1]]
             self._free.append(slot.index)
+            self._set_table(key, -1)
         self._lock.notify_all()
 
     def close(self) -> None:

@@ -1,15 +1,21 @@
-"""The on-demand experts module that replaces each MoE block's `experts`.
+"""cadre's experts, plugged into transformers through its public `ExpertsInterface`.
 
-Legend: T tokens, K top-k, S = T*K (token, slot) rows, R rows of one chunk, H hidden,
-I expert intermediate size, G cache slots.
+transformers 5 decorates every family's experts class with `@use_experts_implementation`:
+its forward dispatches to `ALL_EXPERTS_FUNCTIONS[config._experts_implementation]`. cadre
+registers one implementation, "cadre". The family's own experts module stays in the model
+(its gating function, activation and layout metadata), its weight parameters are removed
+before weights load (models/loading.py), and `ExpertLayer` — attached to the module as
+`module.cadre` — computes from the expert cache's slot buffers, looking experts up in the
+cache's device table expert -> slot.
 
-It computes what transformers' `grouped_mm` experts path computes, in the same order:
-rows sorted by expert, one grouped matmul over the experts' weights (here: the cache's
-slot buffers), gate/up split, down projection, routing weight, then a sum over the K
-slots of each token. So with every expert resident the result is the same as
-transformers' (bit-identical where the grouped kernel is). There is no per-token or
-per-expert Python loop; the host only learns *which* experts are needed, so that the
-cache can make them resident.
+Legend: T tokens, K top-k, S = T*K (token, slot) rows, H hidden, I expert intermediate
+size, G slots.
+
+A layer whose every expert is resident for good (the budget holds the whole store) runs
+with no host work at all: the table lookup happens on the device. Any other layer first
+makes the experts its tokens chose resident (`ExpertCache.acquire`, which needs their ids
+on the host: one synchronisation), then computes the same way. In a captured decode step
+(models/decoder.py) that host work happens between graph replays, at `StepHooks.resident`.
 """
 
 from __future__ import annotations
@@ -18,147 +24,136 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from torch import nn
-from transformers.activations import ACT2FN
+from transformers.integrations.moe import ExpertsInterface
 
 from router.exact import UNUSED
 
+from .kernels import expert_mlp
+
 if TYPE_CHECKING:
-    from .cache import ExpertCache, Lease
+    from .cache import ExpertCache
+
+EXPERTS_IMPLEMENTATION = "cadre"
 
 
-# On a GPU, up to this many (token, slot) rows, gathering the experts' weights for a bmm
-# is cheaper than a grouped matmul over every slot; on CPU the grouped kernel wins
-# (bench/decode.py: transformers grouped_mm 36 tok/s vs batched_mm 15 on the demo model).
-BATCHED_ROWS = 32
+def cadre_experts_forward(module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                          top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The "cadre" entry of transformers' ExpertsInterface: [T,H], [T,K], [T,K] -> [T,H]."""
+    layer = getattr(module, "cadre", None)
+    if layer is None:
+        raise RuntimeError(f"{type(module).__name__} runs the 'cadre' experts implementation but no expert cache "
+                           "is bound to it (build models with models.loading.load_model)")
+    return layer(module, hidden_states, top_k_index, top_k_weights)
 
 
-class OnDemandExperts(nn.Module):
-    """forward(hidden [T,H], top_k_index [T,K], top_k_weights [T,K]) -> [T,H]."""
+ExpertsInterface.register(EXPERTS_IMPLEMENTATION, cadre_experts_forward)
 
-    def __init__(self, layer: int, hidden_act: str):
-        super().__init__()  # no parameters: built on the meta device, bound after loading
+
+class StepHooks:
+    """What a forward does at a MoE layer that must first make its experts resident.
+
+    `resident(layer, index, hidden)` returns a `Lease` of the cache pinning the experts
+    of `index` [T,K], or as many as fit (the rest then streams through); the decoder
+    overrides it to split a graph capture at this point instead.
+    """
+
+    def resident(self, layer: "ExpertLayer", index: torch.Tensor, hidden: torch.Tensor):
+        return layer.acquire(layer.needed(index), hidden)
+
+    def release(self, layer: "ExpertLayer", lease) -> None:
+        layer.cache.release(lease)
+
+    def route(self, layer: "ExpertLayer", index, weights, outcomes, stall) -> None:
+        """The layer's routing of this forward, for the runtime's listeners."""
+        if layer.on_route is not None:
+            layer.on_route(layer.layer, index, weights, outcomes, stall)
+
+
+EAGER = StepHooks()
+
+
+class ExpertLayer:
+    """One MoE layer's experts, computed from the expert cache."""
+
+    def __init__(self, layer: int):
         self.layer = layer
-        self.act_fn = ACT2FN[hidden_act]
         self.cache: ExpertCache | None = None
+        self.hooks: StepHooks = EAGER
         self.on_route: Callable | None = None  # (layer, index [T,K], weights [T,K], outcomes, stall_s)
         self.on_miss: Callable | None = None  # (layer, missed experts) -> None (full-depth prefetch)
         self.before: Callable | None = None  # (layer, hidden [T,H]) -> None (speculative prefetch)
+        self.outcomes: dict[int, str] | None = None  # of the last forward (None: resident for good)
+        self.stall = 0.0  # seconds the last forward waited for experts to become resident
 
     def bind(self, cache: "ExpertCache", on_route=None, on_miss=None, before=None) -> None:
         self.cache, self.on_route, self.on_miss, self.before = cache, on_route, on_miss, before
 
-    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        assert self.cache is not None, "OnDemandExperts used before the runtime bound a cache"
-        num_tokens, top_k = top_k_index.shape
-        table = self.cache.slot_table(self.layer)
-        if table is not None:
-            if self.before is not None:
-                self.before(self.layer, hidden)
-            return self._forward_resident(table, hidden, top_k_index, top_k_weights)
-        index_cpu = top_k_index.reshape(-1).cpu()  # [S] the one host sync: which experts to load
-        needed = [e for e in torch.unique(index_cpu).tolist() if e != UNUSED]
-        out_dtype = torch.promote_types(hidden.dtype, top_k_weights.dtype)
-        rows_out = hidden.new_zeros((num_tokens * top_k, hidden.shape[-1]), dtype=out_dtype)  # [S,H]
-        outcomes: dict[int, str] = {}
-        stall = 0.0  # seconds this forward waited for experts to become resident
-        speculated = self.before is None
-        while needed:  # one pass when the working set fits; otherwise experts stream through
-            started = time.perf_counter()
-            lease = self.cache.acquire(self.layer, needed)
-            stall += time.perf_counter() - started
-            if not speculated:
-                # Speculate only once this layer's first experts are pinned, so a
-                # prefetch for deeper layers can never evict what is about to run;
-                # its loads then overlap this layer's compute.
-                self.before(self.layer, hidden)
-                speculated = True
+    def __call__(self, module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        assert self.cache is not None, "ExpertLayer used before the runtime bound a cache"
+        if self.cache.layer_is_complete(self.layer):  # nothing to load or to prefetch, ever
+            self.outcomes, self.stall = None, 0.0
+            self.cache.count_table_hits(self.layer, top_k_index)
+            out = self._compute(module, hidden, top_k_index, top_k_weights, self.cache.layer_slots(self.layer))
+        else:
+            self.outcomes, self.stall = {}, 0.0
+            out = self._compute_resident(module, hidden, top_k_index, top_k_weights)
+        self.hooks.route(self, top_k_index, top_k_weights, self.outcomes, self.stall)
+        return out
+
+    def _compute(self, module, hidden, top_k_index, top_k_weights, slot_range, reduce=True) -> torch.Tensor:
+        first, end = slot_range
+        slots = self.cache.lookup(self.layer, top_k_index, first)  # [T,K] slot - first
+        return expert_mlp(module, hidden, slots, top_k_weights, self.cache.gate_up[first:end],
+                          self.cache.down[first:end], reduce=reduce)
+
+    def _compute_resident(self, module, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        """Make the chosen experts resident, then compute. When the budget cannot pin them
+        all at once, they stream through it: each lease computes only its own rows."""
+        lease = self.hooks.resident(self, top_k_index, hidden)
+        if lease.complete:
             try:
-                self._compute(lease, hidden, index_cpu, top_k, top_k_weights.reshape(-1), rows_out)
+                return self._compute(module, hidden, top_k_index, top_k_weights, lease.slot_range())
+            finally:
+                self.hooks.release(self, lease)
+        num_tokens, top_k = top_k_index.shape
+        out_dtype = torch.promote_types(hidden.dtype, top_k_weights.dtype)
+        rows = hidden.new_zeros((num_tokens, top_k, hidden.shape[-1]), dtype=out_dtype)  # [T,K,H]
+        while True:
+            try:
+                chunk = torch.tensor(sorted(lease.slots), device=top_k_index.device)
+                in_chunk = torch.isin(top_k_index, chunk)  # [T,K] rows this lease computes
+                index = top_k_index.masked_fill(~in_chunk, UNUSED)
+                chunk_rows = self._compute(module, hidden, index, top_k_weights, self.cache.all_slots(),
+                                           reduce=False)  # [T,K,H]
+                rows = torch.where(in_chunk.unsqueeze(-1), chunk_rows, rows)
             finally:
                 self.cache.release(lease)
-            outcomes.update(lease.outcomes)
-            needed = [e for e in needed if e not in lease.slots]
-            if self.on_miss is not None:
-                missed = [e for e, outcome in lease.outcomes.items() if outcome == "miss"]
-                if missed:
-                    self.on_miss(self.layer, missed)
-        if self.on_route is not None:
-            self.on_route(self.layer, top_k_index, top_k_weights, outcomes, stall)
-        # sum over each token's K slots in slot order, as transformers' grouped path does
-        return rows_out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)  # [T,H]
+            if not lease.missing:
+                break
+            lease = self.acquire(lease.missing, hidden)
+        # sum over each token's K slots in slot order, as transformers does
+        return rows.sum(dim=1).to(hidden.dtype)  # [T,H]
 
-    def _forward_resident(self, table, hidden, top_k_index, top_k_weights) -> torch.Tensor:
-        """Every expert of this layer is resident for good: look slots up on the device,
-        so the host never waits for the GPU (no sync), as in transformers' own paths."""
-        num_tokens, top_k = top_k_index.shape
-        self.cache.record_table_hits(top_k_index)
-        table, first, end = table
-        slots = table[top_k_index].reshape(-1)  # [S] relative to `first` (-1 -> slot 0, weight 0)
-        weights = top_k_weights.reshape(-1, 1)  # [S,1]
-        gate_up, down = self.cache._gate_up[first:end], self.cache._down[first:end]  # [G',2I,H], [G',H,I]
-        groups = end - first
-        if hidden.is_cuda and slots.shape[0] <= BATCHED_ROWS:  # GPU decode: gather the few experts, one bmm
-            x = hidden.repeat_interleave(top_k, dim=0).to(gate_up.dtype)  # [S,H]
-            proj = torch.bmm(gate_up[slots], x.unsqueeze(-1)).squeeze(-1)  # [S,2I]
-            gate, up = proj.chunk(2, dim=-1)
-            y = torch.bmm(down[slots], (self.act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)  # [S,H]
-            rows = y * weights  # [S,H]
-        else:  # CPU, or GPU prefill: rows sorted by slot, grouped matmul, offsets computed on the device
-            order = torch.argsort(slots, stable=True)
-            counts = torch.histc(slots.float(), bins=groups, min=0, max=groups - 1)
-            offsets = torch.cumsum(counts, 0).to(torch.int32)  # [G]
-            x = hidden[order // top_k].to(gate_up.dtype)  # [S,H]
-            proj = _grouped_mm(x, gate_up.transpose(-2, -1), offsets)  # [S,2I]
-            gate, up = proj.chunk(2, dim=-1)
-            y = _grouped_mm(self.act_fn(gate) * up, down.transpose(-2, -1), offsets)  # [S,H]
-            rows = torch.empty_like(y, dtype=torch.promote_types(y.dtype, weights.dtype))
-            rows[order] = y * weights[order]
-        if self.on_route is not None:
-            self.on_route(self.layer, top_k_index, top_k_weights, None, 0.0)
-        return rows.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)  # [T,H]
+    # --- host side ----------------------------------------------------------------------------
+    def needed(self, index: torch.Tensor) -> list[int]:
+        """Distinct experts of `index` [T,K]: the host synchronisation of a miss-capable layer."""
+        return [e for e in torch.unique(index.reshape(-1).cpu()).tolist() if e != UNUSED]
 
-    def _compute(self, lease: "Lease", hidden, index_cpu, top_k, weights, rows_out) -> None:
-        first = min(lease.slots.values())
-        end = max(lease.slots.values()) + 1
-        relative = {expert: slot - first for expert, slot in lease.slots.items()}
-        perm, offsets = _group_rows(index_cpu, relative, end - first)
-        device = hidden.device
-        perm = perm.to(device, non_blocking=True)  # [R] rows of this chunk, sorted by slot
-        offsets = offsets.to(device, non_blocking=True)  # [G] int32 cumulative row counts
-        x = hidden[perm // top_k]  # [R,H]
-        gate_up, down = self.cache._gate_up[first:end], self.cache._down[first:end]  # [G',2I,H], [G',H,I]
-        proj = _grouped_mm(x.to(gate_up.dtype), gate_up.transpose(-2, -1), offsets)  # [R,2I]
-        gate, up = proj.chunk(2, dim=-1)  # [R,I] each
-        y = _grouped_mm(self.act_fn(gate) * up, down.transpose(-2, -1), offsets)  # [R,H]
-        rows_out[perm] = (y * weights[perm].unsqueeze(-1)).to(rows_out.dtype)
-
-
-def _group_rows(index_cpu: torch.Tensor, slots: dict[int, int], num_slots: int):
-    """Rows whose expert is in `slots`, ordered by slot, and cumulative counts per slot."""
-    lut = torch.full((max(slots) + 2,), num_slots, dtype=torch.long)  # expert -> slot; num_slots = not here
-    lut[torch.tensor(list(slots))] = torch.tensor(list(slots.values()))
-    clipped = index_cpu.clamp(min=0, max=len(lut) - 1)
-    row_slot = torch.where(index_cpu == UNUSED, num_slots, lut[clipped])  # [S]
-    row_slot = torch.where(index_cpu > max(slots), num_slots, row_slot)
-    order = torch.argsort(row_slot, stable=True)
-    counts = torch.bincount(row_slot, minlength=num_slots + 1)[:num_slots]  # [G]
-    kept = int(counts.sum())
-    return order[:kept], torch.cumsum(counts, 0, dtype=torch.int32)
-
-
-def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """x [R,in] @ grouped weight [G,in,out] -> [R,out], rows grouped by `offsets`."""
-    grouped = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    if grouped is not None:
-        try:
-            return grouped(x, weight, offs=offsets)
-        except (RuntimeError, NotImplementedError):
-            pass  # dtype/device without a grouped kernel: same products, one per group
-    out = x.new_empty((x.shape[0], weight.shape[-1]))
-    start = 0
-    for group, end in enumerate(offsets.tolist()):
-        if end > start:
-            torch.mm(x[start:end], weight[group], out=out[start:end])
-        start = end
-    return out
+    def acquire(self, experts: list[int], hidden: torch.Tensor, force: bool = False):
+        """Pin `experts` (as many as fit unless `force`), loading misses; records outcomes,
+        stall time and full-depth prefetches."""
+        started = time.perf_counter()
+        lease = self.cache.acquire(self.layer, experts, force=force)
+        self.stall += time.perf_counter() - started
+        if self.before is not None and not self.outcomes:
+            # Speculate only once this layer's first experts are pinned, so a prefetch for
+            # deeper layers can never evict what is about to run; its loads then overlap
+            # this layer's compute.
+            self.before(self.layer, hidden)
+        self.outcomes.update(lease.outcomes)
+        if self.on_miss is not None:
+            missed = [e for e, outcome in lease.outcomes.items() if outcome == "miss"]
+            if missed:
+                self.on_miss(self.layer, missed)
+        return lease

@@ -1,11 +1,14 @@
 """Build a transformers model from an expert store without materialising any expert.
 
-The family's own model class is subclassed so that, in `__init__` (on the meta device,
-before any weight loads), every MoE block's `experts` becomes an `OnDemandExperts`;
-the trunk then loads through `from_pretrained`, which applies transformers' own key
-renaming (e.g. Mixtral's `block_sparse_moe` -> `mlp`). Attention, KV cache and
-`generate()` are untouched. Each router gate keeps its weights and gets a forward
-that routes through `router.exact` with the store's mask.
+The model runs transformers' own experts modules under the "cadre" experts
+implementation (transformers' public ExpertsInterface, see models/experts.py). Only one
+thing needs a subclass of the family's model class: in `__init__` (on the meta device,
+before any weight loads) each routed-experts module drops its weight parameters, so
+`from_pretrained` never allocates them and never expects them in the trunk, and gets an
+`ExpertLayer`. The trunk loads through `from_pretrained`, which applies transformers' own
+key renaming (e.g. Mixtral's `block_sparse_moe` -> `mlp`). Attention, KV cache and
+`generate()` are untouched. Each router gate keeps its weights and gets a forward that
+routes through `router.exact` with the store's mask.
 """
 
 from __future__ import annotations
@@ -23,12 +26,17 @@ from extractor.families import renormalizes
 from extractor.store import ExpertStore, StoreError
 from router.exact import RoutingSpec
 
-from .experts import OnDemandExperts
+from .experts import EXPERTS_IMPLEMENTATION, ExpertLayer
 
 
 def moe_blocks(model: PreTrainedModel) -> dict[int, torch.nn.Module]:
     """{layer index: MoE block (the module with `gate` and `experts`)}."""
     return {i: layer.mlp for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")}
+
+
+def expert_layers(model: PreTrainedModel) -> dict[int, ExpertLayer]:
+    """{layer index: the ExpertLayer bound to that layer's experts module}."""
+    return {layer: block.experts.cadre for layer, block in moe_blocks(model).items()}
 
 
 @lru_cache(maxsize=None)
@@ -40,10 +48,22 @@ def selective_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
         def __init__(self, config):
             super().__init__(config)
             for layer, block in moe_blocks(self).items():
-                block.experts = OnDemandExperts(layer, config.hidden_act)
+                strip_expert_weights(block.experts)
+                block.experts.cadre = ExpertLayer(layer)
 
     Selective.__name__ = Selective.__qualname__ = f"Selective{base.__name__}"
+    Selective.__module__ = base.__module__  # transformers reads the family's source through it
     return Selective
+
+
+def strip_expert_weights(experts: torch.nn.Module) -> None:
+    """Remove a routed-experts module's weights (and biases): the cache's slots hold them."""
+    if not hasattr(experts, "has_gate"):  # not decorated with @use_experts_implementation
+        raise StoreError(f"{type(experts).__name__} does not use transformers' experts interface; "
+                         "cadre cannot serve its experts")
+    for name in list(experts._parameters):
+        del experts._parameters[name]
+    experts._is_hf_initialized = True  # nothing left for the family's _init_weights to fill
 
 
 def routing_spec(store: ExpertStore, hf_config) -> RoutingSpec:
@@ -70,8 +90,8 @@ def load_model(store: ExpertStore, *, dtype: torch.dtype | None = None,
         trunk = load_file(store.trunk_path)
     except Exception as exc:
         raise StoreError(f"{store.trunk_path}: cannot load trunk: {exc}") from exc
-    model = selective_class(base).from_pretrained(None, config=config, state_dict=trunk,
-                                                  dtype=dtype or store.dtype)
+    model = selective_class(base).from_pretrained(None, config=config, state_dict=trunk, dtype=dtype or store.dtype,
+                                                  experts_implementation=EXPERTS_IMPLEMENTATION)
     return model.to(device).eval()
 
 

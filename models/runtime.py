@@ -22,7 +22,7 @@ from router.eviction import EVICTION_POLICIES
 from router.policy import make_policy, policy_class
 
 from .cache import ExpertCache, LRUPolicy
-from .loading import install_router, load_model, moe_blocks, routing_spec
+from .loading import expert_layers, install_router, load_model, moe_blocks, routing_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,8 +82,9 @@ class Runtime:
         if cache.holds_everything:  # the budget holds the whole store: load it once, never miss
             cache.preload([(l, e) for l in store.moe_layers for e in store.experts_present(l)])
         on_miss = self._prefetch_deeper if config.full_depth else None
+        for layer, experts in expert_layers(model).items():
+            experts.bind(cache, on_route=self._emit, on_miss=on_miss, before=self.policy.before_experts)
         for layer, block in moe_blocks(model).items():
-            block.experts.bind(cache, on_route=self._emit, on_miss=on_miss, before=self.policy.before_experts)
             install_router(block, self._router_for(layer))
 
     @classmethod
@@ -136,15 +137,38 @@ class Runtime:
     def remove_routing_listener(self, fn: Callable[[RoutingEvent], None]) -> None:
         self._listeners.remove(fn)
 
+    @property
+    def has_routing_listeners(self) -> bool:
+        return bool(self._listeners)
+
     def _emit(self, layer, index, weights, outcomes, stall) -> None:
-        if not self._listeners:
-            return
-        experts = index.detach().cpu()
+        if self._listeners:
+            self._notify(layer, index.detach().cpu(), weights.detach().float().cpu(), outcomes, stall)
+
+    def emit_step_routing(self, layers: list[int], experts: torch.Tensor, weights: torch.Tensor,
+                          outcomes: dict[int, tuple[dict, float]]) -> None:
+        """A captured step's routing, every MoE layer at once: experts/weights [L,T,K] on the
+        device, copied to the host in one transfer; outcomes {layer: (outcomes, stall)} of
+        the layers that acquired their experts (the others were resident for good)."""
+        experts, weights = experts.cpu(), weights.cpu()
+        for row, layer in enumerate(layers):
+            layer_outcomes, stall = outcomes.get(layer, (None, 0.0))
+            self._notify(layer, experts[row], weights[row], layer_outcomes, stall)
+
+    def _notify(self, layer, experts, weights, outcomes, stall) -> None:
         if outcomes is None:  # a fully resident layer: every expert it used was a hit
             outcomes = {e: "hit" for e in torch.unique(experts).tolist() if e >= 0}
-        event = RoutingEvent(layer, experts, weights.detach().float().cpu(), dict(outcomes), stall)
+        event = RoutingEvent(layer, experts, weights, dict(outcomes), stall)
         for listener in self._listeners:
             listener(event)
+
+    # --- decoding ----------------------------------------------------------------------
+    def decoder(self, max_batch: int = 1, max_len: int | None = None, use_graphs: bool | None = None):
+        """A batched decoder over a slot KV cache (CUDA graphs on CUDA): models/decoder.py."""
+        from .decoder import Decoder
+
+        max_len = max_len or min(getattr(self.model.config, "max_position_embeddings", 4096), 4096)
+        return Decoder(self, max_batch, max_len, use_graphs)
 
     # --- generation --------------------------------------------------------------
     @torch.inference_mode()

@@ -154,16 +154,27 @@ def test_corrupt_shard_raises_naming_it_and_cache_stays_consistent(store_factory
         cache.acquire(layer, [3])  # still an error, not a stale slot
 
 
-def test_resident_table_lookups_are_counted_and_not_held_forever(store, monkeypatch):
-    monkeypatch.setattr("models.cache.DEFERRED_LIMIT", 4)
+def test_resident_table_lookups_are_counted_on_the_device(store):
     experts = [(l, e) for l in store.moe_layers for e in store.experts_present(l)]
     cache = make_cache(store, slots=len(experts))
     cache.preload(experts)
-    assert cache.slot_table(store.moe_layers[0]) is not None  # a fully resident layer: no host sync
+    layer = store.moe_layers[0]
+    assert cache.layer_is_complete(layer)  # a fully resident layer: no host work at all
     lookup = torch.tensor([[0, 3], [3, -1]])  # experts 0 and 3 queried; -1 is an unused slot
     before = cache.stats()
     for _ in range(10):
-        cache.record_table_hits(lookup)
-        assert len(cache._deferred) < 4  # counted once the bound is reached, without stats()
+        cache.count_table_hits(layer, lookup)
     after = cache.stats()
     assert (after.queries - before.queries, after.hits - before.hits, after.misses - before.misses) == (20, 20, 0)
+
+
+def test_the_device_table_follows_loads_and_evictions(store):
+    cache = make_cache(store, slots=2)
+    layer = store.moe_layers[0]
+    cache.release(cache.acquire(layer, [0, 1]))
+    lease = cache.acquire(layer, [2])  # evicts 0, the least recently used
+    cache.release(lease)
+    looked_up = cache.lookup(layer, torch.tensor([[1, 2, -1]]))
+    assert looked_up[0, :2].tolist() == [cache._slots[(layer, 1)].index, lease.slots[2]]
+    assert 0 <= int(looked_up[0, 2]) < cache.num_slots  # an unused top-k slot reads a valid slot (weight 0)
+    assert int(cache.table[layer, 0]) == -1  # evicted: no longer resident

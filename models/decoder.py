@@ -1,0 +1,267 @@
+"""Batched decoding over a slot KV cache, each decode step replayed from CUDA graphs.
+
+    decoder = runtime.decoder(max_batch=16, max_len=2048)
+    logits = decoder.prefill(row=0, ids=[...])       # [V]: the prompt's next-token logits
+    logits = decoder.decode({0: token, 3: token})    # [2,V]: one step of rows 0 and 3
+    decoder.release(0)                               # the row is free for another sequence
+    decoder.generate(ids, max_new_tokens=64)         # [B,T] -> [B,T+N], greedy
+
+Legend: B rows in a step, N attended positions, V vocabulary, L MoE layers, K top-k.
+
+A decode step feeds every row below its batch size (rows without a sequence decode
+padding, which is ignored), so steps come in a few shapes: batch sizes of BATCH_SIZES up
+to max_batch, attended lengths rounded up to LENGTH_STEP. On CUDA the first step of a
+shape runs eagerly (it is the real step) and is then captured; later steps of that shape
+replay the capture: no Python, no per-kernel launches.
+
+A captured step is split where the host must act: at every MoE layer whose experts are
+not all resident for good, after its router has chosen. Between the pieces the host reads
+that layer's choice (one synchronisation), makes the experts resident (`ExpertCache.acquire`:
+hits cost nothing, misses queue copies that the next piece waits for on the device), and
+replays the next piece, which computes the experts from the slot buffers through the
+cache's device table. When the budget holds every expert a step is one graph.
+
+The routing of every MoE layer is gathered on the device into one buffer per step and
+copied to the host once, after the step, for the runtime's routing listeners.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .experts import EAGER, ExpertLayer, StepHooks
+from .kv_cache import SlotCache
+from .loading import expert_layers
+
+log = logging.getLogger("cadre.decoder")
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+LENGTH_STEP = 256  # attended lengths are rounded up to this: few shapes, few captures
+PREFILL_CHUNK = 512  # prompt tokens per prefill forward
+
+
+def unsupported_reason(model) -> str | None:
+    """Why this model cannot decode over a slot cache (None: it can)."""
+    config = model.config
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        return f"layer types {sorted(kinds)}: the slot cache holds full attention only"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention: the slot cache holds full attention only"
+    return None
+
+
+@dataclass
+class _Split:
+    """A captured step's pause at one MoE layer: the tensors the host reads there."""
+
+    layer: ExpertLayer
+    index: torch.Tensor  # [B,K] that layer's choice, in the graphs' memory
+    hidden: torch.Tensor  # [B,H] its input (for speculative prefetch)
+
+
+@dataclass
+class _CapturedStep:
+    pieces: list  # torch.cuda.CUDAGraph, replayed in order with the splits between them
+    splits: list[_Split]
+    input_ids: torch.Tensor  # [B,1] static inputs
+    positions: torch.Tensor  # [B,1]
+    logits: torch.Tensor  # [B,V] static output
+    routing: tuple[list[int], torch.Tensor, torch.Tensor] | None  # MoE layers, [L,B,K] experts, weights
+    outcomes: list = field(default_factory=list)
+
+
+class _CaptureHooks(StepHooks):
+    """During capture: end the current piece where the host must act, start the next."""
+
+    def __init__(self, decoder: "Decoder", pieces: list):
+        self.decoder, self.pieces = decoder, pieces
+        self.splits: list[_Split] = []
+        self.routes: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def resident(self, layer, index, hidden):
+        self.pieces[-1].capture_end()
+        self.pieces.append(torch.cuda.CUDAGraph())
+        self.pieces[-1].capture_begin(pool=self.decoder.pool)
+        self.splits.append(_Split(layer, index, hidden))
+        return _WholeBuffer(layer.cache.all_slots())
+
+    def release(self, layer, lease) -> None:
+        pass  # the replay releases what the host pinned at this split
+
+    def route(self, layer, index, weights, outcomes, stall) -> None:
+        self.routes.append((layer.layer, index, weights))
+
+
+@dataclass
+class _WholeBuffer:
+    """What a captured piece computes over: every slot, looked up through the table."""
+
+    range: tuple[int, int]
+    complete: bool = True
+
+    def slot_range(self) -> tuple[int, int]:
+        return self.range
+
+
+class Decoder:
+    def __init__(self, runtime, max_batch: int, max_len: int, use_graphs: bool | None = None):
+        reason = unsupported_reason(runtime.model)
+        if reason is not None:
+            raise ValueError(f"{runtime.store.root}: cannot decode over a slot cache: {reason}")
+        self.runtime, self.model = runtime, runtime.model
+        self.device = runtime.device
+        self.max_batch, self.max_len = max_batch, max_len
+        on_cuda = self.device.type == "cuda"
+        self.use_graphs = on_cuda if use_graphs is None else use_graphs
+        if self.use_graphs and not on_cuda:
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.kv = SlotCache(self.model.config.num_hidden_layers, max_batch, max_len, self.device)
+        self.lengths = [0] * max_batch  # tokens in each row's cache
+        self.layers = expert_layers(self.model)
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._arange = torch.arange(max_batch, device=self.device)
+        self._steps: dict[tuple[int, int], _CapturedStep] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    # --- the forward ----------------------------------------------------------------------------
+    def _forward(self, input_ids: torch.Tensor, write_rows: torch.Tensor, positions: torch.Tensor,
+                 read_rows: slice, attend_len: int) -> torch.Tensor:
+        """input_ids [B,Q] at positions [B,Q] of rows write_rows [B] -> last-token logits [B,V]."""
+        self.kv.prepare(write_rows, positions, read_rows, attend_len)
+        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=self.kv.attention_mask(),
+                         use_cache=True, logits_to_keep=1, **{self._cache_kwarg: self.kv})
+        return out.logits[:, -1]
+
+    # --- prefill ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, row: int, ids: list[int]) -> torch.Tensor:
+        """Fill `row` with the prompt `ids` (eagerly, in chunks); its next-token logits [V]."""
+        if not 0 <= row < self.max_batch:
+            raise ValueError(f"row {row} outside [0, {self.max_batch})")
+        if not 0 < len(ids) < self.max_len:
+            raise ValueError(f"prompt of {len(ids)} tokens: the cache holds 1 to {self.max_len - 1}")
+        rows = self._arange[row:row + 1]
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            chunk = ids[start:start + PREFILL_CHUNK]
+            input_ids = torch.tensor([chunk], device=self.device)  # [1,Q]
+            positions = torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0)  # [1,Q]
+            logits = self._forward(input_ids, rows, positions, slice(row, row + 1), start + len(chunk))
+        self.lengths[row] = len(ids)
+        return logits[0]
+
+    def release(self, row: int) -> None:
+        self.lengths[row] = 0
+
+    # --- decode -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, tokens: dict[int, int]) -> torch.Tensor:
+        """One token for each row of `tokens` {row: its last token} -> logits [len(tokens),V] in row order."""
+        rows = sorted(tokens)
+        batch = next(b for b in BATCH_SIZES if b >= rows[-1] + 1) if rows[-1] < BATCH_SIZES[-1] else rows[-1] + 1
+        batch = min(batch, self.max_batch)
+        longest = max(self.lengths[r] for r in rows) + 1
+        if longest > self.max_len:
+            raise ValueError(f"row {max(rows, key=lambda r: self.lengths[r])} is full ({self.max_len} tokens)")
+        attend = min(self.max_len, -(-longest // LENGTH_STEP) * LENGTH_STEP)
+        input_ids = torch.zeros((batch, 1), dtype=torch.long)
+        positions = torch.zeros((batch, 1), dtype=torch.long)
+        for r in rows:
+            input_ids[r, 0], positions[r, 0] = tokens[r], self.lengths[r]
+        logits = self._step(batch, attend, input_ids, positions)
+        for r in rows:
+            self.lengths[r] += 1
+        return logits[rows]
+
+    def _step(self, batch: int, attend: int, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        step = self._steps.get((batch, attend))
+        if step is not None:
+            return self._replay(step, input_ids, positions)
+        input_ids, positions = input_ids.to(self.device), positions.to(self.device)
+        logits = self._forward(input_ids, self._arange[:batch], positions, slice(0, batch), attend)
+        if self.use_graphs and self._capturable(batch):
+            self._steps[(batch, attend)] = self._capture(batch, attend)
+        return logits
+
+    def _capturable(self, batch: int) -> bool:
+        """A captured step pins a layer's whole choice at once: it must fit the budget."""
+        store = self.runtime.store
+        return min(store.num_experts, batch * store.top_k) <= self.runtime.cache.num_slots
+
+    # --- capture and replay -------------------------------------------------------------------------
+    def _capture(self, batch: int, attend: int) -> _CapturedStep:
+        input_ids = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
+        positions = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
+        pieces = [torch.cuda.CUDAGraph()]
+        hooks = _CaptureHooks(self, pieces)
+        self._set_hooks(hooks)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(stream):
+                pieces[0].capture_begin(pool=self.pool)
+                logits = self._forward(input_ids, self._arange[:batch], positions, slice(0, batch), attend)
+                routing = _stack_routing(hooks.routes)
+                pieces[-1].capture_end()
+        finally:
+            self._set_hooks(EAGER)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        log.info("captured decode step: batch %d, %d positions, %d pieces", batch, attend, len(pieces))
+        return _CapturedStep(pieces, hooks.splits, input_ids, positions, logits, routing)
+
+    def _set_hooks(self, hooks: StepHooks) -> None:
+        for layer in self.layers.values():
+            layer.hooks = hooks
+
+    def _replay(self, step: _CapturedStep, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        step.input_ids.copy_(input_ids, non_blocking=True)
+        step.positions.copy_(positions, non_blocking=True)
+        step.pieces[0].replay()
+        outcomes = {}
+        for split, piece in zip(step.splits, step.pieces[1:]):
+            layer = split.layer
+            layer.outcomes, layer.stall = {}, 0.0
+            lease = layer.acquire(layer.needed(split.index), split.hidden, force=True)
+            piece.replay()
+            layer.cache.release(lease)  # after the piece that computes with it is queued
+            outcomes[layer.layer] = (layer.outcomes, layer.stall)
+        if step.routing is not None and self.runtime.has_routing_listeners:
+            self.runtime.emit_step_routing(*step.routing, outcomes)
+        return step.logits
+
+    # --- generation ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy continuation of equal-length prompts ids [B,T] -> [B,T+max_new_tokens],
+        the tokens transformers' generate(do_sample=False) gives."""
+        batch = ids.shape[0]
+        if batch > self.max_batch:
+            raise ValueError(f"{batch} prompts > max_batch {self.max_batch}")
+        prompts = ids.tolist()
+        try:
+            logits = torch.stack([self.prefill(row, prompt) for row, prompt in enumerate(prompts)])  # [B,V]
+            generated = []
+            for step in range(max_new_tokens):
+                tokens = logits.argmax(dim=-1).tolist()  # the step's one host synchronisation
+                generated.append(tokens)
+                if step + 1 < max_new_tokens:
+                    logits = self.decode(dict(enumerate(tokens)))
+        finally:
+            for row in range(batch):
+                self.release(row)
+        new = torch.tensor(generated, dtype=ids.dtype).T.reshape(batch, -1)  # [B,N]
+        return torch.cat([ids.cpu(), new], dim=1)
+
+
+def _stack_routing(routes: list[tuple[int, torch.Tensor, torch.Tensor]]):
+    """Every MoE layer's choice of this step in two device buffers [L,B,K] (inside the capture)."""
+    if not routes:
+        return None
+    layers = [layer for layer, _, _ in routes]
+    experts = torch.stack([index for _, index, _ in routes])
+    weights = torch.stack([w.float() for _, _, w in routes])
+    return layers, experts, weights

@@ -1,0 +1,119 @@
+"""The experts' compute on slot buffers: what transformers' experts paths compute, in their order.
+
+Legend: T tokens, K top-k, S = T*K (token, slot) rows, H hidden, I expert intermediate
+size, G slots of the buffers passed in.
+
+Two paths, the same two transformers has:
+- gathered (`batched_mm`): each row gathers its expert's weights and runs one bmm; no
+  sort and no host work, the cheapest at decode where S is a handful of rows on a GPU;
+- grouped (`grouped_mm`): rows sorted by slot, one grouped matmul over the slot buffers;
+  for prefill, and on CPU, where the grouped kernel wins at any size.
+
+Either way the routing weight multiplies each row and the K rows of a token are summed in
+slot order (`.view(T, K, H).sum(1)`), as transformers does, so with the same kernels the
+result is bit-identical.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("cadre.kernels")
+
+# On a GPU, up to this many (token, slot) rows, gathering the experts' weights for a bmm
+# is cheaper than a grouped matmul (measured in bench/decode.py); on CPU the grouped
+# kernel wins (transformers grouped_mm 36 tok/s vs batched_mm 15 on the demo model).
+GATHER_ROWS = 32
+
+_grouped_support: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def expert_mlp(module: torch.nn.Module, hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
+               gate_up: torch.Tensor, down: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+    """hidden [T,H], slots [T,K] into gate_up [G,2I,H] / down [G,H,I], weights [T,K]
+    -> [T,H] (reduce) or the weighted rows [T,K,H]. `module` is the family's experts module:
+    its `_apply_gate` turns the gate/up projection into the activation."""
+    num_tokens, top_k = slots.shape
+    if hidden.is_cuda and (num_tokens * top_k <= GATHER_ROWS or not _grouped_capturable(hidden)):
+        rows = _gathered(module, hidden, slots.reshape(-1), gate_up, down)  # [S,H]
+        rows = rows * weights.reshape(-1, 1)  # [S,H]
+    else:
+        rows = _grouped(module, hidden, slots.reshape(-1), weights.reshape(-1, 1), top_k, gate_up, down)
+    rows = rows.view(num_tokens, top_k, -1)  # [T,K,H]
+    if not reduce:
+        return rows
+    return rows.sum(dim=1).to(hidden.dtype)  # [T,H]
+
+
+def _gathered(module, hidden, slots, gate_up, down) -> torch.Tensor:
+    top_k = slots.shape[0] // hidden.shape[0]
+    x = hidden.repeat_interleave(top_k, dim=0).to(gate_up.dtype)  # [S,H]
+    proj = torch.bmm(gate_up[slots], x.unsqueeze(-1)).squeeze(-1)  # [S,2I]
+    act = module._apply_gate(proj)  # [S,I]
+    return torch.bmm(down[slots], act.unsqueeze(-1)).squeeze(-1)  # [S,H]
+
+
+def _grouped(module, hidden, slots, weights, top_k, gate_up, down) -> torch.Tensor:
+    groups = gate_up.shape[0]
+    order = torch.argsort(slots, stable=True)  # [S] rows sorted by slot
+    histc_input = slots.float() if slots.device.type == "cpu" else slots.int()
+    counts = torch.histc(histc_input, bins=groups, min=0, max=groups - 1)  # [G]
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [G] computed on the device: no host sync
+    x = hidden[order // top_k].to(gate_up.dtype)  # [S,H]
+    proj = grouped_mm(x, gate_up.transpose(-2, -1), offsets)  # [S,2I]
+    y = grouped_mm(module._apply_gate(proj), down.transpose(-2, -1), offsets)  # [S,H]
+    rows = torch.empty_like(y, dtype=torch.promote_types(y.dtype, weights.dtype))
+    rows[order] = y * weights[order]
+    return rows
+
+
+def _grouped_capturable(hidden: torch.Tensor) -> bool:
+    """Inside a CUDA graph capture the grouped path needs torch's kernel (the fallback reads
+    the offsets on the host); the kernel was probed by the eager step that precedes every
+    capture, so no probe runs while capturing."""
+    if not torch.cuda.is_current_stream_capturing():
+        return True
+    return _grouped_support.get((str(hidden.device), hidden.dtype), False)
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [R,in] @ grouped weight [G,in,out] -> [R,out], rows grouped by `offsets`.
+
+    torch's grouped kernel where this device and dtype have one (probed once, so a real
+    error such as running out of memory is never mistaken for a missing kernel), else the
+    same products one group at a time (logged once: it needs the offsets on the host).
+    """
+    if _has_grouped_kernel(x.device, x.dtype):
+        return F.grouped_mm(x, weight, offs=offsets)
+    out = x.new_empty((x.shape[0], weight.shape[-1]))
+    start = 0
+    for group, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(x[start:end], weight[group], out=out[start:end])
+        start = end
+    return out
+
+
+def _has_grouped_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    key = (str(device), dtype)
+    if key not in _grouped_support:
+        _grouped_support[key] = _probe_grouped(device, dtype)
+        if not _grouped_support[key]:
+            log.warning("no grouped matmul kernel for %s on %s: experts run one group at a time (slower)",
+                        dtype, device)
+    return _grouped_support[key]
+
+
+def _probe_grouped(device: torch.device, dtype: torch.dtype) -> bool:
+    if not hasattr(F, "grouped_mm"):
+        return False
+    x = torch.ones((16, 16), dtype=dtype, device=device)
+    w = torch.ones((2, 16, 16), dtype=dtype, device=device)
+    try:
+        F.grouped_mm(x, w, offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True

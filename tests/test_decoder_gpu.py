@@ -1,0 +1,54 @@
+"""The CUDA-graph decode path gives transformers' greedy tokens, at every budget.
+
+Marked `gpu`: CI has no GPU and deselects them (-m "not gpu"); they run on the lent GPU
+machine with `python -m pytest -m gpu`.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from models import Runtime, RuntimeConfig
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def need_cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("gpu-marked test run without a CUDA device (deselect with -m 'not gpu')")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fraction", [1.0, 0.5])  # 50%: a 4-row step (4x4 experts) fits 24 slots
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graph_decode_matches_transformers(store_factory, dtype, fraction, batch):
+    checkpoint, store = store_factory("qwen3_moe", dtype=dtype)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).cuda().eval()
+    ids = torch.randint(3, 120, (batch, 12), generator=torch.Generator().manual_seed(1))
+    want = reference.generate(ids.cuda(), max_new_tokens=40, min_new_tokens=40, do_sample=False).cpu()
+    runtime = Runtime.from_store(store, RuntimeConfig(device="cuda", cache_fraction=fraction))
+    decoder = runtime.decoder(max_batch=4, max_len=64)
+    for _ in range(2):  # the first run captures every step shape, the second replays them
+        got = decoder.generate(ids, 40)
+        assert torch.equal(got, want)
+    assert decoder._steps, "no decode step was captured"
+    if fraction < 1:
+        assert all(len(step.pieces) == 1 + len(runtime.store.moe_layers) for step in decoder._steps.values())
+        assert runtime.cache.stats().misses > 0
+    else:
+        assert all(len(step.pieces) == 1 for step in decoder._steps.values())  # no host work in a step
+    runtime.close()
+
+
+def test_graph_steps_report_routing_once_per_step(store_factory):
+    _, store = store_factory("qwen3_moe", dtype=torch.bfloat16)
+    runtime = Runtime.from_store(store, RuntimeConfig(device="cuda", cache_fraction=0.25))
+    decoder = runtime.decoder(max_batch=1, max_len=64)
+    decoder.generate(torch.tensor([[5, 6, 7]]), 4)  # capture
+    events = []
+    runtime.add_routing_listener(events.append)
+    decoder.generate(torch.tensor([[5, 6, 7]]), 4)  # prefill + 3 replayed steps
+    assert len(events) == 4 * len(runtime.store.moe_layers)
+    assert all(e.outcomes for e in events)
+    runtime.close()
