@@ -13,6 +13,7 @@ routes through `router.exact` with the store's mask.
 
 from __future__ import annotations
 
+import re
 import types
 from functools import lru_cache
 
@@ -29,9 +30,28 @@ from router.exact import RoutingSpec
 from .experts import EXPERTS_IMPLEMENTATION, ExpertLayer
 
 
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
 def moe_blocks(model: PreTrainedModel) -> dict[int, torch.nn.Module]:
-    """{layer index: MoE block (the module with `gate` and `experts`)}."""
-    return {i: layer.mlp for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")}
+    """{layer index: MoE block}: the parent of each routed-experts module, found by the metadata
+    transformers' `@use_experts_implementation` puts on it (`mlp` in most families, Jamba's and
+    LFM2's `feed_forward`, Granite's `block_sparse_moe`)."""
+    blocks = {}
+    for path, module in model.named_modules():
+        if hasattr(module, "is_concatenated") and path.endswith(".experts"):
+            blocks[int(_LAYER.search(path)[1])] = model.get_submodule(path.rsplit(".", 1)[0])
+    return blocks
+
+
+def router_of(block: torch.nn.Module) -> torch.nn.Module:
+    """The block's router: `gate` in most families, `router` in gpt-oss, PhiMoE, Granite, Jamba."""
+    router = getattr(block, "gate", None)
+    if not hasattr(router, "weight"):
+        router = getattr(block, "router", None)
+    if not hasattr(router, "weight"):
+        raise StoreError(f"{type(block).__name__} has no router (gate/router) with a weight")
+    return router
 
 
 def expert_layers(model: PreTrainedModel) -> dict[int, ExpertLayer]:
@@ -73,10 +93,13 @@ def routing_spec(store: ExpertStore, hf_config) -> RoutingSpec:
         top_k=store.top_k,
         num_experts=store.num_experts,
         renormalize=renormalizes(store.config, family),
-        weights_in_logits_dtype=family.name != "mixtral",
+        weights_in_logits_dtype=family.weights_dtype != "float32",
         n_group=getattr(hf_config, "n_group", 1) or 1,
         topk_group=getattr(hf_config, "topk_group", 1) or 1,
         routed_scaling_factor=getattr(hf_config, "routed_scaling_factor", 1.0) or 1.0,
+        topk_method=getattr(hf_config, "topk_method", None) or "greedy",
+        weights_in_hidden_dtype=family.weights_dtype == "hidden",
+        jitter_eps=getattr(hf_config, "router_jitter_noise", 0.0) or 0.0,
     )
 
 
@@ -95,22 +118,27 @@ def load_model(store: ExpertStore, *, dtype: torch.dtype | None = None,
     return model.to(device).eval()
 
 
-def install_router(block: torch.nn.Module, route_fn) -> None:
-    """Make `block.gate` return (logits, weights, indices) chosen by `route_fn(logits, gate)`.
+def install_router(block: torch.nn.Module, route_fn, spec: RoutingSpec) -> None:
+    """Make the block's router return (logits, weights, indices) chosen by
+    `route_fn(logits, router, hidden_dtype, bias)`.
 
-    The logits are computed exactly as the family's gate computes them (DeepSeek-V3 in
-    float32), so `exact` routing reproduces transformers' choices bit for bit.
-    """
-    gate = block.gate
-    in_float32 = hasattr(gate, "e_score_correction_bias")
+    The logits are computed exactly as the family's router computes them (DeepSeek's and
+    GLM's in float32, gpt-oss's with its bias, Granite's cast to float32 after the
+    product), so `exact` routing reproduces transformers' choices bit for bit. LFM2 hands
+    its router the block's expert bias as an argument; it is passed on as the bias."""
+    router = router_of(block)
+    in_float32 = spec.kind in ("sigmoid_group_topk", "softmax_group_topk")
+    float_after = spec.weights_in_hidden_dtype  # Granite: F.linear(...).float()
 
-    def forward(self, hidden_states):
+    def forward(self, hidden_states, expert_bias=None):
         hidden_states = hidden_states.reshape(-1, self.weight.shape[-1])  # [T,H]
         if in_float32:
             logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))  # [T,E]
         else:
-            logits = F.linear(hidden_states, self.weight)  # [T,E]
-        weights, indices = route_fn(logits, self)
+            logits = F.linear(hidden_states, self.weight, getattr(self, "bias", None))  # [T,E]
+        if float_after:
+            logits = logits.float()
+        weights, indices = route_fn(logits, self, hidden_states.dtype, expert_bias)
         return logits, weights, indices
 
-    gate.forward = types.MethodType(forward, gate)
+    router.forward = types.MethodType(forward, router)

@@ -85,7 +85,7 @@ class Runtime:
         for layer, experts in expert_layers(model).items():
             experts.bind(cache, on_route=self._emit, on_miss=on_miss, before=self.policy.before_experts)
         for layer, block in moe_blocks(model).items():
-            install_router(block, self._router_for(layer))
+            install_router(block, self._router_for(layer), self.policy.spec)
 
     @classmethod
     def from_store(cls, root: str | Path, config: RuntimeConfig = RuntimeConfig(), policy=None) -> "Runtime":
@@ -124,7 +124,8 @@ class Runtime:
         return masks
 
     def _router_for(self, layer: int):
-        return lambda logits, gate: self.policy.route(layer, logits, gate)
+        return lambda logits, gate, hidden_dtype, bias: self.policy.route(layer, logits, gate, hidden_dtype=hidden_dtype,
+                                                                          bias=bias)
 
     def _prefetch_deeper(self, layer: int, experts: list[int]) -> None:
         deeper = [l for l in self.store.moe_layers if l > layer]
@@ -199,10 +200,9 @@ def cache_budget(store: ExpertStore, config: RuntimeConfig, dtype: torch.dtype) 
 
 
 def expert_bytes(store: ExpertStore, dtype: torch.dtype) -> int:
-    from .cache import _expert_shapes
+    from .cache import slot_bytes
 
-    inter, hidden = _expert_shapes(store)
-    return 3 * inter * hidden * dtype.itemsize
+    return slot_bytes(store, dtype)
 
 
 def default_store_dir(checkpoint: Path) -> Path:
