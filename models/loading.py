@@ -114,8 +114,28 @@ def load_model(store: ExpertStore, *, dtype: torch.dtype | None = None,
     except Exception as exc:
         raise StoreError(f"{store.trunk_path}: cannot load trunk: {exc}") from exc
     model = selective_class(base).from_pretrained(None, config=config, state_dict=trunk, dtype=dtype or store.dtype,
-                                                  experts_implementation=EXPERTS_IMPLEMENTATION)
+                                                  experts_implementation=EXPERTS_IMPLEMENTATION,
+                                                  **dequantized_trunk(config))
     return model.to(device).eval()
+
+
+def dequantized_trunk(config) -> dict:
+    """from_pretrained kwargs for a quantised checkpoint's trunk (FP8 attention in DeepSeek-V3
+    and Qwen3-FP8): transformers' own dequantisation at load, so the trunk computes in the
+    model dtype and no quantiser replaces the experts modules (their shards are dequantised
+    by the cache, models/expert_format.py)."""
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if method is None:
+        return {}
+    from transformers import FineGrainedFP8Config, Mxfp4Config
+
+    if method == "fp8":
+        return {"quantization_config": FineGrainedFP8Config(dequantize=True, weight_block_size=quant.get(
+            "weight_block_size") if isinstance(quant, dict) else quant.weight_block_size)}
+    if method == "mxfp4":
+        return {"quantization_config": Mxfp4Config(dequantize=True)}
+    raise StoreError(f"quantization method {method!r} is not one cadre can load (fp8, mxfp4)")
 
 
 def install_router(block: torch.nn.Module, route_fn, spec: RoutingSpec) -> None:
