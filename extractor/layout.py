@@ -166,6 +166,9 @@ def meta_model(config):
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # transformers raises ValueError, KeyError, ImportError... for configs it cannot build
+        if "Unrecognized configuration class" in str(exc):
+            raise ExtractError(f"transformers has no causal-LM class for model_type '{config.model_type}' "
+                               "(a multimodal wrapper: cadre serves text MoE models)") from None
         raise ExtractError(f"transformers cannot build a causal LM for model_type "
                            f"'{config.model_type}': {type(exc).__name__}: {one_line(exc)}") from None
 

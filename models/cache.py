@@ -435,10 +435,13 @@ class ExpertCache:
             slot.event.record(self._copy_stream)
 
     def _fill_slot(self, index: int, parts: dict[str, torch.Tensor], non_blocking: bool) -> None:
-        """Copy a shard's tensors to the device, dequantise there (expert_format), fill the slot."""
+        """Fill a slot from a shard's tensors: dense ones straight from the host, quantised ones
+        copied to the device as they are, then dequantised there (models/expert_format.py)."""
         i = self.intermediate
-        moved = {name: t.to(self.device, non_blocking=non_blocking) for name, t in parts.items()}
-        dense = dense_weights(self.format, moved, self.dtype)  # [O,N] each, on the device
+        dense = parts
+        if self.format["weights"] != DENSE:
+            moved = {name: t.to(self.device, non_blocking=non_blocking) for name, t in parts.items()}
+            dense = dense_weights(self.format, moved, self.dtype)  # [O,N] each, on the device
         self.gate_up[index, :i].copy_(dense["gate_proj"], non_blocking=non_blocking)
         self.gate_up[index, i:].copy_(dense["up_proj"], non_blocking=non_blocking)
         self.down[index].copy_(dense["down_proj"], non_blocking=non_blocking)
