@@ -74,7 +74,7 @@ FAMILIES: dict[str, Family] = {
         Family("granitemoe", routing="topk_softmax", renormalize=False, weights_dtype="hidden"),
         Family("minimax", renormalize=True, weights_dtype="float32"),
         Family("qwen3_next"),
-        Family("jamba", renormalize=False, weights_dtype="hidden"),
+        Family("jamba", renormalize=False),  # its logits are in the hidden dtype: "logits" is "hidden"
         Family("lfm2_moe", routing="sigmoid_topk", keep_fp32=("expert_bias",)),
     )
 }
