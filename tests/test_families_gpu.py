@@ -7,12 +7,12 @@ Marked `gpu`: CI deselects them; on the lent GPU machine:
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, FineGrainedFP8Config, Mxfp4Config
+from transformers import AutoModelForCausalLM
 
 from extractor import extract_store
 from models import Runtime, RuntimeConfig
 from models.runtime import expert_bytes
-from quantized_checkpoints import make_fp8_checkpoint, make_mxfp4_checkpoint
+from test_runtime_quantized import CASES
 from tiny_models import NEW_FAMILIES
 
 pytestmark = pytest.mark.gpu
@@ -54,11 +54,7 @@ def test_new_family_on_cuda_matches_transformers(store_factory, family, budget):
     runtime.close()
 
 
-QUANTISED = {
-    "fp8-qwen3_moe": (lambda p: make_fp8_checkpoint(p, "qwen3_moe"), FineGrainedFP8Config(dequantize=True)),
-    "fp8-deepseek_v3": (lambda p: make_fp8_checkpoint(p, "deepseek_v3"), FineGrainedFP8Config(dequantize=True)),
-    "mxfp4-gpt_oss": (lambda p: make_mxfp4_checkpoint(p, intermediate_size=32), Mxfp4Config(dequantize=True)),
-}
+QUANTISED = CASES  # the CPU test's checkpoints and references (tests/test_runtime_quantized.py)
 
 
 @pytest.mark.parametrize("case", QUANTISED)
