@@ -62,12 +62,21 @@ def parse_args(argv):
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--budgets", default="1.0,0.5,0.25", help="cadre cache budgets as fractions of all experts")
     p.add_argument("--batch", type=int, default=1, help="prompts decoded together")
+    p.add_argument("--prefetch", default="0",
+                   help="cadre rows at these prefetch depths (comma-separated; 1 = predict the next MoE "
+                        "layer's experts from this layer's input and load them while it computes)")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per prompt per timed run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
     p.add_argument("--compile", action="store_true", help="also transformers static cache + torch.compile")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --compile: set torch._inductor.config.KEY (Python literal VALUE); repeatable")
     p.add_argument("--compile-modes", default="compiled",
-                   help="with --compile: compiled (gpt-fast's manual torch.compile), auto-compile (transformers' own)")
+                   help="with --compile, any of: compiled (torch.compile of generate()'s forward, static cache), "
+                        "auto-compile (transformers' own), gpt-fast (eager prefill into a StaticCache, the "
+                        "decode step alone compiled, as gpt-fast does)")
     p.add_argument("--cadre-eager", action="store_true", help="also cadre through transformers' generate()")
+    p.add_argument("--cadre-compile", action="store_true",
+                   help="also cadre with RuntimeConfig(compile=True): its norms, gates and experts compiled")
     p.add_argument("--impls", default="grouped_mm,batched_mm,eager", help="transformers experts implementations")
     p.add_argument("--accelerate", action="store_true", help="also transformers + accelerate offload (GPU)")
     p.add_argument("--expert-formats", default="store",
@@ -138,9 +147,17 @@ def build_checkpoint(name: str, workdir: Path, device: str, dtype: torch.dtype) 
         for param in model.parameters():
             param.normal_(0.0, 0.02)
     model.save_pretrained(path, max_shard_size="2GB")
+    copy_demo_tokenizer(path)  # so the server can take text prompts (ids stay below the vocab size)
     del model
     free_memory()
     return path
+
+
+def copy_demo_tokenizer(path: Path) -> None:
+    from models.demo import CHECKPOINT_DIR
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(CHECKPOINT_DIR / name, path / name)
 
 
 def free_memory():
@@ -158,14 +175,17 @@ def transformers_contenders(checkpoint: Path, device, dtype, ids, args) -> tuple
     variants = [(impl, "eager") for impl in args.impls.split(",")]
     if args.compile:
         variants += [(impl, mode) for impl in ("grouped_mm", "batched_mm") for mode in args.compile_modes.split(",")]
+    set_inductor_options(args.inductor)
     contenders, errors = [], []
     for impl, mode in variants:
         name = f"transformers {impl}, " + {"eager": "eager", "auto-compile": "static cache, automatic compile",
-                                           "compiled": "static cache, torch.compile reduce-overhead"}[mode]
+                                           "compiled": "static cache, torch.compile reduce-overhead",
+                                           "gpt-fast": "static cache, compiled decode step (gpt-fast)"}[mode]
         try:
             model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, experts_implementation=impl)
             model = model.to(device).eval()
-            generate = hf_generate(model, **_compile_kwargs(model, mode))
+            generate = gptfast_generate(model, ids.shape[1] + args.tokens) if mode == "gpt-fast" else \
+                hf_generate(model, **_compile_kwargs(model, mode))
             for _ in range(2 if mode != "eager" else 1):
                 generate(ids, 8)  # warm-up: kernels, allocator; compile and graph recording
         except Exception as exc:
@@ -176,24 +196,72 @@ def transformers_contenders(checkpoint: Path, device, dtype, ids, args) -> tuple
     return contenders, errors
 
 
+def gptfast_generate(model, max_len: int):
+    """gpt-fast's loop on a transformers model: one StaticCache allocated once, the prompt
+    prefilled eagerly (so the cache's buffers are created outside the compiler and marked
+    static), then each token from a decode step compiled with mode="reduce-overhead"."""
+    import inspect
+
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def step(token, position):  # [B,1], [B,1] -> next token [B,1]
+        logits = model(input_ids=token, position_ids=position, use_cache=True, **{kwarg: cache}).logits
+        return logits[:, -1].argmax(dim=-1, keepdim=True)
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+
+    def run(ids, tokens):
+        ids = ids.to(model.device)
+        batch, length = ids.shape
+        with torch.inference_mode():
+            cache.reset()
+            logits = model(input_ids=ids, use_cache=True, **{kwarg: cache}).logits
+            token = logits[:, -1].argmax(dim=-1, keepdim=True)
+            out = [token]
+            for i in range(tokens - 1):
+                position = torch.full((batch, 1), length + i, device=model.device)
+                token = compiled(token, position).clone()
+                out.append(token)
+        return torch.cat([ids, *out], dim=1)
+    return run
+
+
+def set_inductor_options(options: list[str]) -> None:
+    """--inductor KEY=VALUE: torch 2.11 on an H200 segfaulted in inductor's static Triton
+    launcher while recording the compiled forward's CUDA graphs, so its settings are
+    exposed for the run (and recorded in the results' command line)."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    for option in options:
+        key, _, value = option.partition("=")
+        inductor_config.__setattr__(key, ast.literal_eval(value))
+
+
 def _compile_kwargs(model, mode: str) -> dict:
     if mode == "eager":
         return {}
+
     if mode == "compiled":  # gpt-fast's recipe, as transformers' docs give it
         model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
         return {"cache_implementation": "static", "disable_compile": True}
     return {"cache_implementation": "static"}  # transformers compiles the forward itself
 
 
-def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool, args,
-                    label: str = "") -> Contender:
+def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool, prefetch: int,
+                    args, compiled: bool = False, label: str = "") -> Contender:
     from models import Runtime, RuntimeConfig
 
     on_gpu = torch.device(device).type == "cuda"
     allocated = torch.cuda.memory_allocated() if on_gpu else 0
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    runtime = Runtime.from_store(store, RuntimeConfig(device=device, dtype=dtype_name, cache_fraction=fraction))
+    runtime = Runtime.from_store(store, RuntimeConfig(device=device, dtype=dtype_name, cache_fraction=fraction,
+                                                      prefetch_layers=prefetch, compile=compiled))
     if runtime.cache.host is not None:  # GPU: every expert in pinned host RAM, the budget on the GPU
         runtime.cache.host.warm(runtime.store, all_experts(runtime.store), runtime.cache.dtype)
     if graphs:
@@ -223,6 +291,10 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
 
     name = f"cadre {fraction:.0%} of experts{label}, " + ("slot-cache decoder" + (" (CUDA graphs)" if on_gpu else "")
                                                  if graphs else "transformers generate()")
+    if prefetch:
+        name += f", prefetch {prefetch} layer" + ("s" if prefetch > 1 else "")
+    if compiled:
+        name += ", compiled leaves"
     return Contender(name, generate, finish)
 
 
@@ -326,9 +398,14 @@ def main(argv) -> int:
     contenders, errors = transformers_contenders(checkpoint, device, dtype, ids, args)
     budgets = [float(f) for f in args.budgets.split(",")]
     modes = [True, False] if args.cadre_eager else [True]
+    depths = [int(d) for d in args.prefetch.split(",")]
     stores = expert_stores(checkpoint, store, workdir, args.expert_formats)
-    contenders += [cadre_contender(path, device, dtype_name, ids, fraction, graphs, args, label)
-                   for label, path in stores.items() for fraction in budgets for graphs in modes]
+    contenders += [cadre_contender(path, device, dtype_name, ids, fraction, graphs, depth, args, label=label)
+                   for label, path in stores.items() for fraction in budgets for graphs in modes
+                   for depth in (depths if fraction < 1 else [0])]
+    if args.cadre_compile:
+        contenders += [cadre_contender(store, device, dtype_name, ids, fraction, True, 0, args, compiled=True)
+                       for fraction in budgets]
     rates = timed_rounds(contenders, ids, args.tokens, args.repeats, device)
     rows = [{"system": c.system, "tok_s": rates[c.system], **c.finish()} for c in contenders] + errors
     del contenders

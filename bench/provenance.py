@@ -7,6 +7,7 @@ to the code and the run that produced it.
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import shlex
 import subprocess
@@ -31,6 +32,10 @@ def _bench_argv() -> list[str]:
 
 
 def _commit() -> str:
+    """HEAD (+ "-dirty"), or $CADRE_COMMIT where the checkout has no usable history (the
+    GPU machine receives a copy of the working tree)."""
+    if os.environ.get("CADRE_COMMIT"):
+        return os.environ["CADRE_COMMIT"]
     try:
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()

@@ -28,6 +28,8 @@ from statistics import median
 
 import httpx
 
+from bench.provenance import provenance
+
 REPO = Path(__file__).resolve().parents[1]
 GENERIC_PROMPTS = ["The history of", "Once upon a time", "In the beginning", "To be, or not to be",
                    "The cache holds", "A model of experts", "When the sun rose", "It was the best of times"]
@@ -47,6 +49,8 @@ def parse_args(argv):
     p.add_argument("--max-tokens", type=int, default=32, help="max_new_tokens of every request")
     p.add_argument("--cache-fraction", type=float, default=None, help="server --cache-fraction")
     p.add_argument("--eviction", default="layer-lru", help="server --eviction (default: the server's, layer-lru)")
+    p.add_argument("--engine", default="auto", help="server --engine (auto: the decoder on CUDA)")
+    p.add_argument("--max-model-len", type=int, default=1024, help="server --max-model-len")
     p.add_argument("--rounds", type=int, default=2,
                    help="run every level this many times, interleaved (a busy machine varies from minute to minute)")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers rows")
@@ -80,7 +84,7 @@ def start_server(args, port: int, max_concurrency: int) -> subprocess.Popen:
         command += ["--model", args.model]
     if args.cache_fraction:
         command += ["--cache-fraction", str(args.cache_fraction)]
-    command += ["--eviction", args.eviction]
+    command += ["--eviction", args.eviction, "--engine", args.engine, "--max-model-len", str(args.max_model_len)]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -300,6 +304,7 @@ def main(argv) -> int:
                    f"{load_server:.1f} after them, {os.getloadavg()[0]:.1f} after the reference")
     print_results(levels, reference, description)
     if args.json:
-        args.json.write_text(json.dumps({"levels": levels, "reference": reference, "description": description},
+        args.json.write_text(json.dumps({**provenance(args.device), "levels": levels, "reference": reference,
+                                         "description": description},
                                         indent=2))
     return 0 if all(r["errors_5xx"] == 0 for r in levels) else 1

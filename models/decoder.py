@@ -117,9 +117,15 @@ class Decoder:
         self.device = runtime.device
         self.max_batch, self.max_len = max_batch, max_len
         on_cuda = self.device.type == "cuda"
-        self.use_graphs = on_cuda if use_graphs is None else use_graphs
+        capturable = getattr(runtime.policy, "capturable", False)
+        if use_graphs and not capturable:
+            raise ValueError(f"routing policy {runtime.policy.name!r} works on the host inside the forward: "
+                             "its steps cannot be captured as CUDA graphs")
+        self.use_graphs = on_cuda and capturable if use_graphs is None else use_graphs
         if self.use_graphs and not on_cuda:
             raise ValueError("CUDA graphs need a CUDA device")
+        if on_cuda and not self.use_graphs:
+            log.warning("decode steps run eagerly (no CUDA graphs): routing policy %r", runtime.policy.name)
         self.kv = SlotCache(self.model.config.num_hidden_layers, max_batch, max_len, self.device)
         self.lengths = [0] * max_batch  # tokens in each row's cache
         self.layers = expert_layers(self.model)
@@ -139,8 +145,9 @@ class Decoder:
 
     # --- prefill ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, row: int, ids: list[int]) -> torch.Tensor:
-        """Fill `row` with the prompt `ids` (eagerly, in chunks); its next-token logits [V]."""
+    def prefill(self, row: int, ids: list[int], before_chunk=None) -> torch.Tensor:
+        """Fill `row` with the prompt `ids` (eagerly, in chunks); its next-token logits [V].
+        `before_chunk(start, end)` is called before the forward of ids[start:end]."""
         if not 0 <= row < self.max_batch:
             raise ValueError(f"row {row} outside [0, {self.max_batch})")
         if not 0 < len(ids) < self.max_len:
@@ -148,6 +155,8 @@ class Decoder:
         rows = self._arange[row:row + 1]
         for start in range(0, len(ids), PREFILL_CHUNK):
             chunk = ids[start:start + PREFILL_CHUNK]
+            if before_chunk is not None:
+                before_chunk(start, start + len(chunk))
             input_ids = torch.tensor([chunk], device=self.device)  # [1,Q]
             positions = torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0)  # [1,Q]
             logits = self._forward(input_ids, rows, positions, slice(row, row + 1), start + len(chunk))
@@ -186,6 +195,24 @@ class Decoder:
         if self.use_graphs and self._capturable(batch):
             self._steps[(batch, attend)] = self._capture(batch, attend)
         return logits
+
+    @torch.inference_mode()
+    def capture_all(self) -> int:
+        """Capture the decode step of every batch size up to max_batch (attended length
+        LENGTH_STEP) now, as a server does before it takes requests; returns how many."""
+        if not self.use_graphs:
+            return 0
+        attend = min(self.max_len, LENGTH_STEP)
+        for batch in (b for b in BATCH_SIZES if b <= self.max_batch):
+            if (batch, attend) in self._steps or not self._capturable(batch):
+                continue
+            try:
+                logits = [self.prefill(row, [0]) for row in range(batch)]
+                self.decode({row: int(l.argmax()) for row, l in enumerate(logits)})
+            finally:
+                for row in range(batch):
+                    self.release(row)
+        return len(self._steps)
 
     def _capturable(self, batch: int) -> bool:
         """A captured step pins a layer's whole choice at once: it must fit the budget."""
@@ -235,26 +262,31 @@ class Decoder:
 
     # --- generation ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy continuation of equal-length prompts ids [B,T] -> [B,T+max_new_tokens],
-        the tokens transformers' generate(do_sample=False) gives."""
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_ids=(), pad_token_id=None) -> torch.Tensor:
+        """Greedy continuation of equal-length prompts ids [B,T] -> [B,T+n], the tokens of
+        transformers' generate(do_sample=False): a row that emits an EOS of `eos_token_ids`
+        is done and padded (pad_token_id, else its EOS) until every row is, as there."""
         batch = ids.shape[0]
         if batch > self.max_batch:
             raise ValueError(f"{batch} prompts > max_batch {self.max_batch}")
-        prompts = ids.tolist()
+        eos = set(eos_token_ids)
+        pad = pad_token_id if pad_token_id is not None else next(iter(eos), 0)
         try:
-            logits = torch.stack([self.prefill(row, prompt) for row, prompt in enumerate(prompts)])  # [B,V]
-            generated = []
+            logits = torch.stack([self.prefill(row, prompt) for row, prompt in enumerate(ids.tolist())])  # [B,V]
+            generated, done = [], [False] * batch
             for step in range(max_new_tokens):
                 tokens = logits.argmax(dim=-1).tolist()  # the step's one host synchronisation
+                tokens = [pad if finished else token for token, finished in zip(tokens, done)]
                 generated.append(tokens)
-                if step + 1 < max_new_tokens:
-                    logits = self.decode(dict(enumerate(tokens)))
+                done = [finished or token in eos for token, finished in zip(tokens, done)]
+                if all(done) or step + 1 == max_new_tokens:
+                    break
+                logits = self.decode({row: tokens[row] for row in range(batch)})
         finally:
             for row in range(batch):
                 self.release(row)
-        new = torch.tensor(generated, dtype=ids.dtype).T.reshape(batch, -1)  # [B,N]
-        return torch.cat([ids.cpu(), new], dim=1)
+        new = torch.tensor(generated, dtype=ids.dtype).T.reshape(batch, -1)  # [B,n]
+        return torch.cat([ids, new.to(ids.device)], dim=1)
 
 
 def _stack_routing(routes: list[tuple[int, torch.Tensor, torch.Tensor]]):

@@ -82,6 +82,7 @@ class ExpertLayer:
         self.on_route: Callable | None = None  # (layer, index [T,K], weights [T,K], outcomes, stall_s)
         self.on_miss: Callable | None = None  # (layer, missed experts) -> None (full-depth prefetch)
         self.before: Callable | None = None  # (layer, hidden [T,H]) -> None (speculative prefetch)
+        self.mlp = expert_mlp  # the experts' compute (models/compile.py may swap in a compiled one)
         self.outcomes: dict[int, str] | None = None  # of the last forward (None: resident for good)
         self.stall = 0.0  # seconds the last forward waited for experts to become resident
 
@@ -106,8 +107,8 @@ class ExpertLayer:
         slots = self.cache.lookup(self.layer, top_k_index, first)  # [T,K] slot - first
         cache = self.cache
         biases = (cache.gate_up_bias[first:end], cache.down_bias[first:end]) if cache.gate_up_bias is not None else None
-        return expert_mlp(module, hidden, slots, top_k_weights, cache.gate_up[first:end], cache.down[first:end],
-                          reduce=reduce, biases=biases)
+        return self.mlp(module, hidden, slots, top_k_weights, cache.gate_up[first:end], cache.down[first:end],
+                        reduce=reduce, biases=biases)
 
     def _compute_resident(self, module, hidden, top_k_index, top_k_weights) -> torch.Tensor:
         """Make the chosen experts resident, then compute. When the budget cannot pin them

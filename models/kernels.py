@@ -104,7 +104,10 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
     error such as running out of memory is never mistaken for a missing kernel), else the
     same products one group at a time (logged once: it needs the offsets on the host).
     """
-    if _has_grouped_kernel(x.device, x.dtype):
+    # Under torch.compile the grouped kernel's shape rules admit bfloat16 only (as
+    # transformers' _can_use_grouped_mm also says); other dtypes take the loop there.
+    compiling = torch.compiler.is_compiling()
+    if (not compiling or x.dtype == torch.bfloat16) and _has_grouped_kernel(x.device, x.dtype):
         return F.grouped_mm(x, weight, offs=offsets)
     out = x.new_empty((x.shape[0], weight.shape[-1]))
     start = 0
@@ -115,6 +118,7 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
     return out
 
 
+@torch.compiler.disable
 def _has_grouped_kernel(device: torch.device, dtype: torch.dtype) -> bool:
     key = (str(device), dtype)
     if key not in _grouped_support:

@@ -44,12 +44,19 @@ class RuntimeConfig:
     full_depth: bool = False  # a miss of expert E at layer L also prefetches E in deeper layers
     routing: str = "exact"  # a policy of router.policy.POLICIES
     eviction: str = "lru"  # "lru" or a policy of router.eviction (when present)
+    prefetch_layers: int = 0  # > 0: predict the next N MoE layers' experts and load them ahead
+    decoder: str = "auto"  # greedy generate() through models/decoder.py: auto (on CUDA) | on | off
+    compile: bool = False  # torch.compile the norms, gates and experts' compute (models/compile.py)
 
     def __post_init__(self):
         if self.cache_bytes is not None and self.cache_fraction is not None:
             raise ValueError("give cache_bytes or cache_fraction, not both")
         if self.cache_fraction is not None and not 0 < self.cache_fraction <= 1:
             raise ValueError(f"cache_fraction must be in (0, 1], got {self.cache_fraction}")
+        if self.decoder not in ("auto", "on", "off"):
+            raise ValueError(f"decoder must be auto, on or off, got {self.decoder!r}")
+        if self.prefetch_layers < 0:
+            raise ValueError(f"prefetch_layers must be >= 0, got {self.prefetch_layers}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         policy_class(self.routing), eviction_class(self.eviction)  # unknown names fail here, before any loading
@@ -77,7 +84,7 @@ class Runtime:
         self.store, self.model, self.cache, self.tokenizer, self.config = store, model, cache, tokenizer, config
         self.device = config.resolved_device()
         self._listeners: list[Callable[[RoutingEvent], None]] = []
-        self.policy = policy or make_policy(config.routing)
+        self.policy = policy or make_policy(config.routing, config.prefetch_layers)
         self.policy.bind(self, routing_spec(store, model.config), self._absent_masks())
         if cache.holds_everything:  # the budget holds the whole store: load it once, never miss
             cache.preload([(l, e) for l in store.moe_layers for e in store.experts_present(l)])
@@ -86,6 +93,10 @@ class Runtime:
             experts.bind(cache, on_route=self._emit, on_miss=on_miss, before=self.policy.before_experts)
         for layer, block in moe_blocks(model).items():
             install_router(block, self._router_for(layer), self.policy.spec)
+        if config.compile:
+            from .compile import compile_hot_paths
+
+            compile_hot_paths(model)
 
     @classmethod
     def from_store(cls, root: str | Path, config: RuntimeConfig = RuntimeConfig(), policy=None) -> "Runtime":
@@ -180,7 +191,34 @@ class Runtime:
                 raise ValueError(f"{self.store.root}: store has no tokenizer; pass token ids")
             prompt = self.tokenizer(prompt, return_tensors="pt").input_ids
         generate_kwargs.setdefault("do_sample", False)
+        if self._decodes_itself(generate_kwargs):
+            stop_at_eos = generate_kwargs.get("min_new_tokens", 0) < max_new_tokens
+            eos = self._eos_token_ids() if stop_at_eos else []
+            return self._decoder_for(prompt.shape[0], prompt.shape[1] + max_new_tokens).generate(
+                prompt, max_new_tokens, eos_token_ids=eos, pad_token_id=self.model.generation_config.pad_token_id)
         return self.model.generate(prompt.to(self.device), max_new_tokens=max_new_tokens, **generate_kwargs)
+
+    def _decodes_itself(self, generate_kwargs: dict) -> bool:
+        """Greedy generation on CUDA runs cadre's decoder (CUDA graphs); anything else (CPU,
+        sampling, other generate() options) runs transformers' generate()."""
+        from .decoder import unsupported_reason
+
+        if self.config.decoder == "off" or (self.config.decoder == "auto" and self.device.type != "cuda"):
+            return False
+        greedy_only = set(generate_kwargs) <= {"do_sample", "min_new_tokens"} and not generate_kwargs["do_sample"]
+        return greedy_only and unsupported_reason(self.model) is None
+
+    def _decoder_for(self, batch: int, length: int):
+        """The runtime's decoder, rebuilt larger when a call needs more rows or positions
+        (its captured steps are kept while it suffices)."""
+        current = getattr(self, "_decoder", None)
+        if current is None or current.max_batch < batch or current.max_len < length:
+            self._decoder = self.decoder(max_batch=batch, max_len=max(length, 256))
+        return self._decoder
+
+    def _eos_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
     def close(self) -> None:
         self.cache.close()

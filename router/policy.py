@@ -46,6 +46,12 @@ class ExactPolicy:
         self._baseline: dict[int, torch.Tensor] = {}  # layer -> [E] EMA of router probabilities
         self._surprised = False
 
+    @property
+    def capturable(self) -> bool:
+        """Whether route() is device work only, so a decode step can be captured as a CUDA
+        graph (the Surprise signal reads the router's shift on the host)."""
+        return not (self.prefetch_layers and self.widen)
+
     def bind(self, runtime: "Runtime", spec: RoutingSpec, absent: dict[int, torch.Tensor | None]) -> None:
         self.runtime, self.spec, self.absent = runtime, spec, absent
         self._gates: dict[int, torch.nn.Module] = {}
@@ -108,6 +114,7 @@ class CacheAwarePolicy(ExactPolicy):
     """
 
     name = "cache-aware"
+    capturable = False  # reads the cache's residency on the host in route()
 
     def __init__(self, threshold: float = 0.1, **prefetch):
         super().__init__(**prefetch)
@@ -146,6 +153,7 @@ class DynamicKPolicy(ExactPolicy):
     """
 
     name = "dynamic-k"
+    capturable = False  # counts its skips on the host in route()
 
     def __init__(self, coverage: float = 0.8, min_k: int = 1, **prefetch):
         super().__init__(**prefetch)
@@ -206,5 +214,6 @@ def policy_class(name: str) -> type:
     return POLICIES[name]
 
 
-def make_policy(name: str):
-    return policy_class(name)()
+def make_policy(name: str, prefetch_layers: int = 0):
+    """The policy `name`; prefetch_layers > 0 speculates that many MoE layers ahead."""
+    return policy_class(name)(prefetch_layers=prefetch_layers)

@@ -27,7 +27,8 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # OpenAI h
 @router.get("/models", response_model=ModelList, summary="The served model")
 async def list_models(request: Request):
     state = request.app.state.cadre
-    batching = state.engine.batching if state.engine is not None else None
+    engine = state.engine
+    batching = (engine.batching or engine.kind) if engine is not None else None  # continuous | static | decoder
     return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
                                         "owned_by": "cadre", "max_model_len": state.max_model_len,
                                         "batching": batching}]}

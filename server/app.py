@@ -97,22 +97,39 @@ def context_window(runtime, config: ServerConfig) -> int:
     return min(model_limit, config.max_model_len or model_limit)
 
 
+def engine_class(runtime, choice: str) -> type[Engine]:
+    """The engine that runs the forwards: cadre's decoder (CUDA graphs) on a GPU where the
+    model's attention allows it, transformers' continuous batching otherwise (README, Server)."""
+    from models.decoder import unsupported_reason
+
+    from .decode_engine import DecoderEngine
+
+    reason = unsupported_reason(runtime.model)
+    if choice == "decoder" and reason is not None:
+        raise ValueError(f"--engine decoder: {reason}")
+    if choice == "decoder" or (choice == "auto" and runtime.device.type == "cuda" and reason is None):
+        return DecoderEngine
+    return Engine
+
+
 async def bring_up(state: AppState, runtime=None) -> None:
     """Load (unless given a runtime), start the batching loop, warm up; never raises."""
     try:
         started = time.perf_counter()
         state.runtime = runtime or await in_passing_thread(load_runtime, state.config)
         c = state.config
-        engine = Engine(state.runtime, EngineConfig(max_concurrency=c.max_concurrency, max_queue=c.max_queue,
-                                                    batching=c.batching,
-                                                    max_model_len=context_window(state.runtime, c)),
-                        state.metrics)
+        engine_cls = engine_class(state.runtime, c.engine)
+        engine = engine_cls(state.runtime, EngineConfig(max_concurrency=c.max_concurrency, max_queue=c.max_queue,
+                                                        batching=c.batching,
+                                                        max_model_len=context_window(state.runtime, c)),
+                            state.metrics)
         await in_passing_thread(engine.start)
         state.metrics.attach_runtime(engine.recorder, state.runtime.cache)
         state.engine = engine
         await engine.warmup()
         state.status = "ready"
-        log_event("ready", model=state.model_name, max_model_len=engine.config.max_model_len, batching=engine.batching,
+        log_event("ready", model=state.model_name, engine=engine.kind, batching=engine.batching,
+                  max_model_len=engine.config.max_model_len,
                   seconds=round(time.perf_counter() - started, 2))
     except Exception as exc:  # said on /ready and /health; `python -m server` then exits non-zero
         state.status, state.detail, state.load_failed = "failed", f"{type(exc).__name__}: {exc}", True

@@ -64,6 +64,10 @@ def build_parser() -> OneLineParser:
     p.add_argument("--eviction", default=ServerConfig.eviction,
                    help="expert cache eviction: layer-lru (default: LRU within fair per-layer shares, so a batch "
                         "whose experts exceed the budget does not evict what the next layers need), lru or salience")
+    p.add_argument("--engine", choices=("auto", "decoder", "continuous-batching"), default="auto",
+                   help="decoder: cadre's slot-cache decoder, decode steps replayed as CUDA graphs on a GPU; "
+                        "continuous-batching: transformers' manager; auto (default): decoder on CUDA where "
+                        "the model's attention allows it, continuous batching otherwise")
     p.add_argument("--max-concurrency", type=positive_int, default=16,
                    help="requests decoded together in one continuous batch")
     p.add_argument("--batching", choices=("auto", "continuous", "static"), default="auto",

@@ -17,6 +17,7 @@ class ServerConfig:
     cache_fraction: float | None = None
     routing: str = "exact"
     eviction: str = "layer-lru"  # a batch's experts can exceed the budget: fair per-layer shares (README, Router)
+    engine: str = "auto"  # auto | decoder | continuous-batching (server.app.engine_class)
     max_concurrency: int = 16  # requests decoded together in one continuous batch
     batching: str = "auto"  # auto | continuous | static (server.engine.EngineConfig)
     max_queue: int = 64  # requests waiting for a slot; beyond this: 503 + Retry-After

@@ -116,6 +116,8 @@ class RequestStream:
 
 
 class Engine:
+    kind = "continuous-batching"
+
     def __init__(self, runtime, config: EngineConfig, metrics: Metrics):
         self.runtime = runtime
         self.config = config
@@ -216,6 +218,12 @@ class Engine:
 
     async def shutdown(self, timeout: float) -> None:
         """Refuse new requests, give running ones `timeout` seconds, cancel the rest, stop."""
+        await self._drain(timeout)
+        if self.manager is not None:
+            await asyncio.to_thread(self.manager.stop, block=True, timeout=30)
+            self.runtime.remove_routing_listener(self.recorder)
+
+    async def _drain(self, timeout: float) -> None:
         self.is_accepting = False
         for stream in list(self._waiting):
             self.cancel(stream)
@@ -227,9 +235,6 @@ class Engine:
                 pass
         for stream in list(self._running.values()):
             self.cancel(stream)
-        if self.manager is not None:
-            await asyncio.to_thread(self.manager.stop, block=True, timeout=30)
-            self.runtime.remove_routing_listener(self.recorder)
 
     # --- admission ---------------------------------------------------------------------------
     @property
@@ -270,12 +275,22 @@ class Engine:
         self.recorder.register(rid, stream.trace)
         slot = self.samplers.register(stream.params)
         self._sampler_slots[rid] = slot
+        if not self._submit_to_compute(stream, slot):  # the manager is stopping or died
+            self._finish(stream, "error", error="generation loop is not accepting requests")
+
+    def _submit_to_compute(self, stream: RequestStream, sampler_slot: int) -> bool:
+        """Hand a request to whatever runs the forwards: here transformers' manager."""
+        rid = stream.request_id
         self.manager.register_result_handler(rid, lambda output, s=stream: self._on_output(s, output))
         added = self.manager.add_request(stream.prompt_ids, request_id=rid,
                                          max_new_tokens=stream.params.max_new_tokens, streaming=True,
-                                         eos_token_id=self.eos_token_ids or -1, **{SLOT_KWARG: slot})
-        if added is None:  # the manager is stopping or died
-            self._finish(stream, "error", error="generation loop is not accepting requests")
+                                         eos_token_id=self.eos_token_ids or -1, **{SLOT_KWARG: sampler_slot})
+        return added is not None
+
+    def _stop_generation(self, request_id: str) -> None:
+        """The forwards of a request that ended early (stop string, cancel) stop here too."""
+        self.manager.cancel_request(request_id)
+        forget_result_handler(self.manager, request_id)
 
     def _admit_waiting(self) -> None:
         while self._waiting and len(self._running) < self.config.max_concurrency:
@@ -344,9 +359,8 @@ class Engine:
         stream.finished_at = time.perf_counter()
         rid = stream.request_id
         if self._running.pop(rid, None) is not None:
-            if reason in ("stop", "cancelled"):  # the manager would keep generating: end it there too
-                self.manager.cancel_request(rid)
-                forget_result_handler(self.manager, rid)
+            if reason in ("stop", "cancelled"):  # the forwards would keep generating: end them there too
+                self._stop_generation(rid)
             self.samplers.release(self._sampler_slots.pop(rid))
             stream.routing = self.recorder.release(rid)
         stream._events.put_nowait(None)

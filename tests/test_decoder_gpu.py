@@ -52,3 +52,18 @@ def test_graph_steps_report_routing_once_per_step(store_factory):
     assert len(events) == 4 * len(runtime.store.moe_layers)
     assert all(e.outcomes for e in events)
     runtime.close()
+
+
+def test_compiled_leaves_keep_float32_tokens_in_graphs(store_factory):
+    """RuntimeConfig(compile=True): inductor's fused leaves inside the captured steps. In
+    float32 its rounding differences stay far below a greedy choice's margin."""
+    checkpoint, store = store_factory("qwen3_moe")
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint).cuda().eval()
+    ids = torch.randint(3, 120, (2, 7), generator=torch.Generator().manual_seed(9))
+    want = reference.generate(ids.cuda(), max_new_tokens=16, min_new_tokens=16, do_sample=False).cpu()
+    for fraction in (1.0, 0.5):
+        runtime = Runtime.from_store(store, RuntimeConfig(device="cuda", cache_fraction=fraction, compile=True))
+        decoder = runtime.decoder(max_batch=2, max_len=32)
+        for _ in range(2):
+            assert torch.equal(decoder.generate(ids, 16), want)
+        runtime.close()

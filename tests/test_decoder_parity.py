@@ -85,3 +85,22 @@ def test_a_full_row_is_refused(store_factory):
     with pytest.raises(ValueError, match="full"):
         decoder.decode({0: token})
     runtime.close()
+
+
+def test_runtime_generate_through_the_decoder_stops_at_eos_as_transformers_does(store_factory):
+    checkpoint, store = store_factory("qwen3_moe")
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    ids = prompts(batch=2, length=6, seed=5)
+    free_run = reference.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    eos = int(free_run[0, 6 + 3])  # a token row 0 emits early: generation must stop there
+    reference.generation_config.eos_token_id = eos
+    reference.generation_config.pad_token_id = 0
+    want = reference.generate(ids, max_new_tokens=12, do_sample=False)
+    runtime = Runtime.from_store(store, RuntimeConfig(cache_fraction=0.5, decoder="on"))
+    runtime.model.generation_config.eos_token_id = eos
+    runtime.model.generation_config.pad_token_id = 0
+    got = runtime.generate(ids, max_new_tokens=12)
+    assert torch.equal(got, want)
+    assert torch.equal(runtime.generate(ids, max_new_tokens=12, min_new_tokens=12), free_run)
+    runtime.close()
+

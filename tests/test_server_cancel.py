@@ -13,10 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_live import serve, tiny_runtime
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
+@pytest.fixture(scope="module", params=["continuous-batching", "decoder"])
+def live(tmp_path_factory, request):
     _, runtime = tiny_runtime(tmp_path_factory.mktemp("server-cancel"))
-    with serve(runtime, max_concurrency=2) as server:
+    with serve(runtime, max_concurrency=2, engine=request.param) as server:
         server.wait_ready()
         yield server
     runtime.close()

@@ -19,10 +19,11 @@ PROMPTS = ["hello world", "the cat sat on", "a", "it is a truth universally ackn
 CACHE_OUTCOMES = {"hit", "miss", "prefetched"}
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
+@pytest.fixture(scope="module", params=["continuous-batching", "decoder"])
+def live(tmp_path_factory, request):
+    """Each behaviour below holds with either engine (server/engine.py, server/decode_engine.py)."""
     checkpoint, runtime = tiny_runtime(tmp_path_factory.mktemp("server-generate"))
-    with serve(runtime) as server:
+    with serve(runtime, engine=request.param) as server:
         server.wait_ready()
         server.checkpoint, server.runtime = checkpoint, runtime
         yield server

@@ -1,0 +1,109 @@
+"""Where a decoded token's time goes, from the profiler: compute, copies, host.
+
+    python -m bench breakdown --model qwen3-30b-a3b-8l --device cuda --budget 0.25
+
+Decodes --tokens greedy tokens with cadre's slot-cache decoder (CUDA graphs) and with
+transformers' generate() over cadre's model (the eager path), under torch.profiler, and
+prints per token: wall time, GPU kernel time (compute), host->device copy time (expert
+loads), and the rest of the wall time, when the GPU computed nothing (host work: Python,
+launches, synchronisations, waiting for copies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.decode import PROMPT_LEN, all_experts, build_checkpoint, prompt_ids
+from bench.provenance import provenance
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench breakdown", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen3-30b-a3b-8l")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--budget", type=float, default=0.25, help="cadre cache budget as a fraction of all experts")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--workdir", type=Path)
+    p.add_argument("--json", type=Path)
+    return p.parse_args(argv)
+
+
+def busy_intervals(events, predicate) -> list[tuple[float, float]]:
+    return sorted((e.time_range.start, e.time_range.end) for e in events if predicate(e))
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for start, stop in intervals:
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def measure(generate, ids, tokens: int) -> dict:
+    generate(ids, tokens)  # warm-up: captures, first loads
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        generate(ids, tokens)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    is_copy = lambda e: "memcpy" in e.name.lower() and "htod" in e.name.lower().replace(" ", "")
+    kernels = busy_intervals(events, lambda e: not is_copy(e) and "memcpy" not in e.name.lower()
+                             and "memset" not in e.name.lower())
+    copies = busy_intervals(events, is_copy)
+    gpu_busy = union_length(sorted(kernels + copies))
+    us = 1e6 / tokens  # microseconds per token
+    return {"wall_us": wall * us, "compute_us": union_length(kernels) / 1e6 * us,
+            "copy_us": union_length(copies) / 1e6 * us, "idle_us": (wall - gpu_busy / 1e6) * us}
+
+
+def main(argv) -> int:
+    args = parse_args(argv)
+    from extractor import extract_store
+    from models import Runtime, RuntimeConfig
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cadre-bench-"))
+    checkpoint = build_checkpoint(args.model, workdir, args.device, torch.bfloat16)
+    store = workdir / "store"
+    extract_store(checkpoint, store, quiet=True)
+    config = json.loads((checkpoint / "config.json").read_text())
+    ids = prompt_ids(config.get("vocab_size", 512), 1)
+    runtime = Runtime.from_store(store, RuntimeConfig(device=args.device, dtype="bfloat16",
+                                                      cache_fraction=args.budget))
+    runtime.cache.host.warm(runtime.store, all_experts(runtime.store), runtime.cache.dtype)
+    decoder = runtime.decoder(max_batch=1, max_len=PROMPT_LEN + args.tokens + 8)
+    eager = lambda ids, tokens: runtime.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens)
+    rows = []
+    for name, generate in (("slot-cache decoder (CUDA graphs)", decoder.generate),
+                           ("transformers generate() (eager)", eager)):
+        before = runtime.cache.stats()
+        row = {"system": f"cadre {args.budget:.0%} of experts, {name}", **measure(generate, ids, args.tokens)}
+        after = runtime.cache.stats()
+        row["loads_per_token"] = (sum(after.loads.values()) - sum(before.loads.values())) / (2 * args.tokens)
+        rows.append(row)
+    print(f"\nper-token time, batch 1, {args.tokens} tokens, {args.model} on {torch.cuda.get_device_name()}")
+    print(f"{'system':<62} {'wall us':>9} {'compute':>9} {'copies':>9} {'GPU idle':>9} {'loads/tok':>10}")
+    for r in rows:
+        print(f"{r['system']:<62} {r['wall_us']:>9.0f} {r['compute_us']:>9.0f} {r['copy_us']:>9.0f} "
+              f"{r['idle_us']:>9.0f} {r['loads_per_token']:>10.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({**provenance(torch.cuda.get_device_name()), "rows": rows}, indent=2))
+    runtime.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

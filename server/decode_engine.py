@@ -1,0 +1,188 @@
+"""The serving engine on cadre's slot-cache decoder: decode steps replayed from CUDA graphs.
+
+Measured on an H200 (bench decode, README): transformers' continuous batching gives 127-170
+tok/s for 16 prompts of the 8-layer Qwen3-30B-A3B slice, while a decode step captured as a
+CUDA graph gives ~400 tok/s for one. So on CUDA the server schedules requests itself, the
+way nano-vllm does: each admitted request owns a row of the decoder's slot KV cache; the
+compute thread prefills new rows and then runs one decode step for every active row, padded
+to the next captured batch size, and samples each row with its request's own sampler.
+Admission, queueing, cancellation, stop strings, traces and metrics are the Engine's
+(server/engine.py): this class replaces only what ran inside transformers' manager.
+
+Compute thread: owns the decoder, its rows and the per-row sequences; it talks to the event
+loop only through a command queue (in) and `call_soon_threadsafe` (out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from .engine import Engine
+from .logs import log_event
+from .routing import BatchSlot
+from .sampling import GREEDY_SLOT
+
+STOP = object()
+
+
+@dataclass
+class _Output:
+    """What the Engine's output handler reads (continuous batching's output, in short)."""
+
+    generated_tokens: list[int]
+    finished: bool = False
+    error: str | None = None
+
+    def is_finished(self) -> bool:
+        return self.finished
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    stream: object
+    prompt: list[int]
+    max_new_tokens: int
+    sampler_slot: int
+    row: int = -1
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def last(self) -> int:
+        return self.tokens[-1]
+
+
+class DecoderEngine(Engine):
+    """Engine whose forwards run on `runtime.decoder` (models/decoder.py)."""
+
+    kind = "decoder"
+
+    def start(self) -> None:
+        self.decoder = self.runtime.decoder(max_batch=self.config.max_concurrency,
+                                            max_len=self.config.max_model_len)
+        captured = self.decoder.capture_all()  # before the first request, as vLLM does
+        log_event("decoder", graphs=self.decoder.use_graphs, captured_steps=captured,
+                  max_batch=self.config.max_concurrency, max_len=self.config.max_model_len)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._layout: list[BatchSlot] = []
+        self.runtime.add_routing_listener(self.recorder)
+        self._alive = True
+        self._thread = threading.Thread(target=self._run, name="cadre-decoder", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return getattr(self, "_thread", None) is not None and self._thread.is_alive() and self._alive
+
+    async def shutdown(self, timeout: float) -> None:
+        await self._drain(timeout)
+        if getattr(self, "_thread", None) is not None:
+            self._commands.put(STOP)
+            await asyncio.to_thread(self._thread.join, 30)
+            self.runtime.remove_routing_listener(self.recorder)
+
+    # --- event loop side ----------------------------------------------------------------------
+    def _submit_to_compute(self, stream, sampler_slot: int) -> bool:
+        self._event_loop = asyncio.get_running_loop()  # where outputs go (submit runs on the loop)
+        self._commands.put(_Sequence(stream.request_id, stream, list(stream.prompt_ids),
+                                     stream.params.max_new_tokens, sampler_slot))
+        return True
+
+    def _stop_generation(self, request_id: str) -> None:
+        self._commands.put(("cancel", request_id))
+
+    def _batch_layout(self) -> list[BatchSlot]:
+        return self._layout
+
+    # --- compute thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        rows: dict[int, _Sequence] = {}
+        free = list(range(self.config.max_concurrency - 1, -1, -1))
+        try:
+            while True:
+                for command in self._next_commands(block=not rows):
+                    if command is STOP:
+                        return
+                    if isinstance(command, tuple):  # ("cancel", request_id)
+                        self._drop(rows, free, command[1])
+                        continue
+                    command.row = free.pop()
+                    rows[command.row] = command
+                    self._step(rows, free, [command], prefill=True)
+                if rows:
+                    self._step(rows, free, list(rows.values()), prefill=False)
+        except BaseException as exc:  # the loop is gone: say why, fail what it held
+            self._alive = False
+            log_event("engine_failed", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+            for seq in rows.values():
+                self._deliver(seq, _Output(list(seq.tokens), True, f"generation loop failed: {exc}"))
+
+    def _next_commands(self, block: bool) -> list:
+        commands = [self._commands.get()] if block else []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _step(self, rows: dict[int, _Sequence], free: list[int], batch: list[_Sequence], prefill: bool) -> None:
+        try:
+            if prefill:
+                (seq,) = batch
+                logits = self.decoder.prefill(seq.row, seq.prompt, self._prefill_layout(seq)).unsqueeze(0)  # [1,V]
+            else:
+                batch.sort(key=lambda s: s.row)
+                self._layout = [BatchSlot(s.request_id, s.row, s.row + 1, len(s.tokens)) for s in batch]
+                logits = self.decoder.decode({s.row: s.last for s in batch})  # [B,V] in row order
+        except Exception as exc:  # this step failed: fail its requests, keep serving the others
+            log_event("step_failed", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+            for seq in batch:
+                self._finish_row(rows, free, seq, _Output(list(seq.tokens), True, f"{type(exc).__name__}: {exc}"))
+            return
+        for seq, token in zip(batch, self._sample(batch, logits)):
+            seq.tokens.append(token)
+            done = token in self.eos_token_ids or len(seq.tokens) >= seq.max_new_tokens
+            if done:
+                self._finish_row(rows, free, seq, _Output(list(seq.tokens), True))
+            else:
+                self._deliver(seq, _Output(list(seq.tokens)))
+
+    def _prefill_layout(self, seq: _Sequence):
+        """The layout of each prefill chunk's forward: the last chunk yields token 0."""
+        def before_chunk(start: int, end: int) -> None:
+            self._layout = [BatchSlot(seq.request_id, 0, end - start, 0 if end == len(seq.prompt) else None)]
+        return before_chunk
+
+    def _sample(self, batch: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """Each row with its request's sampler; greedy rows by one argmax on the device."""
+        tokens = logits.argmax(dim=-1).tolist()  # the step's host synchronisation
+        for i, seq in enumerate(batch):
+            if seq.sampler_slot != GREEDY_SLOT:
+                sampler = self.samplers.get(seq.sampler_slot)
+                if sampler is not None:
+                    tokens[i] = sampler.sample(logits[i])
+        return tokens
+
+    def _finish_row(self, rows, free, seq: _Sequence, output: _Output) -> None:
+        self._release_row(rows, free, seq)
+        self._deliver(seq, output)
+
+    def _drop(self, rows: dict[int, _Sequence], free: list[int], request_id: str) -> None:
+        for seq in list(rows.values()):
+            if seq.request_id == request_id:
+                self._release_row(rows, free, seq)
+
+    def _release_row(self, rows, free, seq: _Sequence) -> None:
+        if rows.pop(seq.row, None) is not None:
+            self.decoder.release(seq.row)
+            free.append(seq.row)
+
+    def _deliver(self, seq: _Sequence, output: _Output) -> None:
+        self._event_loop.call_soon_threadsafe(self._on_output, seq.stream, output)
