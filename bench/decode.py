@@ -58,6 +58,9 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo",
                    help="demo (the built-in model), tiny, qwen3-30b-a3b-8l, or a checkpoint directory")
+    p.add_argument("--store", type=Path,
+                   help="an expert store instead of --model (e.g. python -m bench synth-store's): the transformers "
+                        "rows load it through bench.store_reference")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--budgets", default="1.0,0.5,0.25", help="cadre cache budgets as fractions of all experts")
@@ -166,7 +169,7 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
-def transformers_contenders(checkpoint: Path, device, dtype, ids, args) -> tuple[list[Contender], list[dict]]:
+def transformers_contenders(source: Path, device, dtype, ids, args) -> tuple[list[Contender], list[dict]]:
     """transformers with every expert resident: eager with each experts implementation, and
     (--compile) static cache + torch.compile. A configuration this device/dtype cannot run
     becomes an error row, not a hidden gap."""
@@ -182,8 +185,13 @@ def transformers_contenders(checkpoint: Path, device, dtype, ids, args) -> tuple
                                            "compiled": "static cache, torch.compile reduce-overhead",
                                            "gpt-fast": "static cache, compiled decode step (gpt-fast)"}[mode]
         try:
-            model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, experts_implementation=impl)
-            model = model.to(device).eval()
+            if args.store:
+                from bench.store_reference import reference_from_store
+
+                model = reference_from_store(source, device, dtype, impl)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, experts_implementation=impl)
+                model = model.to(device).eval()
             generate = gptfast_generate(model, ids.shape[1] + args.tokens) if mode == "gpt-fast" else \
                 hf_generate(model, **_compile_kwargs(model, mode))
             for _ in range(2 if mode != "eager" else 1):
@@ -387,10 +395,13 @@ def main(argv) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cadre-bench-"))
     dtype_name = args.dtype or ("bfloat16" if on_gpu else "float32")
     dtype = getattr(torch, dtype_name)
-    checkpoint = build_checkpoint(args.model, workdir, device if args.model != "demo" else "cpu",
-                                  torch.bfloat16 if on_gpu else torch.float32)
-    store = workdir / "store"
-    extract_store(checkpoint, store, quiet=True)
+    if args.store:
+        checkpoint = store = args.store
+    else:
+        checkpoint = build_checkpoint(args.model, workdir, device if args.model != "demo" else "cpu",
+                                      torch.bfloat16 if on_gpu else torch.float32)
+        store = workdir / "store"
+        extract_store(checkpoint, store, quiet=True)
     store_dtype = ExpertStore.open(store).dtype
     config = json.loads((checkpoint / "config.json").read_text())
     ids = prompt_ids(config.get("vocab_size", 512), args.batch)
@@ -414,18 +425,19 @@ def main(argv) -> int:
     if on_gpu:
         bandwidth = h2d_bandwidth()
         add_floors(rows, bandwidth)
-    if args.accelerate and on_gpu:  # at the GPU memory of cadre's smallest budget
+    if args.accelerate and on_gpu and not args.store:  # at the GPU memory of cadre's smallest budget
         peak = max(r["gpu_peak_gib"] for r in rows if r["system"].startswith(f"cadre {min(budgets):.0%}"))
         rows.append(bench_accelerate(checkpoint, dtype, ids, int(peak * 2**30), args))
 
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
-    title = (f"decode, batch {args.batch}, {args.tokens} new tokens per prompt, {args.model} ({dtype_name}, "
+    model_name = str(args.store) if args.store else args.model
+    title = (f"decode, batch {args.batch}, {args.tokens} new tokens per prompt, {model_name} ({dtype_name}, "
              f"store {store_dtype}) on {device_name}")
     if bandwidth:
         title += f"; pinned H2D {bandwidth / 1e9:.1f} GB/s"
     print_table(title, rows)
     if args.json:
-        result = {**provenance(device_name), "model": args.model, "batch": args.batch, "tokens": args.tokens,
+        result = {**provenance(device_name), "model": model_name, "batch": args.batch, "tokens": args.tokens,
                   "h2d_bytes_per_s": bandwidth, "rows": rows}
         args.json.write_text(json.dumps(result, indent=2))
     if args.workdir is None:

@@ -21,7 +21,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one stderr line (the project's CLI contract)."""
 
     def error(self, message: str):
-        sys.stderr.write(f"{PROG}: error: {message}\n")
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
 
 
@@ -39,12 +39,26 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also rejects nan
+        raise ValueError(text)
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(text)
+    return value
+
+
 def csv_paths(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
-def build_parser() -> OneLineParser:
-    p = OneLineParser(prog=PROG, description="Serve a Mixture-of-Experts model from an expert store over HTTP.",
+def build_parser(prog: str = PROG) -> OneLineParser:
+    p = OneLineParser(prog=prog, description="Serve a Mixture-of-Experts model from an expert store over HTTP.",
                       epilog=f"Every flag can also be set from the environment as {ENV_PREFIX}<FLAG_NAME>, "
                              "e.g. CADRE_PORT=9000 or CADRE_API_KEY=secret.")
     source = p.add_mutually_exclusive_group()
