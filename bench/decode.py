@@ -410,6 +410,8 @@ def main(argv) -> int:
     budgets = [float(f) for f in args.budgets.split(",")]
     modes = [True, False] if args.cadre_eager else [True]
     depths = [int(d) for d in args.prefetch.split(",")]
+    if args.store and args.expert_formats != "store":
+        raise SystemExit("--expert-formats extracts its stores from a checkpoint: give --model, not --store")
     stores = expert_stores(checkpoint, store, workdir, args.expert_formats)
     contenders += [cadre_contender(path, device, dtype_name, ids, fraction, graphs, depth, args, label=label)
                    for label, path in stores.items() for fraction in budgets for graphs in modes
