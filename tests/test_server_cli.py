@@ -109,3 +109,15 @@ def test_the_process_serves_logs_and_shuts_down_gracefully(tmp_path):
         assert {"id", "prompt_tokens", "completion_tokens", "latency_s", "hits", "misses"} <= set(entry)
         assert entry["hits"] + entry["misses"] > 0
     assert any(entry.get("event") == "stopped" for entry in logged)  # the lifespan's drain ran to its end
+
+
+def test_a_model_that_fails_to_load_makes_the_process_exit_non_zero(tmp_path):
+    from extractor import extract_store
+
+    extract_store(tiny_checkpoint(tmp_path / "checkpoint"), tmp_path / "store", quiet=True)
+    (tmp_path / "store" / "trunk.safetensors").write_bytes(b"not a safetensors file")
+    result = run_server("--port", str(free_port()), "--device", "cpu", "--store", str(tmp_path / "store"))
+    assert result.returncode == 1, result.stderr
+    logged = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    failed = [entry for entry in logged if entry.get("event") == "load_failed"]
+    assert len(failed) == 1 and "trunk.safetensors" in failed[0]["error"]
