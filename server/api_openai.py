@@ -53,8 +53,11 @@ class Choice:
 @router.get("/models", response_model=ModelList, summary="The served model")
 async def list_models(request: Request):
     state = request.app.state.cadre
+    engine = state.engine
+    batching = (engine.batching or engine.kind) if engine is not None else None  # continuous | static | decoder
     return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                        "owned_by": "cadre", "max_model_len": state.max_model_len}]}
+                                        "owned_by": "cadre", "max_model_len": state.max_model_len,
+                                        "batching": batching}]}
 
 
 @router.post("/completions", response_model=CompletionResponse, response_model_exclude_none=True,

@@ -36,6 +36,8 @@ class AppState:
     runtime: object | None = None
     status: str = "loading"  # loading | ready | failed | stopping
     detail: str | None = None
+    load_failed: bool = False  # kept through "stopping": the process exits non-zero
+    on_load_failure: object | None = None  # () -> None, e.g. stop the HTTP server (python -m server)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -118,6 +120,7 @@ async def bring_up(state: AppState, runtime=None) -> None:
         c = state.config
         engine_cls = engine_class(state.runtime, c.engine)
         engine = engine_cls(state.runtime, EngineConfig(max_concurrency=c.max_concurrency, max_queue=c.max_queue,
+                                                        batching=c.batching,
                                                         max_model_len=context_window(state.runtime, c),
                                                         stall_timeout_s=c.stall_timeout),
                             state.metrics)
@@ -126,11 +129,14 @@ async def bring_up(state: AppState, runtime=None) -> None:
         state.engine = engine
         await engine.warmup()
         state.status = "ready"
-        log_event("ready", model=state.model_name, engine=engine.kind, max_model_len=engine.config.max_model_len,
+        log_event("ready", model=state.model_name, engine=engine.kind, batching=engine.batching,
+                  max_model_len=engine.config.max_model_len,
                   seconds=round(time.perf_counter() - started, 2))
-    except Exception as exc:  # the server stays up to say why on /ready and /health
-        state.status, state.detail = "failed", f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # said on /ready and /health; `python -m server` then exits non-zero
+        state.status, state.detail, state.load_failed = "failed", f"{type(exc).__name__}: {exc}", True
         log_event("load_failed", level=logging.ERROR, error=state.detail)
+        if state.on_load_failure is not None:
+            state.on_load_failure()
 
 
 def create_app(config: ServerConfig, runtime=None) -> FastAPI:

@@ -64,7 +64,8 @@ def build_parser(prog: str = PROG) -> OneLineParser:
                              "e.g. CADRE_PORT=9000 or CADRE_API_KEY=secret.")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--store", help="expert store directory (python -m extractor output)")
-    source.add_argument("--model", help="Hugging Face checkpoint directory; extracted to a cached store first")
+    source.add_argument("--model", help="Hugging Face checkpoint directory, or Hub id org/name[@revision] "
+                        "(downloaded first); extracted to a cached store")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=non_negative_int, default=8000)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -84,6 +85,9 @@ def build_parser(prog: str = PROG) -> OneLineParser:
                         "the model's attention allows it, continuous batching otherwise")
     p.add_argument("--max-concurrency", type=positive_int, default=16,
                    help="requests decoded together in one continuous batch")
+    p.add_argument("--batching", choices=("auto", "continuous", "static"), default="auto",
+                   help="auto (default): transformers' continuous batching where it supports the model's attention, "
+                        "else static batches through generate() (DeepSeek's MLA, linear-attention layers)")
     p.add_argument("--max-queue", type=non_negative_int, default=64,
                    help="requests that may wait for a slot; beyond this the server answers 503 + Retry-After")
     p.add_argument("--max-model-len", type=positive_int, help="context window to enforce (default: the model's)")
@@ -140,8 +144,10 @@ def check_policies(parser: argparse.ArgumentParser, routing: str, eviction: str)
 def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.store and not (Path(args.store) / "manifest.json").is_file():
         parser.error(f"--store {args.store}: not an expert store (no manifest.json)")
-    if args.model and not (Path(args.model) / "config.json").is_file():
-        parser.error(f"--model {args.model}: not a Hugging Face checkpoint (no config.json)")
+    from extractor.hub import is_hub_id
+
+    if args.model and not is_hub_id(args.model) and not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: not a Hugging Face checkpoint (no config.json) nor a Hub id org/name")
 
 
 def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
@@ -174,6 +180,9 @@ def bind_listener(parser: argparse.ArgumentParser, host: str, port: int) -> sock
     return sock
 
 
+EXIT_LOAD_FAILED = 1  # the model failed to load (logged as event "load_failed"); 2 is bad flags
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     listener = bind_listener(build_parser(), config.host, config.port)
@@ -189,5 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     # then stops the engine. Access logs are off: the app logs one line per request.
     server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, access_log=False,
                                            timeout_graceful_shutdown=config.shutdown_timeout, log_config=None))
+    # A model that cannot load will not load by waiting: stop, so an orchestrator restarts
+    # or reports the process instead of routing to a server that can only answer 503.
+    state = app.state.cadre
+    state.on_load_failure = lambda: setattr(server, "should_exit", True)
     server.run(sockets=[listener])
-    return 0
+    return EXIT_LOAD_FAILED if state.load_failed else 0

@@ -19,6 +19,7 @@ class ServerConfig:
     eviction: str = "layer-lru"  # a batch's experts can exceed the budget: fair per-layer shares (README, Router)
     engine: str = "auto"  # auto | decoder | continuous-batching (server.app.engine_class)
     max_concurrency: int = 16  # requests decoded together in one continuous batch
+    batching: str = "auto"  # auto | continuous | static (server.engine.EngineConfig)
     max_queue: int = 64  # requests waiting for a slot; beyond this: 503 + Retry-After
     max_model_len: int | None = None  # None: the model's context window
     api_key: str | None = None

@@ -59,6 +59,9 @@ class EngineConfig:
     max_model_len: int = 512
     retry_after_s: int = 1
     stall_timeout_s: float = 60.0  # no step for this long while work is in flight: not ready
+    # "auto": transformers' continuous batching where it supports the model's attention
+    # (its warm-up generation succeeds), else the static batched path (static_batching.py)
+    batching: str = "auto"  # auto | continuous | static
 
 
 class EngineUnavailable(Exception):
@@ -86,6 +89,8 @@ class Engine:
         self.recorder = RoutingRecorder(runtime.store.moe_layers, runtime.store.num_experts, self._batch_layout,
                                         substitutions=lambda: int(getattr(policy, "regret", 0)))
         self.manager = None
+        self.batching: str | None = None  # "continuous" | "static", once started
+        self.batching_reason = ""
         self.is_ready = False
         self.is_accepting = True
         self._ids = itertools.count()
@@ -100,7 +105,23 @@ class Engine:
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        """Build and start the continuous-batching manager (blocking; call off the event loop)."""
+        """Build and start the batching manager (blocking; call off the event loop)."""
+        if self.config.batching == "static":
+            self._start_static("asked for (--batching static)")
+        else:
+            self._start_continuous()
+
+    def _start_static(self, reason: str) -> None:
+        from .static_batching import StaticBatchingManager
+
+        pad = getattr(self.runtime.model.generation_config, "pad_token_id", None)
+        self.manager = StaticBatchingManager(self.runtime.model, self.samplers, self.config.max_concurrency,
+                                             pad_token_id=pad if isinstance(pad, int) else 0)
+        self.batching, self.batching_reason = "static", reason
+        self.runtime.add_routing_listener(self.recorder)
+        self.manager.start()
+
+    def _start_continuous(self) -> None:
         model = self.runtime.model
         max_requests = self.config.max_concurrency + CANCEL_SLACK
         pages_per_request = math.ceil(self.config.max_model_len / PAGE_SIZE)
@@ -126,17 +147,34 @@ class Engine:
         processors = ContinuousBatchingLogitsProcessorList(LogitsProcessorList([PerRequestSampler(self.samplers)]))
         processors.tensors_required = 1  # transformers counts only the processors it converts itself
         self.manager.logit_processor = processors
+        self.batching, self.batching_reason = "continuous", "transformers' continuous batching"
         self.runtime.add_routing_listener(self.recorder)
         self.manager.start()
 
     async def warmup(self) -> None:
-        """One short greedy request through the whole path (first forwards allocate and load)."""
+        """One short greedy request through the whole path (first forwards allocate and load).
+
+        With batching "auto", a continuous batch that cannot run the model's attention fails
+        here, on its first forward: the engine then switches to the static batched path and
+        warms that up instead, and says so in the log and /v1/models."""
+        error = await self._warmup_request()
+        if error is not None and self.batching == "continuous" and self.config.batching == "auto":
+            await asyncio.to_thread(self.manager.stop, block=True, timeout=30)
+            self.runtime.remove_routing_listener(self.recorder)
+            self._start_static(f"continuous batching cannot run this model's attention ({error[:200]})")
+            error = await self._warmup_request()
+        if error is not None:
+            raise RuntimeError(f"warm-up generation failed: {error}")
+        log_event("batching", mode=self.batching, reason=self.batching_reason)
+        self.is_ready = True
+
+    async def _warmup_request(self) -> str | None:
         prompt = self.tokenizer("Hello", add_special_tokens=True)["input_ids"] if self.tokenizer else [0]
         stream = await self.submit(prompt, SamplingParams(max_new_tokens=2), trace=False, internal=True)
         await stream.result()
         if stream.finish_reason == "error":
-            raise RuntimeError(f"warm-up generation failed: {stream.error}")
-        self.is_ready = True
+            return stream.error or "unknown error"
+        return None
 
     @property
     def is_alive(self) -> bool:
@@ -401,6 +439,8 @@ class Engine:
         """Rows of each request in the forward running now (called inside that forward)."""
         if self._outside_batch_forward:
             return []
+        if self.batching == "static":
+            return self.manager.batch_layout()
         io = self.manager.batch_processor.inputs_and_outputs
         batch = io.requests_in_batch
         cu = io.cumulative_seqlens_q[: len(batch) + 1].tolist()
@@ -410,7 +450,9 @@ class Engine:
     def kv_pages_in_use(self) -> int:
         """KV-cache pages held by requests (0 when idle: a leak check). Reads the manager's
         allocators' block tables, which transformers does not document as public."""
-        processor = self.manager.batch_processor if self.manager is not None else None
+        if hasattr(self.manager, "rows_held"):  # the static batched path: one cache per batch row
+            return self.manager.rows_held()
+        processor = getattr(self.manager, "batch_processor", None)
         if processor is None:
             return 0
         return sum(len(table) for allocator in processor.cache.cache_allocators.values()
@@ -431,6 +473,9 @@ def forget_result_handler(manager, request_id: str) -> None:
     that finish, and a cancelled one never does (no public API for this). Outputs of steps
     still in flight then land in the manager's shared output queue, which nothing else
     reads: drop those too, so they cannot pile up."""
+    if hasattr(manager, "forget"):  # the static batched path's own manager
+        manager.forget(request_id)
+        return
     router = manager.output_router
     with router._lock:
         router.result_handlers.pop(request_id, None)

@@ -108,6 +108,8 @@ class ExpertCollector:
         yield loads
         yield prefetch
         yield CounterMetricFamily("cadre_expert_evictions", "Experts evicted.", value=stats.evictions)
+        yield CounterMetricFamily("cadre_expert_load_bytes", "Bytes loads moved into the cache, in the store's "
+                                  "format (quantised experts move their quantised size).", value=stats.bytes_loaded)
         yield GaugeMetricFamily("cadre_expert_cache_bytes", "Bytes of resident experts.", value=stats.bytes)
         yield GaugeMetricFamily("cadre_expert_cache_capacity_bytes", "Expert cache budget.",
                                 value=stats.capacity_bytes)

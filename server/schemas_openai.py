@@ -204,6 +204,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "cadre"
     max_model_len: int
+    # "continuous" (transformers' continuous batching) or "static" (its generate(), batched:
+    # for attention continuous batching cannot page, e.g. DeepSeek's MLA)
+    batching: str | None = None
 
 
 class ModelList(BaseModel):

@@ -5,8 +5,9 @@ served as if nothing happened.
 
 The engine runs here without HTTP, so the failures can be ones validation would now catch
 at the edge (a seed past 2^64 - 1, a logit_bias token outside the vocabulary): the engine
-must survive them anyway. Each case runs more times than there are batch slots, on both
-engines: transformers' continuous batching and cadre's slot-cache decoder (CPU: eager steps).
+must survive them anyway. Each case runs more times than there are batch slots, on every
+engine: transformers' continuous batching, the static batched path (generate()), and
+cadre's slot-cache decoder (CPU: eager steps).
 """
 
 import asyncio
@@ -32,15 +33,18 @@ def tiny(tmp_path_factory):
     runtime.close()
 
 
-@pytest.fixture(params=[Engine, DecoderEngine], ids=["continuous-batching", "decoder"])
+ENGINES = {"continuous-batching": (Engine, "continuous"), "static": (Engine, "static"), "decoder": (DecoderEngine, "auto")}
+
+
+@pytest.fixture(params=list(ENGINES))
 def runtime(request, tiny):
-    tiny.engine_class = request.param
+    tiny.engine_class, tiny.batching = ENGINES[request.param]
     return tiny
 
 
 async def started_engine(runtime) -> Engine:
     metrics = Metrics()
-    config = EngineConfig(max_concurrency=SLOTS, max_queue=SLOTS, max_model_len=128)
+    config = EngineConfig(max_concurrency=SLOTS, max_queue=SLOTS, max_model_len=128, batching=runtime.batching)
     engine = runtime.engine_class(runtime, config, metrics)
     await in_passing_thread(engine.start)
     metrics.attach_runtime(engine.recorder, runtime.cache, engine.kv_pages_in_use)
@@ -70,11 +74,13 @@ async def assert_released(engine: Engine) -> None:
     assert engine.num_running == 0 and engine.num_waiting == 0
     assert len(engine.samplers) == 0
     assert engine.recorder._requests == {}
-    if engine.manager is not None:  # continuous batching: the manager's per-request handlers
+    if engine.batching == "continuous":  # the manager's per-request handlers
         assert engine.manager.output_router.result_handlers == {}
+    if engine.batching == "static":
+        assert engine.manager._handlers == {}
     assert engine.metrics.requests_running._value.get() == 0
     await wait_until(lambda: engine.kv_pages_in_use() == 0)  # cancelled pages free at the loop's next step
-    assert engine.runtime.cache.pinned() == 0
+    await wait_until(lambda: engine.runtime.cache.pinned() == 0)  # a forward still in flight holds its pins
     assert engine.is_alive
 
 

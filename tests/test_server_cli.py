@@ -127,3 +127,15 @@ def test_a_busy_port_fails_before_the_model_loads():
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"--port {port}" in lines[0] and "in use" in lines[0], result.stderr
     assert time.monotonic() - started < 20  # no model was loaded (python + imports only)
+
+
+def test_a_model_that_fails_to_load_makes_the_process_exit_non_zero(tmp_path):
+    from extractor import extract_store
+
+    extract_store(tiny_checkpoint(tmp_path / "checkpoint"), tmp_path / "store", quiet=True)
+    (tmp_path / "store" / "trunk.safetensors").write_bytes(b"not a safetensors file")
+    result = run_server("--port", str(free_port()), "--device", "cpu", "--store", str(tmp_path / "store"))
+    assert result.returncode == 1, result.stderr
+    logged = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    failed = [entry for entry in logged if entry.get("event") == "load_failed"]
+    assert len(failed) == 1 and "trunk.safetensors" in failed[0]["error"]
