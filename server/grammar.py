@@ -20,9 +20,6 @@ import asyncio
 import json
 from collections import OrderedDict
 
-from outlines_core import Index, Vocabulary
-from outlines_core.json_schema import build_regex_from_schema
-
 from .errors import APIError
 from .threads import in_passing_thread
 
@@ -31,6 +28,11 @@ KEEP = 32  # compiled indexes kept (least recently used dropped)
 
 def regex_for(response_format) -> str:
     """The regex a response_format admits; 400 naming response_format when it cannot be built."""
+    try:  # imported here: a server without outlines-core serves everything but response_format
+        from outlines_core.json_schema import build_regex_from_schema
+    except ImportError:
+        raise APIError(400, "response_format needs outlines-core, which this server lacks (pip install "
+                            "outlines-core)", param="response_format", code="unsupported_parameter") from None
     if response_format.type == "json_object":
         schema = {"type": "object"}
     elif response_format.json_schema is None:
@@ -48,12 +50,14 @@ class Grammars:
 
     def __init__(self, token_bytes: list[bytes], special_ids: set[int], eos_token_id: int):
         self.token_bytes, self.special_ids, self.eos_token_id = token_bytes, special_ids, eos_token_id
-        self._vocabulary: Vocabulary | None = None
-        self._indexes: OrderedDict[str, Index] = OrderedDict()
+        self._vocabulary = None  # outlines_core.Vocabulary, built on first use
+        self._indexes: OrderedDict[str, object] = OrderedDict()  # regex -> outlines_core.Index
         self._building: dict[str, asyncio.Future] = {}
 
-    def vocabulary(self) -> Vocabulary:
+    def vocabulary(self):
         """outlines-core's view: token bytes -> ids; special tokens other than EOS can never be chosen."""
+        from outlines_core import Vocabulary
+
         if self._vocabulary is None:
             by_bytes: dict[bytes, list[int]] = {}
             for token, raw in enumerate(self.token_bytes):
@@ -62,8 +66,11 @@ class Grammars:
             self._vocabulary = Vocabulary(self.eos_token_id, by_bytes)
         return self._vocabulary
 
-    async def index(self, regex: str) -> Index:
-        """The index for `regex`: cached, or built once in a passing thread (concurrent callers share it)."""
+    async def index(self, regex: str):
+        """The outlines_core.Index for `regex`: cached, or built once in a passing thread (concurrent
+        callers share it)."""
+        from outlines_core import Index
+
         if regex in self._indexes:
             self._indexes.move_to_end(regex)
             return self._indexes[regex]

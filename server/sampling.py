@@ -27,8 +27,6 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
-from outlines_core import Guide
-
 from . import logits as L
 
 SLOT_KWARG = "cadre_sampler"  # the per-request kwarg continuous batching hands to the processor
@@ -106,7 +104,11 @@ class RequestSampler:
         self.counts = None
         if params.presence_penalty or params.frequency_penalty:
             self.counts = torch.zeros(vocab_size)  # [V]
-        self.guide = Guide(params.grammar) if params.grammar is not None else None
+        self.guide = None
+        if params.grammar is not None:
+            from outlines_core import Guide  # only requests with a response_format need outlines-core
+
+            self.guide = Guide(params.grammar)
 
     def choose(self, row: torch.Tensor) -> int:
         """row: [V] logits of this request's next token. Returns the token; records its StepResult."""
