@@ -175,6 +175,11 @@ class ExpertCache:
         with self._lock:
             return [key for key, slot in self._slots.items() if slot.ready]
 
+    def pinned(self) -> int:
+        """Pins held now, over all slots: 0 whenever no forward is running (a leak check)."""
+        with self._lock:
+            return sum(slot.pins for slot in self._slots.values())
+
     def is_resident(self, key: Key) -> bool:
         with self._lock:
             slot = self._slots.get(key)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -99,6 +100,9 @@ def build_parser(prog: str = PROG) -> OneLineParser:
     p.add_argument("--served-model-name", help="model id in /v1/models and OpenAI requests (default: store name)")
     p.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout,
                    help="seconds in-flight requests get to finish on shutdown before they are cancelled")
+    p.add_argument("--stall-timeout", type=float, default=ServerConfig.stall_timeout,
+                   help="seconds without a generation step, while requests are in flight, after which /ready "
+                        "answers 503 (the engine is stuck)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
 
@@ -158,11 +162,30 @@ def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
         parser.error(str(exc))
 
 
+def bind_listener(parser: argparse.ArgumentParser, host: str, port: int) -> socket.socket:
+    """The listening socket, bound now: a busy port fails in a second, not after the model loads."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        parser.error(f"--host {host}: cannot resolve ({exc.strerror})")
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        parser.error(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})")
+    sock.set_inheritable(True)
+    return sock
+
+
 EXIT_LOAD_FAILED = 1  # the model failed to load (logged as event "load_failed"); 2 is bad flags
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
+    listener = bind_listener(build_parser(), config.host, config.port)
     import uvicorn
 
     from .app import create_app
@@ -173,12 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn finishes in-flight requests for shutdown_timeout seconds on SIGTERM/SIGINT,
     # then cancels them (a cancelled stream cancels its generation); the app's lifespan
     # then stops the engine. Access logs are off: the app logs one line per request.
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                                           access_log=False, timeout_graceful_shutdown=config.shutdown_timeout,
-                                           log_config=None))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, access_log=False,
+                                           timeout_graceful_shutdown=config.shutdown_timeout, log_config=None))
     # A model that cannot load will not load by waiting: stop, so an orchestrator restarts
     # or reports the process instead of routing to a server that can only answer 503.
     state = app.state.cadre
     state.on_load_failure = lambda: setattr(server, "should_exit", True)
-    server.run()
+    server.run(sockets=[listener])
     return EXIT_LOAD_FAILED if state.load_failed else 0

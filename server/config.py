@@ -27,6 +27,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     served_model_name: str | None = None
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
+    stall_timeout: float = 60.0  # /ready is 503 after this long without a step while work is in flight
     log_level: str = "info"
 
     def __post_init__(self):
@@ -49,3 +50,5 @@ class ServerConfig:
             raise ValueError(f"--max-model-len must be >= 2, got {self.max_model_len}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}")
+        if not self.stall_timeout > 0:
+            raise ValueError(f"--stall-timeout must be > 0, got {self.stall_timeout}")

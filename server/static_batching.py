@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +69,7 @@ class StaticBatchingManager:
         self._batch: list[_Request] = []  # the batch decoding now (compute thread)
         self._pads: list[int] = []
         self._forward = 0  # forwards of the current batch so far: 0 = prefill
+        self._model_lock = threading.Lock()  # held while a batch decodes; pause() takes it between batches
 
     # --- the engine's side -----------------------------------------------------------------------
     def start(self) -> None:
@@ -88,6 +90,16 @@ class StaticBatchingManager:
 
     def register_result_handler(self, request_id: str, callback) -> None:
         self._handlers[request_id] = (callback, asyncio.get_running_loop())
+
+    @contextmanager
+    def pause(self):
+        """The model to the caller between two batches (prompt scoring): a batch decodes to its end first."""
+        with self._model_lock:
+            yield
+
+    def rows_held(self) -> int:
+        """Requests whose cache the batch decoding now still holds."""
+        return sum(1 for r in list(self._batch) if not (r.finished or r.cancelled))
 
     def forget(self, request_id: str) -> None:
         self._handlers.pop(request_id, None)
@@ -131,7 +143,8 @@ class StaticBatchingManager:
                     return
                 batch, self._pending = self._pending[: self.max_requests], self._pending[self.max_requests:]
             try:
-                self._decode(batch)
+                with self._model_lock:
+                    self._decode(batch)
             except Exception as exc:  # a failed batch fails its requests, never the loop
                 for request in batch:
                     if not request.finished:
@@ -185,14 +198,8 @@ class _RowSampler(LogitsProcessor):
         self.manager = manager
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # scores [B,V]
-        for row, request in enumerate(self.manager._batch):
-            sampler = self.manager.samplers.get(request.slot) if request.slot != GREEDY_SLOT else None
-            if sampler is None or request.finished:
-                continue
-            token = sampler.sample(scores[row])
-            scores[row].fill_(float("-inf"))
-            scores[row, token] = 0.0
-        return scores
+        slots = [GREEDY_SLOT if request.finished else request.slot for request in self.manager._batch]
+        return self.manager.samplers.apply(scores, slots)
 
 
 class _RowsDone(StoppingCriteria):
