@@ -3,6 +3,7 @@
     python -m bench decode                       # demo model (or a tiny random one) on CPU
     python -m bench decode --model qwen3-30b-a3b-8l --device cuda --budgets 1.0,0.25 --compile --accelerate
     python -m bench decode --model qwen3-30b-a3b-8l --device cuda --batch 16 --compile
+    python -m bench decode --model qwen3-30b-a3b-8l --device cuda --budgets 0.25 --expert-formats bf16,fp8
 
 Prints tokens/s (greedy, a fixed number of new tokens per prompt, after a warm-up, batch
 of --batch prompts decoded together), cache hit rate and expert loads per token for each
@@ -81,6 +82,9 @@ def parse_args(argv):
                    help="also cadre with RuntimeConfig(compile=True): its norms, gates and experts compiled")
     p.add_argument("--impls", default="grouped_mm,batched_mm,eager", help="transformers experts implementations")
     p.add_argument("--accelerate", action="store_true", help="also transformers + accelerate offload (GPU)")
+    p.add_argument("--expert-formats", default="store",
+                   help="cadre's expert stores: store (as extracted), or a list of bf16,fp8 (FP8 e4m3, 128x128 "
+                        "block scales, dequantised on the device after each load)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--workdir", type=Path, help="where synthetic checkpoints and stores go (default: a temp dir)")
     return p.parse_args(argv)
@@ -257,7 +261,7 @@ def _compile_kwargs(model, mode: str) -> dict:
 
 
 def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool, prefetch: int,
-                    args, compiled: bool = False) -> Contender:
+                    args, compiled: bool = False, label: str = "") -> Contender:
     from models import Runtime, RuntimeConfig
 
     on_gpu = torch.device(device).type == "cuda"
@@ -284,6 +288,7 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
         row = {
             "hit_rate": (after.hits - before.hits) / queries if queries else 0.0,
             "loads_per_token": (sum(after.loads.values()) - sum(before.loads.values())) / tokens,
+            "bytes_per_token": (after.bytes_loaded - before.bytes_loaded) / tokens,  # as moved: quantised stays so
             "expert_bytes": runtime.cache.slot_bytes,
             "cache_gib": after.capacity_bytes / 2**30,
         }
@@ -292,13 +297,36 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
         runtime.close()
         return row
 
-    name = f"cadre {fraction:.0%} of experts, " + ("slot-cache decoder" + (" (CUDA graphs)" if on_gpu else "")
+    name = f"cadre {fraction:.0%} of experts{label}, " + ("slot-cache decoder" + (" (CUDA graphs)" if on_gpu else "")
                                                  if graphs else "transformers generate()")
     if prefetch:
         name += f", prefetch {prefetch} layer" + ("s" if prefetch > 1 else "")
     if compiled:
         name += ", compiled leaves"
     return Contender(name, generate, finish)
+
+
+def expert_stores(checkpoint: Path, store: Path, workdir: Path, formats: str) -> dict[str, Path]:
+    """{row label: store} for --expert-formats: the extracted store as it is, or bf16 / fp8 ones."""
+    from extractor import extract_store
+
+    if formats == "store":
+        return {"": store}
+    stores = {}
+    for fmt in formats.split(","):
+        if fmt == "fp8":
+            path = workdir / "store-fp8"
+            config = json.loads((checkpoint / "config.json").read_text())
+            dims = (config["moe_intermediate_size"], config["hidden_size"])
+            block = next(b for b in (128, 64, 32, 16) if all(d % b == 0 for d in dims))  # 128: DeepSeek's
+            extract_store(checkpoint, path, dtype="fp8", fp8_block=(block, block), quiet=True)
+        elif fmt == "bf16":
+            path = workdir / "store-bf16"
+            extract_store(checkpoint, path, dtype="bfloat16", quiet=True)
+        else:
+            raise SystemExit(f"--expert-formats: unknown format {fmt!r} (store, bf16, fp8)")
+        stores[f", {fmt} experts"] = path
+    return stores
 
 
 def all_experts(store):
@@ -336,13 +364,14 @@ def add_floors(rows: list[dict], bandwidth: float) -> None:
     """Copy-bound floor of each cadre row: the time its expert loads take at `bandwidth`."""
     for r in rows:
         if "loads_per_token" in r:
-            seconds = r["loads_per_token"] * r["expert_bytes"] / bandwidth
+            seconds = r.get("bytes_per_token", r["loads_per_token"] * r["expert_bytes"]) / bandwidth
             r["copy_floor_tok_s"] = 1 / seconds if seconds else None
 
 
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
-    print(f"{'system':<66} {'tok/s':>8} {'hit rate':>9} {'loads/tok':>10} {'copy floor':>11} {'GPU peak GiB':>13}")
+    print(f"{'system':<66} {'tok/s':>8} {'hit rate':>9} {'loads/tok':>10} {'MB/tok':>8} {'copy floor':>11} "
+          f"{'GPU peak GiB':>13}")
     for r in rows:
         if "error" in r:
             print(f"{r['system']:<66} {'n/a':>8}  ({r['error']})")
@@ -352,7 +381,8 @@ def print_table(title: str, rows: list[dict]) -> None:
         floor = r.get("copy_floor_tok_s")
         floor = f"{floor:.0f}" if floor else "-"
         peak = f"{r['gpu_peak_gib']:.2f}" if "gpu_peak_gib" in r else "-"
-        print(f"{r['system']:<66} {r['tok_s']:>8.1f} {hit:>9} {loads:>10} {floor:>11} {peak:>13}")
+        moved = f"{r['bytes_per_token'] / 1e6:.2f}" if "bytes_per_token" in r else "-"
+        print(f"{r['system']:<66} {r['tok_s']:>8.1f} {hit:>9} {loads:>10} {moved:>8} {floor:>11} {peak:>13}")
 
 
 def main(argv) -> int:
@@ -380,8 +410,12 @@ def main(argv) -> int:
     budgets = [float(f) for f in args.budgets.split(",")]
     modes = [True, False] if args.cadre_eager else [True]
     depths = [int(d) for d in args.prefetch.split(",")]
-    contenders += [cadre_contender(store, device, dtype_name, ids, fraction, graphs, depth, args)
-                   for fraction in budgets for graphs in modes for depth in (depths if fraction < 1 else [0])]
+    if args.store and args.expert_formats != "store":
+        raise SystemExit("--expert-formats extracts its stores from a checkpoint: give --model, not --store")
+    stores = expert_stores(checkpoint, store, workdir, args.expert_formats)
+    contenders += [cadre_contender(path, device, dtype_name, ids, fraction, graphs, depth, args, label=label)
+                   for label, path in stores.items() for fraction in budgets for graphs in modes
+                   for depth in (depths if fraction < 1 else [0])]
     if args.cadre_compile:
         contenders += [cadre_contender(store, device, dtype_name, ids, fraction, True, 0, args, compiled=True)
                        for fraction in budgets]

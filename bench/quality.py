@@ -11,6 +11,8 @@ most likely next token equals the full model's (transformers, every expert). Row
   (d) cache-aware routing (two Conflict margins) at cache budgets of 25% / 50% of the experts, beside exact
       routing at the same budget (same quality as (a), shows the loads it saves)
   (e) dynamic k at two coverages
+  (f) every expert, FP8 e4m3 with 64x64 block scales (`--dtype fp8 --fp8-block 64`; the
+      demo's experts are 64 x 192, too small for DeepSeek's 128 blocks), against the bf16 store (a)
 (a)-(c), (e) score whole windows in one forward; (d) decodes token by token with the KV
 cache (teacher forcing), because what is resident depends on the tokens before.
 """
@@ -22,7 +24,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +47,8 @@ class Row:
     loads_per_token: float | None = None
     regret_per_token: float | None = None
     seconds: float = 0.0
+    top1_agreement_vs: float | None = None  # (f): against the bf16 store's own predictions
+    top1: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 def parse_args(argv):
@@ -58,6 +62,7 @@ def parse_args(argv):
     parser.add_argument("--work", type=Path, default=WORK_DIR, help=f"stores and profile (default {WORK_DIR})")
     parser.add_argument("--json", type=Path, help="write the rows as JSON")
     parser.add_argument("--plot", type=Path, help="write a PNG: perplexity per row")
+    parser.add_argument("--rows", default="abcdef", help="which row groups to run, e.g. --rows af (default: all)")
     return parser.parse_args(argv)
 
 
@@ -78,32 +83,43 @@ def main(argv: list[str] | None = None) -> int:
         ref_nll = nll(reference(input_ids=windows, use_cache=False).logits, windows)
     print(f"held-out: {windows.numel()} tokens ({args.windows} x {args.seq_len}); "
           f"transformers (full model) ppl {math.exp(ref_nll):.3f}")
-    stores = build_stores(args, tokenizer, CHECKPOINT_DIR)
+    stores = build_stores(args, tokenizer, CHECKPOINT_DIR, with_profile="c" in args.rows)
 
-    rows = [
-        score_windows("(a) all experts, exact", stores["all"], ExactPolicy(), windows, ref_top1),
-        score_windows("(b) experts 0-7", stores["0-7"], ExactPolicy(), windows, ref_top1),
-        score_windows("(c) auto:8 (train profile)", stores["auto:8"], ExactPolicy(), windows, ref_top1),
-    ]
-    for fraction in (0.25, 0.5):
+    rows = []
+    if "a" in args.rows:
+        rows.append(score_windows("(a) all experts, exact", stores["all"], ExactPolicy(), windows, ref_top1))
+    if "b" in args.rows:
+        rows.append(score_windows("(b) experts 0-7", stores["0-7"], ExactPolicy(), windows, ref_top1))
+    if "c" in args.rows:
+        rows.append(score_windows("(c) auto:8 (train profile)", stores["auto:8"], ExactPolicy(), windows, ref_top1))
+    for fraction in (0.25, 0.5) if "d" in args.rows else ():
         rows.append(score_decode(f"(d) exact @ {fraction:.0%} cache", stores["all"], ExactPolicy(),
                                  fraction, windows, ref_top1))
         for threshold in map(float, args.thresholds.split(",")):
             rows.append(score_decode(f"(d) cache-aware @ {fraction:.0%} cache, margin<{threshold}", stores["all"],
                                      CacheAwarePolicy(threshold=threshold), fraction, windows, ref_top1))
-    for coverage in (0.9, 0.7):
+    for coverage in (0.9, 0.7) if "e" in args.rows else ():
         rows.append(score_windows(f"(e) dynamic-k, coverage {coverage}", stores["all"],
                                   DynamicKPolicy(coverage=coverage), windows, ref_top1))
+    if "f" in args.rows:
+        bf16 = score_windows("(f) bf16 experts (the store of (a))", stores["all"], ExactPolicy(), windows, ref_top1)
+        fp8 = score_windows("(f) FP8 e4m3 experts, 64x64 blocks", stores["fp8"], ExactPolicy(), windows, ref_top1,
+                            against=bf16)
+        rows += [bf16, fp8]
     print_table(rows, ref_nll)
     if args.json:
-        args.json.write_text(json.dumps({"reference_ppl": math.exp(ref_nll), "tokens": windows.numel(),
-                                         "rows": [asdict(r) for r in rows]}, indent=1))
+        from bench.provenance import provenance
+
+        args.json.write_text(json.dumps({**provenance(f"CPU ({torch.get_num_threads()} threads)"),
+                                         "reference_ppl": math.exp(ref_nll), "tokens": windows.numel(),
+                                         "rows": [{k: v for k, v in asdict(r).items() if k != "top1"}
+                                                  for r in rows]}, indent=1))
     if args.plot:
         plot(rows, math.exp(ref_nll), args.plot)
     return 0
 
 
-def build_stores(args, tokenizer, checkpoint: Path) -> dict[str, Path]:
+def build_stores(args, tokenizer, checkpoint: Path, with_profile: bool = True) -> dict[str, Path]:
     """The three stores of this benchmark under args.work, extracted (or reused) by the extractor."""
     from extractor import extract_store
     from models import Runtime, RuntimeConfig
@@ -114,6 +130,10 @@ def build_stores(args, tokenizer, checkpoint: Path) -> dict[str, Path]:
     stores = {"all": work / "store-all", "0-7": work / "store-0-7", "auto:8": work / "store-auto8"}
     extract_store(checkpoint, stores["all"], quiet=True)
     extract_store(checkpoint, stores["0-7"], experts="0-7", quiet=True)
+    stores["fp8"] = work / "store-fp8-64"
+    extract_store(checkpoint, stores["fp8"], dtype="fp8", fp8_block=(64, 64), quiet=True)
+    if not with_profile:
+        return stores
     profile_path = work / f"usage-train-{args.profile_windows}x{args.seq_len}.json"
     if not profile_path.exists():
         train = training_windows(tokenizer, args.profile_windows, args.seq_len)
@@ -153,7 +173,9 @@ def experts_run(events: list) -> float:
 
 
 @torch.inference_mode()
-def score_windows(name, store, policy, windows, ref_top1) -> Row:
+def score_windows(name, store, policy, windows, ref_top1, against: Row | None = None) -> Row:
+    """One whole-window forward per window; `against`: also the top-1 agreement with that row's
+    own predictions (FP8 against the bf16 store)."""
     from models import Runtime, RuntimeConfig
 
     runtime = Runtime.from_store(store, RuntimeConfig(dtype=DTYPE), policy=policy)
@@ -164,7 +186,12 @@ def score_windows(name, store, policy, windows, ref_top1) -> Row:
     held = len(runtime.store.experts_present(runtime.store.moe_layers[0]))
     row = Row(name, held, math.exp(nll(logits, windows)),
               agreement(logits, ref_top1), experts_run(events), seconds=time.perf_counter() - started)
-    print(f"  {row.name}: ppl {row.ppl:.3f}, agreement {row.top1_agreement:.2%}", flush=True)
+    row.top1 = logits[:, :-1].argmax(-1)  # [W,S-1], for rows compared against this one
+    if against is not None:
+        row.top1_agreement_vs = (row.top1 == against.top1).float().mean().item()
+    extra = f", agreement with {against.name} {row.top1_agreement_vs:.2%}" if against is not None else ""
+    print(f"  {row.name}: ppl {row.ppl:.3f}, agreement {row.top1_agreement:.2%}{extra}", flush=True)
+    runtime.close()
     return row
 
 
@@ -206,12 +233,12 @@ def print_table(rows: list[Row], ref_nll: float) -> None:
 
     print(f"\nreference: transformers, all experts: ppl {math.exp(ref_nll):.3f}")
     print("| configuration | experts/layer held | experts run/token/layer | ppl | Δppl | top-1 agreement "
-          "| hit rate | loads/token | regret/token |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| top-1 vs bf16 store | hit rate | loads/token | regret/token |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.name} | {r.experts_per_layer} | {r.experts_per_token:.2f} | {r.ppl:.3f} | "
-              f"{r.ppl - math.exp(ref_nll):+.3f} | {r.top1_agreement:.2%} | {fmt(r.hit_rate, '.2%')} | "
-              f"{fmt(r.loads_per_token, '.2f')} | {fmt(r.regret_per_token, '.2f')} |")
+              f"{r.ppl - math.exp(ref_nll):+.3f} | {r.top1_agreement:.2%} | {fmt(r.top1_agreement_vs, '.2%')} | "
+              f"{fmt(r.hit_rate, '.2%')} | {fmt(r.loads_per_token, '.2f')} | {fmt(r.regret_per_token, '.2f')} |")
 
 
 def plot(rows: list[Row], ref_ppl: float, path: Path) -> None:

@@ -11,15 +11,17 @@ import sys
 
 from .errors import ExtractError
 from .extract import extract_store, verify_store
-from .plan import DTYPE_CHOICES
+from .plan import DTYPE_CHOICES, FP8_BLOCK
 from .spec import PROFILE_HELP, SPEC_HELP
 from .store import StoreError
 
 EXAMPLES = """\
 examples:
   python -m extractor --model ~/models/Qwen3-30B-A3B --out ~/stores/qwen3-30b
+  python -m extractor --model Qwen/Qwen3-30B-A3B@main --out ~/stores/qwen3-30b   # from the Hub
   python -m extractor --model CKPT --out STORE --experts 0-7 --layers all --dtype bfloat16 --workers 2
   python -m extractor --model CKPT --out STORE --experts auto:8 --profile usage.json
+  python -m extractor --model CKPT --out STORE --dtype fp8          # FP8 experts from a bf16 checkpoint
   python -m extractor --out STORE --verify          # re-hash an existing store
 
 A killed run resumes where it stopped when re-run with the same arguments: files it
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", metavar="CKPT", help="checkpoint directory (config.json + *.safetensors), "
-                        "e.g. --model ./Qwen3-30B-A3B; required unless only --verify is asked")
+                        "e.g. --model ./Qwen3-30B-A3B, or a Hugging Face Hub id org/name[@revision] (downloads "
+                        "config, tokenizer and safetensors files only); required unless only --verify is asked")
     parser.add_argument("--out", metavar="STORE", required=True,
                         help="store directory: new, empty, or a store of the same model, e.g. --out ./store")
     parser.add_argument("--experts", metavar="SPEC", default="all",
@@ -53,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"layers whose experts to write: {SPEC_HELP}, e.g. --layers 0-23 (default: all); "
                         "the trunk always holds every layer")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                        help="dtype of the written weights, e.g. --dtype bfloat16 (default: auto = the source's)")
+                        help="dtype of the written weights, e.g. --dtype bfloat16 (default: auto = the source's); "
+                        "fp8: experts as float8_e4m3fn with block scales (trunk unchanged)")
+    parser.add_argument("--fp8-block", metavar="N", type=int, default=FP8_BLOCK[0],
+                        help=f"with --dtype fp8: rows and columns per scale, dividing the experts' shapes "
+                        f"(default: {FP8_BLOCK[0]}, DeepSeek-V3's block)")
     parser.add_argument("--workers", metavar="N", type=int, default=1,
                         help="threads writing expert shards, each holding one shard in memory, e.g. --workers 2 "
                         "(default: 1)")
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model is not None:
             summary = extract_store(args.model, args.out, experts=args.experts, layers=args.layers,
                                     dtype=args.dtype, workers=args.workers, quiet=args.quiet,
-                                    profile=args.profile)
+                                    profile=args.profile, fp8_block=(args.fp8_block, args.fp8_block))
             if not args.quiet:
                 print(summary.line())
         if args.verify:

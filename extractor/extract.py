@@ -23,8 +23,9 @@ from pathlib import Path
 
 from .checkpoint import open_checkpoint
 from .errors import ExtractError
+from .hub import resolve_model
 from .journal import JOURNAL, Journal
-from .plan import Plan, make_plan
+from .plan import FP8_BLOCK, Plan, make_plan
 from .run import Run
 from .spec import parse_spec, profile_selection
 from .store import FORMAT_VERSION, MANIFEST, ExpertStore, StoreError, expert_relpath
@@ -59,8 +60,10 @@ def extract_store(
     workers: int = 1,
     quiet: bool = True,
     profile: str | Path | None = None,
+    fp8_block: tuple[int, int] = FP8_BLOCK,
 ) -> ExtractSummary:
-    """Extract `model_dir` into the store `out_dir`; ExtractError (a ValueError) on bad input."""
+    """Extract `model_dir` (a directory, or a Hub id org/name[@revision]) into the store `out_dir`;
+    ExtractError (a ValueError) on bad input."""
     started = time.perf_counter()
     if not isinstance(workers, int) or workers < 1:
         raise ExtractError(f"{out_dir}: workers must be a positive integer, got {workers!r}")
@@ -68,8 +71,9 @@ def extract_store(
     if experts_ranges is None:
         experts_ranges = _parse(parse_spec, experts, "--experts", where=model_dir)
     layer_ranges = _parse(parse_spec, layers, "--layers", where=model_dir)
+    model_dir = resolve_model(model_dir, quiet=quiet)  # org/name[@revision]: the Hub snapshot
     ckpt = open_checkpoint(model_dir)
-    plan = _parse(make_plan, ckpt, experts_ranges, layer_ranges, dtype, where=model_dir)
+    plan = _parse(make_plan, ckpt, experts_ranges, layer_ranges, dtype, fp8_block, where=model_dir)
     out = _prepare_out_dir(Path(out_dir), ckpt.config_sha256)
     complete = _complete_store(out, plan)
     if complete is not None:
@@ -144,6 +148,8 @@ def _complete_store(out: Path, plan: Plan) -> dict[str, FileRecord] | None:
         return None
     if manifest.get("experts") != {str(layer): ids for layer, ids in plan.experts.items()}:
         return None
+    if manifest.get("expert_format") != plan.expert_format:
+        return None
     files = {rel: FileRecord(e["bytes"], e["sha256"], e.get("tensor_bytes")) for rel, e in manifest["files"].items()}
     for rel, record in files.items():
         path = out / rel
@@ -168,6 +174,8 @@ def _write_manifest(out: Path, plan: Plan, files: dict[str, FileRecord]) -> None
         "plan": plan.fingerprint,  # the extractor's own: same request again -> nothing to do
         "source_fused_experts": ckpt.fused,
     }
+    if plan.expert_format is not None:  # absent: dense experts without biases, as format 1 always was
+        manifest["expert_format"] = plan.expert_format
     write_manifest(out, manifest)
 
 

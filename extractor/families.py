@@ -1,21 +1,30 @@
-"""MoE families as data: one table row per family, no per-family code paths.
+"""MoE families as data: how each routes, plus the few exceptions to transformers' description.
 
-A row says where a family keeps its routed experts in a checkpoint, what it calls the
-three projections, which config keys hold expert count and top-k, and how its router
-turns logits into expert choices (the runtime and router read `routing`).
+Where a family keeps its routed experts, what its checkpoint keys are called and how they
+are laid out (per-expert or fused, transposed, gate/up concatenated or interleaved,
+biases) is read from transformers itself (layout.py). What transformers does not describe
+is how a router picks experts, and cadre must reproduce that exactly while masking
+experts the store lacks: so a row names the family's routing kind (router/exact.py
+implements each) and the config keys it reads. A model_type without a row is refused at
+extraction with one line; docs/families.md lists every transformers MoE family.
 
-Adding a family is adding a row. Families nested inside a larger model (a multimodal
-"thinker" wrapping a text MoE) are rows too: `config_path` says where the text config
-sits inside config.json, and expert keys may carry any prefix before `layers.`.
+Routing kinds:
+  softmax_topk        softmax over logits, top-k, renormalised if `renormalize` says so
+  sigmoid_group_topk  DeepSeek-V3: sigmoid + correction bias + group-limited top-k + scaling
+  softmax_group_topk  DeepSeek-V2: softmax, greedy or group-limited top-k, scaling, no renorm
+  topk_softmax        top-k of the logits (router bias included), softmax over those k
+  sigmoid_topk        LFM2-MoE: sigmoid, top-k of sigmoid + expert bias, renorm, scaling
+  sparsemixer         PhiMoE: top-2 by sparsemixer's masked softmax (inference form)
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 STORE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+ROUTING_KINDS = ("softmax_topk", "sigmoid_group_topk", "softmax_group_topk", "topk_softmax", "sigmoid_topk",
+                 "sparsemixer")
 
 
 class FamilyError(ValueError):
@@ -25,62 +34,26 @@ class FamilyError(ValueError):
 @dataclass(frozen=True)
 class Family:
     name: str
-    # checkpoint module that holds `experts` in each decoder layer
-    container: str = "mlp"
-    # module that holds `experts` in fused 3D checkpoints (transformers renames some
-    # families on load, e.g. Mixtral's block_sparse_moe -> mlp); None: same as container
-    fused_container: str | None = None
-    # checkpoint names of (gate, up, down) in per-expert keys
-    projections: tuple[str, str, str] = STORE_PROJECTIONS
-    # the only prefix routed-expert keys may carry before `layers.` (None: any), so a
-    # multimodal checkpoint's other MoE towers stay in the trunk instead of colliding
-    key_prefix: str | None = None
+    routing: str = "softmax_topk"  # one of ROUTING_KINDS
+    # config key (bool) that turns renormalisation on, or True/False when fixed
+    renormalize: str | bool = "norm_topk_prob"
+    # dtype of the routing weights the router returns: "logits" (the router logits'),
+    # "float32" (Mixtral, MiniMax keep them in float32) or "hidden" (the hidden states')
+    weights_dtype: str = "logits"
     # trunk tensors (key suffixes) that --dtype leaves in their source dtype, because
     # transformers keeps them in float32 whatever the model dtype
     # (`_keep_in_fp32_modules_strict`)
     keep_fp32: tuple[str, ...] = ()
-    num_experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts")
+    num_experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
     top_k_key: str = "num_experts_per_tok"
-    # "softmax_topk": softmax over logits, top-k, renormalise if `renormalize` says so.
-    # "sigmoid_group_topk": DeepSeek-V3 (sigmoid + correction bias + group-limited
-    # top-k + routed scaling factor).
-    routing: str = "softmax_topk"
-    # config key (bool) that turns renormalisation on, or True/False when fixed
-    renormalize: str | bool = "norm_topk_prob"
-    # keys into config.json leading to the text model's config ((): the top level)
+    # exceptions for a text model nested in a larger checkpoint (a multimodal "thinker"):
+    # keys into config.json leading to the text config, the model_type to build it as, and
+    # the key prefix of its tensors (stripped before transformers' renaming; other keys,
+    # e.g. another tower's experts, stay in the trunk)
     config_path: tuple[str, ...] = ()
-    # the transformers model_type to build the text model with (defaults to name)
     text_model_type: str | None = None
+    key_prefix: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def _prefix_regex(self) -> str:
-        return "(?:.*\\.)?" if self.key_prefix is None else re.escape(self.key_prefix)
-
-    def expert_key_pattern(self) -> re.Pattern:
-        """Per-expert key: PREFIX layers.L.CONTAINER.experts.E.PROJ.weight."""
-        projs = "|".join(map(re.escape, self.projections))
-        return re.compile(
-            rf"^(?P<prefix>{self._prefix_regex()})layers\.(?P<layer>\d+)\.{re.escape(self.container)}"
-            rf"\.experts\.(?P<expert>\d+)\.(?P<proj>{projs})\.weight$"
-        )
-
-    def fused_key_pattern(self) -> re.Pattern:
-        """Fused 3D keys: PREFIX layers.L.CONTAINER.experts.{gate_up_proj [E,2I,H] | down_proj [E,H,I]}."""
-        container = self.fused_container or self.container
-        return re.compile(
-            rf"^(?P<prefix>{self._prefix_regex()})layers\.(?P<layer>\d+)\.{re.escape(container)}"
-            rf"\.experts\.(?P<proj>gate_up_proj|down_proj)$"
-        )
-
-    def experts_namespace_pattern(self) -> re.Pattern:
-        """Any key under a routed-experts module; one that neither pattern above matches
-        (quantisation scales, biases) is a layout the store cannot hold."""
-        containers = {self.container, self.fused_container or self.container}
-        alternatives = "|".join(map(re.escape, sorted(containers)))
-        return re.compile(rf"^{self._prefix_regex()}layers\.\d+\.(?:{alternatives})\.experts\.")
-
-    def store_projection(self, checkpoint_name: str) -> str:
-        return STORE_PROJECTIONS[self.projections.index(checkpoint_name)]
 
 
 FAMILIES: dict[str, Family] = {
@@ -89,23 +62,20 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3_moe"),
         Family("qwen2_moe"),  # shared_expert + shared_expert_gate stay in the trunk
         Family("olmoe"),
-        Family(
-            "mixtral", container="block_sparse_moe", fused_container="mlp",
-            projections=("w1", "w3", "w2"), renormalize=True,
-        ),
-        Family(
-            "deepseek_v3",
-            num_experts_keys=("n_routed_experts", "num_local_experts"),
-            routing="sigmoid_group_topk",
-            keep_fp32=("e_score_correction_bias",),
-        ),
+        Family("mixtral", renormalize=True, weights_dtype="float32"),
+        Family("deepseek_v3", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),
         # Qwen3-Omni-MoE: a thinker wrapping a Qwen3-MoE-style text model
-        Family(
-            "qwen3_omni_moe",
-            config_path=("thinker_config", "text_config"),
-            text_model_type="qwen3_moe",
-            key_prefix="thinker.model.",
-        ),
+        Family("qwen3_omni_moe", config_path=("thinker_config", "text_config"), text_model_type="qwen3_moe",
+               key_prefix="thinker."),
+        Family("glm4_moe", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),
+        Family("gpt_oss", routing="topk_softmax", renormalize=False),
+        Family("deepseek_v2", routing="softmax_group_topk", renormalize=False),
+        Family("phimoe", routing="sparsemixer", renormalize=False),
+        Family("granitemoe", routing="topk_softmax", renormalize=False, weights_dtype="hidden"),
+        Family("minimax", renormalize=True, weights_dtype="float32"),
+        Family("qwen3_next"),
+        Family("jamba", renormalize=False),  # its logits are in the hidden dtype: "logits" is "hidden"
+        Family("lfm2_moe", routing="sigmoid_topk", keep_fp32=("expert_bias",)),
     )
 }
 
@@ -127,7 +97,8 @@ def detect_family(config: dict) -> Family:
     family = FAMILIES.get(model_type)
     if family is None:
         supported = ", ".join(sorted(FAMILIES))
-        raise FamilyError(f"unknown or non-MoE model_type '{model_type}' (supported: {supported})")
+        raise FamilyError(f"unknown or non-MoE model_type '{model_type}': cadre has no routing kind for it "
+                          f"(supported: {supported}; see docs/families.md)")
     return family
 
 

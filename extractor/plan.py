@@ -14,28 +14,56 @@ from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, Piece, TrunkTensor
 from .errors import ExtractError
-from .families import STORE_PROJECTIONS
+from .formats import DENSE, FP8, FP8_DTYPE, PROJECTIONS, manifest_entry, tensor_names
 from .safetensors_format import CASTABLE, DTYPES, TORCH_NAMES, itemsize
 from .spec import Ranges, resolve_spec
 from .store import FORMAT_VERSION, expert_relpath
 
-DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+# "fp8": experts written as float8_e4m3fn with block scales (--fp8-block), trunk unchanged
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32", "fp8")
+FP8_BLOCK = (128, 128)  # DeepSeek-V3's and Qwen3-FP8's block
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor of an expert shard: from which source piece, in which dtype, made how."""
+
+    name: str
+    piece: Piece
+    dtype: str  # safetensors name written
+    op: str = "copy"  # "copy" (cast if dtype differs) | "fp8" weight | "fp8_scale" (of the same piece)
+    block: tuple[int, int] | None = None  # fp8 / fp8_scale: rows, cols per scale
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.op == "fp8_scale":
+            out, inp = self.piece.out_shape
+            return (out // self.block[0], inp // self.block[1])
+        return self.piece.out_shape
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
 
 
 @dataclass(frozen=True)
 class ExpertJob:
     layer: int
     expert: int
-    pieces: tuple[Piece, Piece, Piece]  # gate_proj, up_proj, down_proj, each [out, in]
-    dtype: str  # safetensors name written
+    tensors: tuple[OutTensor, ...]  # in shard order (formats.tensor_names)
 
     @property
     def relpath(self) -> str:
         return expert_relpath(self.layer, self.expert)
 
     @property
+    def pieces(self) -> list[Piece]:
+        """The distinct source pieces (an fp8 weight and its scale read the same one)."""
+        return list({t.piece: None for t in self.tensors})
+
+    @property
     def tensor_bytes(self) -> int:
-        return sum(math.prod(p.shape) for p in self.pieces) * itemsize(self.dtype)
+        return sum(t.nbytes for t in self.tensors)
 
     @property
     def source_position(self) -> tuple[int, int]:
@@ -60,13 +88,15 @@ class Plan:
     expert_jobs: list[ExpertJob]  # in source order, so reads run front to back
     trunk: list[TrunkEntry]  # in source order, which is also the trunk file's order
     fingerprint: str  # same source + same dtype request -> byte-identical files
+    expert_format: dict | None  # the manifest's "expert_format" (None: dense, no biases)
 
     @property
     def output_bytes(self) -> int:
         return sum(job.tensor_bytes for job in self.expert_jobs) + sum(e.nbytes for e in self.trunk)
 
 
-def make_plan(ckpt: Checkpoint, experts: Ranges | dict[int, list[int]], layers: Ranges, dtype: str) -> Plan:
+def make_plan(ckpt: Checkpoint, experts: Ranges | dict[int, list[int]], layers: Ranges, dtype: str,
+              fp8_block: tuple[int, int] = FP8_BLOCK) -> Plan:
     """experts: one selection for every layer, or {layer: ids} (from --experts auto:N --profile)."""
     if dtype not in DTYPE_CHOICES:
         raise ExtractError(f"{ckpt.root}: --dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
@@ -78,19 +108,63 @@ def make_plan(ckpt: Checkpoint, experts: Ranges | dict[int, list[int]], layers: 
             if (layer, expert) not in ckpt.experts:
                 raise ExtractError(f"{ckpt.root}: the checkpoint has no expert {expert} in layer {layer}")
     chosen = [(layer, expert) for layer in selected for expert in per_layer[layer]]
-    shard_dtype = _shard_dtype(ckpt, chosen, dtype)
-    jobs = [
-        ExpertJob(layer, expert, tuple(ckpt.experts[layer, expert][p] for p in STORE_PROJECTIONS), shard_dtype)
-        for layer, expert in chosen
-    ]
+    weights = FP8 if dtype == "fp8" else ckpt.weights
+    if dtype == "fp8" and ckpt.weights != DENSE:
+        raise ExtractError(f"{ckpt.root}: --dtype fp8 needs dense experts, these are {ckpt.weights}")
+    shard_dtype = _shard_dtype(ckpt, chosen, "auto" if dtype == "fp8" else dtype)
+    block = tuple(fp8_block) if dtype == "fp8" else None
+    jobs = [ExpertJob(layer, expert, _out_tensors(ckpt, ckpt.experts[layer, expert], weights, shard_dtype, block))
+            for layer, expert in chosen]
+    if block is not None:
+        _check_fp8_block(ckpt, jobs[:1], block)
+    trunk_request = "auto" if dtype == "fp8" else dtype
     return Plan(
         checkpoint=ckpt,
-        dtype=DTYPES[shard_dtype][0],
+        dtype=_compute_dtype(ckpt, shard_dtype, trunk_request),
         experts={layer: per_layer[layer] if layer in layer_ids else [] for layer in ckpt.moe_layers},
         expert_jobs=sorted(jobs, key=lambda job: job.source_position),
-        trunk=[TrunkEntry(t, _trunk_dtype(ckpt, t, dtype)) for t in ckpt.trunk],
-        fingerprint=_fingerprint(ckpt, dtype),
+        trunk=[TrunkEntry(t, _trunk_dtype(ckpt, t, trunk_request)) for t in ckpt.trunk],
+        fingerprint=_fingerprint(ckpt, dtype if block is None else f"fp8:{block[0]}x{block[1]}"),
+        expert_format=manifest_entry(weights, ckpt.bias, list(block or ckpt.fp8_block or []) or None),
     )
+
+
+def _out_tensors(ckpt: Checkpoint, pieces: dict[str, Piece], weights: str, dtype: str,
+                 block: tuple[int, int] | None) -> tuple[OutTensor, ...]:
+    """The shard's tensors: weights and biases cast to `dtype` (a quantised source keeps its
+    weights and scales as they are), or weights quantised to FP8 with `block` scales."""
+    out = []
+    for name in tensor_names(weights, ckpt.bias):
+        if block is not None and name.endswith("_scale_inv"):
+            out.append(OutTensor(name, pieces[name.removesuffix("_scale_inv")], "F32", "fp8_scale", block))
+        elif block is not None and name in PROJECTIONS:
+            out.append(OutTensor(name, pieces[name], FP8_DTYPE, "fp8", block))
+        else:
+            piece = pieces[name]
+            castable = piece.dtype in CASTABLE and (ckpt.weights == DENSE or name.endswith("_bias"))
+            out.append(OutTensor(name, piece, dtype if castable else piece.dtype))
+    return tuple(out)
+
+
+def _check_fp8_block(ckpt: Checkpoint, jobs: list[ExpertJob], block: tuple[int, int]) -> None:
+    for tensor in (t for job in jobs for t in job.tensors if t.op == "fp8"):
+        out, inp = tensor.piece.out_shape
+        if out % block[0] or inp % block[1]:
+            raise ExtractError(f"{ckpt.root}: --fp8-block {block[0]}x{block[1]} does not divide the experts' "
+                               f"{tensor.name} [{out}, {inp}]; pass a block that divides both")
+
+
+def _compute_dtype(ckpt: Checkpoint, shard_dtype: str, request: str) -> str:
+    """The manifest's "dtype": what the runtime computes in (dense experts: theirs)."""
+    if ckpt.weights == DENSE:
+        return DTYPES[shard_dtype][0]
+    if request != "auto":
+        return request
+    declared = ckpt.config.get("torch_dtype") or ckpt.config.get("dtype")
+    if declared in ("bfloat16", "float16", "float32"):
+        return declared
+    trunk = next((t.info.dtype for t in ckpt.trunk if t.info.dtype in CASTABLE), "BF16")
+    return DTYPES[trunk][0]
 
 
 def _per_layer_experts(ckpt: Checkpoint, experts: Ranges | dict[int, list[int]]) -> dict[int, list[int]]:
@@ -106,7 +180,9 @@ def _per_layer_experts(ckpt: Checkpoint, experts: Ranges | dict[int, list[int]])
 
 
 def _shard_dtype(ckpt: Checkpoint, chosen: list[tuple[int, int]], request: str) -> str:
-    sources = {piece.dtype for key in chosen for piece in ckpt.experts[key].values()}
+    """Dtype of the float tensors of the shards (dense weights, biases)."""
+    names = PROJECTIONS if ckpt.weights == DENSE else tuple(f"{p}_bias" for p in PROJECTIONS)
+    sources = {ckpt.experts[key][n].dtype for key in chosen for n in names if n in ckpt.experts[key]}
     if request != "auto":
         uncastable = sources - CASTABLE
         if uncastable:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from safetensors import SafetensorError, safe_open
 
 from .families import Family, detect_family
+from .formats import DENSE, tensor_names
 
 if TYPE_CHECKING:  # imported where tensors are made: the extractor copies bytes without its ~200 MB
     import torch
@@ -96,6 +97,12 @@ class ExpertStore:
 
         return getattr(torch, self.manifest["dtype"])
 
+    @property
+    def expert_format(self) -> dict:
+        """{"weights": dense|fp8|mxfp4, "tensors": [shard tensor names], "block_size"?}."""
+        entry = self.manifest.get("expert_format")
+        return entry if entry is not None else {"weights": DENSE, "tensors": tensor_names(DENSE, False)}
+
     def experts_present(self, layer: int) -> list[int]:
         return list(self.manifest["experts"].get(str(layer), []))
 
@@ -110,19 +117,21 @@ class ExpertStore:
         return self.root / expert_relpath(layer, expert)
 
     def expert_nbytes(self, layer: int, expert: int) -> int:
-        """Bytes of the three tensors (file size minus the small safetensors header)."""
+        """Bytes of the shard's tensors (file size minus the small safetensors header): what a
+        miss moves, in the store's own (possibly quantised) format."""
         entry = self.manifest["files"][expert_relpath(layer, expert)]
         return int(entry.get("tensor_bytes", entry["bytes"]))
 
     # --- reading --------------------------------------------------------------
     def load_expert(self, layer: int, expert: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """The expert's gate_proj, up_proj, down_proj ([out, in]); StoreError names the shard."""
+        """The expert's tensors: gate_proj, up_proj, down_proj ([out, in]) and the format's
+        scales and biases (expert_format["tensors"]); StoreError names the shard."""
         if not self.has_expert(layer, expert):
             raise StoreError(f"{self.root}: expert {expert} of layer {layer} is not in this store")
         path = self.expert_path(layer, expert)
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
-                tensors = {name: f.get_tensor(name) for name in ("gate_proj", "up_proj", "down_proj")}
+                tensors = {name: f.get_tensor(name) for name in self.expert_format["tensors"]}
         except (OSError, SafetensorError, KeyError, RuntimeError) as exc:
             raise StoreError(f"{path}: cannot load expert shard: {exc}") from exc
         return tensors

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from .checkpoint import Piece
 from .errors import ExtractError
-from .families import STORE_PROJECTIONS
-from .plan import ExpertJob, TrunkEntry
+from .plan import ExpertJob, OutTensor, TrunkEntry
 from .safetensors_format import DTYPES, encode_header, itemsize
 
 CHUNK = 16 << 20  # trunk streaming granularity: large enough for full-speed sequential I/O
@@ -156,31 +155,67 @@ def convert_into(out: memoryview, source: memoryview, src_dtype: str, dst_dtype:
 
 
 def read_piece(sources: SourceFiles, out: memoryview, piece: Piece, dtype: str) -> None:
-    if piece.dtype == dtype:
+    if piece.dtype == dtype and piece.is_plain:
         sources.read_into(out, piece.file, piece.begin)
         return
+    tensor = _read_tensor(sources, piece)
+    if piece.dtype == dtype:
+        out[:] = memoryview(tensor.numpy()).cast("B")  # [out, ...] uint8 bytes, already in order
+        return
+    source = memoryview(tensor.numpy()).cast("B")
+    convert_into(out, source, piece.dtype, dtype)
+
+
+def _read_tensor(sources: SourceFiles, piece: Piece):
+    """The piece's stored tensor as bytes, [out, ...rest, itemsize] uint8: selected and out-axis
+    first. Bytes, not elements, so any dtype (fp8, packed fp4) moves the same way."""
+    import torch
+
     raw = _scratch.get(piece.nbytes)
     sources.read_into(raw, piece.file, piece.begin)
-    convert_into(out, raw, piece.dtype, dtype)
+    block = torch.frombuffer(raw, dtype=torch.uint8).view(*piece.shape, itemsize(piece.dtype))
+    if piece.select is not None:
+        start, stop, step = piece.select
+        block = block.narrow(piece.out_axis, start, stop - start)[(slice(None),) * piece.out_axis + (slice(None, None, step),)]
+    return block.movedim(piece.out_axis, 0).contiguous()
+
+
+def _fp8_pair(sources: SourceFiles, tensor: OutTensor):
+    """(fp8 weight bytes, float32 scale_inv bytes) of a dense piece, quantised like transformers."""
+    import torch
+
+    from .quant import quantize_fp8
+
+    raw = _read_tensor(sources, tensor.piece)
+    torch_dtype = getattr(torch, DTYPES[tensor.piece.dtype][0])
+    weight = raw.view(torch_dtype).reshape(tensor.piece.out_shape)  # [out, in]
+    quantized, scale_inv = quantize_fp8(weight, tensor.block)
+    return quantized.view(torch.uint8).numpy().tobytes(), scale_inv.numpy().tobytes()
 
 
 def write_expert(sources: SourceFiles, job: ExpertJob, path: Path, before_rename: Callable[[], None]) -> FileRecord:
-    """One shard: header + gate_proj, up_proj, down_proj, assembled in memory, written once."""
-    header = encode_header([(name, job.dtype, p.shape) for name, p in zip(STORE_PROJECTIONS, job.pieces)])
+    """One shard: header + its tensors (formats.tensor_names order), assembled in memory, written once."""
+    header = encode_header([(t.name, t.dtype, t.shape) for t in job.tensors])
     buffer = _buffers.get(len(header) + job.tensor_bytes)
     buffer[: len(header)] = header
     position = len(header)
-    for piece in job.pieces:
-        nbytes = piece.nbytes // itemsize(piece.dtype) * itemsize(job.dtype)
-        read_piece(sources, buffer[position : position + nbytes], piece, job.dtype)
-        position += nbytes
-    out = AtomicFile(path)
+    scales: dict[Piece, bytes] = {}  # an fp8 weight's scale, written after the weights
+    for tensor in job.tensors:
+        out = buffer[position : position + tensor.nbytes]
+        if tensor.op == "fp8":
+            out[:], scales[tensor.piece] = _fp8_pair(sources, tensor)
+        elif tensor.op == "fp8_scale":
+            out[:] = scales.pop(tensor.piece)
+        else:
+            read_piece(sources, out, tensor.piece, tensor.dtype)
+        position += tensor.nbytes
+    out_file = AtomicFile(path)
     try:
-        out.write(buffer)
+        out_file.write(buffer)
     except BaseException:
-        out.abort()
+        out_file.abort()
         raise
-    return out.commit(before_rename, tensor_bytes=job.tensor_bytes)
+    return out_file.commit(before_rename, tensor_bytes=job.tensor_bytes)
 
 
 class TrunkWriter:

@@ -15,7 +15,10 @@ def parse_args(argv):
         description="Generate from an expert store through cadre's expert cache.",
         epilog='example: python -m models --store ./store --prompt "ROMEO:" --max-new-tokens 48 --cache-fraction 0.25',
     )
-    parser.add_argument("--store", required=True, help="expert store directory (made by python -m extractor)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--store", help="expert store directory (made by python -m extractor)")
+    source.add_argument("--model", help="checkpoint directory or Hub id org/name[@revision]: extracted into the "
+                        "store cache ($CADRE_CACHE_DIR, default ~/.cache/cadre) first")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default 48)")
     budget = parser.add_mutually_exclusive_group()
@@ -44,12 +47,16 @@ def main(argv=None) -> int:
                                cache_fraction=args.cache_fraction, full_depth=args.full_depth,
                                routing=args.routing, eviction=args.eviction, gpu_memory=args.gpu_memory,
                                host_memory=args.host_memory)
-        runtime = Runtime.from_store(args.store, config)  # plans before loading: PlanError is a ValueError
+        if args.store:  # both plan before loading: a PlanError is a ValueError
+            runtime = Runtime.from_store(args.store, config)
+        else:
+            runtime = Runtime.from_checkpoint(args.model, config)
     except (StoreError, ValueError) as exc:
         print(f"python -m models: {exc}", file=sys.stderr)
         return 2
     if runtime.tokenizer is None:
-        print(f"python -m models: {args.store}: store has no tokenizer to encode --prompt with", file=sys.stderr)
+        print(f"python -m models: {args.store or args.model}: store has no tokenizer to encode --prompt with",
+              file=sys.stderr)
         runtime.close()
         return 2
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {}

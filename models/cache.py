@@ -30,8 +30,10 @@ from typing import Callable, Iterable
 
 import torch
 
+from extractor.formats import DENSE
 from extractor.store import ExpertStore, StoreError
 
+from .expert_format import dense_weights
 from .host_tier import HostTier
 
 Key = tuple[int, int]  # (layer, expert)
@@ -47,10 +49,12 @@ class CacheStats:
     capacity_bytes: int = 0
     load_seconds: float = 0.0
     prefetch: Counter = field(default_factory=Counter)  # issued / used / wasted
+    bytes_loaded: int = 0  # bytes a load moved into a slot, in the store's format (quantised stays so)
 
     def copy(self) -> "CacheStats":
         return CacheStats(self.queries, self.hits, self.misses, Counter(self.loads), self.evictions,
-                          self.bytes, self.capacity_bytes, self.load_seconds, Counter(self.prefetch))
+                          self.bytes, self.capacity_bytes, self.load_seconds, Counter(self.prefetch),
+                          self.bytes_loaded)
 
     @property
     def hit_rate(self) -> float:
@@ -104,9 +108,10 @@ class ExpertCache:
         self.store = store
         self.device = torch.device(device)
         self.dtype = dtype or store.dtype
+        self.format = store.expert_format  # shards' weight format: what the host tier and a miss move
         shapes = _expert_shapes(store)
         self.intermediate, self.hidden = shapes
-        self.slot_bytes = 3 * self.intermediate * self.hidden * self.dtype.itemsize
+        self.slot_bytes = slot_bytes(store, self.dtype)
         self.num_slots = capacity_bytes // self.slot_bytes
         if self.num_slots < 1:
             raise ValueError(f"cache budget {capacity_bytes} B is smaller than one expert ({self.slot_bytes} B)")
@@ -120,6 +125,11 @@ class ExpertCache:
                                         dtype=self.dtype, device=self.device)  # [G,2I,H]
             self.down = torch.empty((self.num_slots, self.hidden, self.intermediate),
                                      dtype=self.dtype, device=self.device)  # [G,H,I]
+            has_bias = _has_bias(store)  # gpt-oss
+            self.gate_up_bias = torch.empty((self.num_slots, 2 * self.intermediate), dtype=self.dtype,
+                                            device=self.device) if has_bias else None  # [G,2I]
+            self.down_bias = torch.empty((self.num_slots, self.hidden), dtype=self.dtype,
+                                         device=self.device) if has_bias else None  # [G,H]
         self._free = list(range(self.num_slots - 1, -1, -1))
         self._slots: OrderedDict[Key, _Slot] = OrderedDict()  # LRU order: oldest first
         self._by_layer: dict[int, OrderedDict[int, _Slot]] = {}  # the same, per layer (per-layer policies)
@@ -131,8 +141,10 @@ class ExpertCache:
                                           initializer=torch.set_num_threads, initargs=(1,))
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # Pinned host tier (GPU only): capped, LRU, refused below one layer's working set (models.host_tier)
-        self.host = HostTier(host_capacity_bytes, entry_bytes=self.slot_bytes, min_entries=store.top_k,
-                             copy_stream=self._copy_stream) if self.device.type == "cuda" else None
+        self.host = None
+        if self.device.type == "cuda":
+            self.host = HostTier(host_capacity_bytes, entry_bytes=host_entry_bytes(store, self.dtype),
+                                 min_entries=store.top_k, copy_stream=self._copy_stream)
         self._stats = CacheStats(capacity_bytes=self.capacity_bytes)
         self._last_use: dict[int, "torch.cuda.Event"] = {}  # slot index -> last compute reading it
         total = sum(len(store.experts_present(layer)) for layer in store.moe_layers)
@@ -167,6 +179,11 @@ class ExpertCache:
     def resident(self) -> list[Key]:
         with self._lock:
             return [key for key, slot in self._slots.items() if slot.ready]
+
+    def pinned(self) -> int:
+        """Pins held now, over all slots: 0 whenever no forward is running (a leak check)."""
+        with self._lock:
+            return sum(slot.pins for slot in self._slots.values())
 
     def is_resident(self, key: Key) -> bool:
         with self._lock:
@@ -377,8 +394,8 @@ class ExpertCache:
     def _load(self, key: Key, slot: _Slot) -> None:
         start = time.perf_counter()
         try:
-            tier, (gate, up, down) = self._fetch(key)
-            self._copy_into(key, slot, gate, up, down)
+            tier, parts = self._fetch(key)
+            self._copy_into(key, slot, parts)
         except BaseException as exc:  # surfaced to the acquirer, never lost
             with self._lock:
                 slot.error = exc
@@ -391,28 +408,28 @@ class ExpertCache:
             slot.ready = True
             self._stats.loads[tier] += 1
             self._stats.load_seconds += seconds
+            self._stats.bytes_loaded += sum(p.nbytes for p in parts.values())
             self._lock.notify_all()
         if self.on_load is not None:
             self.on_load(key, tier, seconds)
 
-    def _fetch(self, key: Key) -> tuple[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _fetch(self, key: Key) -> tuple[str, dict[str, torch.Tensor]]:
+        """The shard's tensors from the host tier or the store: dense ones already in the
+        compute dtype, quantised ones as stored (a miss then moves the quantised bytes)."""
         if self.host is not None:
             cached = self.host.get(key)
             if cached is not None:
                 return "host", cached
-        tensors = self.store.load_expert(*key)
-        parts = tuple(tensors[name].to(self.dtype) for name in ("gate_proj", "up_proj", "down_proj"))
-        _check_shapes(self.store, key, parts, self.intermediate, self.hidden)
+        parts = host_parts(self.store.load_expert(*key), self.format, self.dtype)
+        if self.format["weights"] == DENSE:
+            _check_shapes(self.store, key, parts, self.intermediate, self.hidden)
         if self.host is not None:
             parts = self.host.put(key, parts)
         return "disk", parts
 
-    def _copy_into(self, key: Key, slot: _Slot, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
-        i = self.intermediate
+    def _copy_into(self, key: Key, slot: _Slot, parts: dict[str, torch.Tensor]) -> None:
         if self._copy_stream is None:
-            self.gate_up[slot.index, :i].copy_(gate)
-            self.gate_up[slot.index, i:].copy_(up)
-            self.down[slot.index].copy_(down)
+            self._fill_slot(slot.index, parts, non_blocking=False)
             self._set_table(key, slot.index)
             return
         # Side stream so the copy overlaps compute; the event orders the compute stream
@@ -422,12 +439,26 @@ class ExpertCache:
         with torch.cuda.stream(self._copy_stream):
             if reused_after is not None:
                 self._copy_stream.wait_event(reused_after)
-            self.gate_up[slot.index, :i].copy_(gate, non_blocking=True)
-            self.gate_up[slot.index, i:].copy_(up, non_blocking=True)
-            self.down[slot.index].copy_(down, non_blocking=True)
+            self._fill_slot(slot.index, parts, non_blocking=True)
             self._set_table(key, slot.index)
             slot.event = torch.cuda.Event()
             slot.event.record(self._copy_stream)
+
+    def _fill_slot(self, index: int, parts: dict[str, torch.Tensor], non_blocking: bool) -> None:
+        """Fill a slot from a shard's tensors: dense ones straight from the host, quantised ones
+        copied to the device as they are, then dequantised there (models/expert_format.py)."""
+        i = self.intermediate
+        dense = parts
+        if self.format["weights"] != DENSE:
+            moved = {name: t.to(self.device, non_blocking=non_blocking) for name, t in parts.items()}
+            dense = dense_weights(self.format, moved, self.dtype)  # [O,N] each, on the device
+        self.gate_up[index, :i].copy_(dense["gate_proj"], non_blocking=non_blocking)
+        self.gate_up[index, i:].copy_(dense["up_proj"], non_blocking=non_blocking)
+        self.down[index].copy_(dense["down_proj"], non_blocking=non_blocking)
+        if self.gate_up_bias is not None:
+            self.gate_up_bias[index, :i].copy_(dense["gate_proj_bias"], non_blocking=non_blocking)
+            self.gate_up_bias[index, i:].copy_(dense["up_proj_bias"], non_blocking=non_blocking)
+            self.down_bias[index].copy_(dense["down_proj_bias"], non_blocking=non_blocking)
 
     def _set_table(self, key: Key, slot: int) -> None:
         """On CUDA, queued on the copy stream: behind the copy it publishes, and never
@@ -461,8 +492,36 @@ class ExpertCache:
         self._loader.shutdown(wait=True)
 
 
+def host_parts(tensors: dict[str, torch.Tensor], fmt: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """What the host tier keeps of a shard: dense weights cast to the compute dtype once, on
+    the host; quantised weights and their scales as stored (dequantised on the device)."""
+    if fmt["weights"] == DENSE:
+        return {name: t.to(dtype) for name, t in tensors.items()}
+    return dict(tensors)
+
+
+def host_entry_bytes(store: ExpertStore, dtype: torch.dtype) -> int:
+    """Bytes of one expert in the host tier, as host_parts leaves it: a dense slot's, or the
+    quantised shard's tensors as stored."""
+    if store.expert_format["weights"] == DENSE:
+        return slot_bytes(store, dtype)
+    layer = next(layer for layer in store.moe_layers if store.experts_present(layer))
+    return store.expert_nbytes(layer, store.experts_present(layer)[0])
+
+
+def _has_bias(store: ExpertStore) -> bool:
+    return "gate_proj_bias" in store.expert_format["tensors"]
+
+
+def slot_bytes(store: ExpertStore, dtype: torch.dtype) -> int:
+    """Device bytes of one expert slot: its dense weights (and biases) in the compute dtype."""
+    inter, hidden = _expert_shapes(store)
+    biases = 2 * inter + hidden if _has_bias(store) else 0
+    return (3 * inter * hidden + biases) * dtype.itemsize
+
+
 def _expert_shapes(store: ExpertStore) -> tuple[int, int]:
-    """(I, H) of the store's experts, read from the first shard's header."""
+    """(I, H) of the store's experts, read from the first shard's header (down_proj is [H, ...])."""
     for layer in store.moe_layers:
         present = store.experts_present(layer)
         if present:
@@ -471,7 +530,8 @@ def _expert_shapes(store: ExpertStore) -> tuple[int, int]:
             path = store.expert_path(layer, present[0])
             try:
                 with safe_open(path, framework="pt") as f:
-                    inter, hidden = f.get_slice("gate_proj").get_shape()
+                    inter = f.get_slice("gate_proj").get_shape()[0]
+                    hidden = f.get_slice("down_proj").get_shape()[0]
             except Exception as exc:
                 raise StoreError(f"{path}: cannot read expert shard header: {exc}") from exc
             return int(inter), int(hidden)
@@ -479,7 +539,7 @@ def _expert_shapes(store: ExpertStore) -> tuple[int, int]:
 
 
 def _check_shapes(store, key, parts, inter, hidden) -> None:
-    gate, up, down = parts
+    gate, up, down = (parts[name] for name in ("gate_proj", "up_proj", "down_proj"))
     if gate.shape != (inter, hidden) or up.shape != (inter, hidden) or down.shape != (hidden, inter):
         raise StoreError(f"{store.expert_path(*key)}: expert shapes {tuple(gate.shape)}, {tuple(up.shape)}, "
                          f"{tuple(down.shape)} do not match the store's ({inter}, {hidden})")

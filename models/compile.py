@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .loading import expert_layers, moe_blocks
+from .loading import expert_layers, moe_blocks, router_of
 
 
 def compile_hot_paths(model) -> None:
@@ -33,7 +33,8 @@ def compile_hot_paths(model) -> None:
         if type(module).__name__.endswith("RMSNorm"):
             module.forward = torch.compile(module.forward)
     for block in moe_blocks(model).values():
-        block.gate.forward = torch.compile(block.gate.forward)
+        router = router_of(block)
+        router.forward = torch.compile(router.forward)
     compiled_mlp = torch.compile(expert_layers(model)[next(iter(expert_layers(model)))].mlp)
     for layer in expert_layers(model).values():
         layer.mlp = compiled_mlp

@@ -105,13 +105,18 @@ class ExpertLayer:
     def _compute(self, module, hidden, top_k_index, top_k_weights, slot_range, reduce=True) -> torch.Tensor:
         first, end = slot_range
         slots = self.cache.lookup(self.layer, top_k_index, first)  # [T,K] slot - first
-        return self.mlp(module, hidden, slots, top_k_weights, self.cache.gate_up[first:end],
-                        self.cache.down[first:end], reduce=reduce)
+        cache = self.cache
+        biases = (cache.gate_up_bias[first:end], cache.down_bias[first:end]) if cache.gate_up_bias is not None else None
+        return self.mlp(module, hidden, slots, top_k_weights, cache.gate_up[first:end], cache.down[first:end],
+                        reduce=reduce, biases=biases)
 
     def _compute_resident(self, module, hidden, top_k_index, top_k_weights) -> torch.Tensor:
         """Make the chosen experts resident, then compute. When the budget cannot pin them
         all at once, they stream through it: each lease computes only its own rows."""
         lease = self.hooks.resident(self, top_k_index, hidden)
+        if lease.complete and not lease.slots:  # every slot unused (a lossy policy dropped them all)
+            self.hooks.release(self, lease)
+            return torch.zeros_like(hidden)  # [T,H]
         if lease.complete:
             try:
                 return self._compute(module, hidden, top_k_index, top_k_weights, lease.slot_range())

@@ -41,7 +41,7 @@ class ModelFacts:
     model_type: str
     itemsize: int  # bytes per element of the compute dtype
     trunk_bytes: int  # every parameter and buffer that is not a routed expert
-    expert_bytes: int  # one routed expert (gate, up, down) = one cache slot
+    expert_bytes: int  # one routed expert (gate, up, down, biases) as a device slot holds it
     experts_present: dict[int, int]  # MoE layer -> routed experts available (the store's, or all)
     num_experts: int
     top_k: int
@@ -55,6 +55,11 @@ class ModelFacts:
     dense_intermediate: int  # largest dense MLP beside the experts (dense layers, shared experts), 0 if none
     expert_intermediate: int
     kv_measured: bool  # False: the meta forward failed and kv_bytes_per_token is the formula's
+    host_entry_bytes: int = 0  # one expert in the pinned host tier (quantised stores: as stored); 0 = expert_bytes
+
+    @property
+    def host_bytes_per_expert(self) -> int:
+        return self.host_entry_bytes or self.expert_bytes
 
     @property
     def moe_layers(self) -> list[int]:
@@ -90,26 +95,16 @@ def facts_from_config(config: dict, dtype: torch.dtype) -> ModelFacts:
 
 
 def facts_from_store(store, dtype: torch.dtype) -> ModelFacts:
-    """Facts for an expert store: its experts present and its shards' size in `dtype`."""
+    """Facts for an expert store: its experts present, the expert cache's slot size in `dtype`
+    and what the host tier keeps per expert (models.cache measures both from the shards)."""
     from dataclasses import replace
+
+    from .cache import host_entry_bytes, slot_bytes
 
     facts = facts_from_config(store.config, dtype)
     present = {layer: len(store.experts_present(layer)) for layer in store.moe_layers}
     return replace(facts, experts_present=present, num_experts=store.num_experts, top_k=store.top_k,
-                   expert_bytes=store_expert_bytes(store, dtype) or facts.expert_bytes)
-
-
-def store_expert_bytes(store, dtype: torch.dtype) -> int | None:
-    """3 x I x H x itemsize from the first shard's header: what the expert cache allocates per slot."""
-    from extractor.safetensors_format import read_header
-
-    for layer in store.moe_layers:
-        present = store.experts_present(layer)
-        if present:
-            tensors = read_header(store.expert_path(layer, present[0]))
-            elements = sum(_numel(t.shape) for t in tensors if t.name in ("gate_proj", "up_proj", "down_proj"))
-            return elements * dtype.itemsize
-    return None
+                   expert_bytes=slot_bytes(store, dtype), host_entry_bytes=host_entry_bytes(store, dtype))
 
 
 @lru_cache(maxsize=16)
@@ -228,10 +223,3 @@ def _dense_intermediate(text) -> int:
     sizes = [getattr(text, key, 0) or 0 for key in ("intermediate_size", "shared_expert_intermediate_size")]
     shared = (getattr(text, "n_shared_experts", 0) or 0) * (getattr(text, "moe_intermediate_size", 0) or 0)
     return max(*sizes, shared)
-
-
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count

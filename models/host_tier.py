@@ -38,6 +38,7 @@ class HostTierError(ValueError):
 
 def chunk_sizes(capacity: int | None, entry_bytes: int) -> list[int]:
     """The power-of-two chunks, largest first, that a cap of `capacity` bytes allows (None: endless)."""
+    entry_bytes = entry_stride(entry_bytes)
     biggest = max(CHUNK_BYTES, _pow2_ceil(8 * entry_bytes))  # at least 8 entries a chunk: under 1/8 unused
     sizes, left = [], capacity
     while left is None or left >= entry_bytes:
@@ -56,6 +57,7 @@ def tier_size(capacity: int, entry_bytes: int, max_entries: int) -> tuple[int, i
     `max_entries`: the first chunks of chunk_sizes(capacity) that hold them. A HostTier capped at
     those bytes allocates exactly those chunks."""
     pinned = entries = 0
+    entry_bytes = entry_stride(entry_bytes)
     for size in chunk_sizes(capacity, entry_bytes):
         if entries >= max_entries:
             break
@@ -63,11 +65,16 @@ def tier_size(capacity: int, entry_bytes: int, max_entries: int) -> tuple[int, i
     return pinned, min(entries, max_entries)
 
 
+def entry_stride(entry_bytes: int) -> int:
+    """Bytes an entry takes in a chunk: its parts, rounded up so every entry starts 16-byte aligned."""
+    return -(-entry_bytes // 16) * 16
+
+
 def entries_within(capacity: int | None, entry_bytes: int) -> int:
     """Entries of `entry_bytes` a tier capped at `capacity` can hold (whole entries per chunk)."""
     if capacity is None:
         raise ValueError("an unbounded tier holds any number of entries")
-    return sum(size // entry_bytes for size in chunk_sizes(capacity, entry_bytes))
+    return sum(size // entry_stride(entry_bytes) for size in chunk_sizes(capacity, entry_bytes))
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,9 @@ class _Slot:
 
 
 class HostTier:
-    """get(key) -> (gate, up, down) or None; put(key, parts) -> pinned (gate, up, down)."""
+    """get(key) -> {name: tensor} or None; put(key, parts) -> the same names, pinned. Entries are a
+    shard's tensors as models.cache.host_parts gives them (dense weights in the compute dtype, or
+    quantised weights with their scales); every entry of a store has the same layout."""
 
     def __init__(self, capacity_bytes: int | None, *, entry_bytes: int | None = None, min_entries: int = 1,
                  copy_stream: "torch.cuda.Stream | None" = None, pin: bool | None = None):
@@ -98,7 +107,7 @@ class HostTier:
         self.copy_stream = copy_stream
         self.min_entries = min_entries
         self._entry_bytes: int | None = None
-        self._layout: list[tuple[torch.dtype, torch.Size, int]] = []  # per part: dtype, shape, byte offset
+        self._layout: list[tuple[str, torch.dtype, torch.Size, int]] = []  # per part: name, dtype, shape, offset
         self._entries: OrderedDict[Key, _Slot] = OrderedDict()  # LRU order: oldest first
         self._free: list[_Slot] = []
         self._pinned = self._peak = self._evictions = 0
@@ -122,7 +131,7 @@ class HostTier:
             return key in self._entries
 
     # --- get / put ----------------------------------------------------------------------
-    def get(self, key: Key) -> tuple[torch.Tensor, ...] | None:
+    def get(self, key: Key) -> dict[str, torch.Tensor] | None:
         with self._lock:
             slot = self._entries.get(key)
             if slot is None:
@@ -130,7 +139,7 @@ class HostTier:
             self._entries.move_to_end(key)
             return self._lend(slot)
 
-    def put(self, key: Key, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def put(self, key: Key, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Pinned copies of `parts` (held until evicted); `parts` themselves when the cap is full of
         lent entries (the caller copies from pageable memory, slower but correct)."""
         self._learn_layout(parts)
@@ -146,8 +155,8 @@ class HostTier:
             slot.copied.synchronize()  # the last copy queued from this slot has read it
             slot.copied = None
         views = self._views(slot)
-        for view, part in zip(views, parts):
-            view.copy_(part)
+        for name, view in views.items():
+            view.copy_(parts[name])
         with self._lock:
             winner = self._entries.get(key)
             if winner is not None:  # another loader put the same expert meanwhile: keep theirs
@@ -158,10 +167,11 @@ class HostTier:
 
     def warm(self, store, keys: Iterable[Key], dtype: torch.dtype) -> None:
         """Read `keys` from the store into the tier (bench: every expert in host RAM up front)."""
+        from .cache import host_parts
+
         for key in keys:
             if self.get(key) is None:
-                tensors = store.load_expert(*key)
-                self.put(key, tuple(tensors[n].to(dtype) for n in ("gate_proj", "up_proj", "down_proj")))
+                self.put(key, host_parts(store.load_expert(*key), store.expert_format, dtype))
 
     # --- slots (called with the lock held, except the allocation) ------------------------------
     def _take_slot(self) -> _Slot | None:
@@ -199,10 +209,10 @@ class HostTier:
         return self._entries.pop(victim)
 
     # --- lending ------------------------------------------------------------------------
-    def _lend(self, slot: _Slot, views: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+    def _lend(self, slot: _Slot, views: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         views = views or self._views(slot)
         slot.lent += len(views)
-        for view in views:
+        for view in views.values():
             weakref.finalize(view, self._give_back, slot)
         return views
 
@@ -215,27 +225,30 @@ class HostTier:
                 slot.copied = torch.cuda.Event()
                 slot.copied.record(self.copy_stream)
 
-    def _views(self, slot: _Slot) -> tuple[torch.Tensor, ...]:
-        return tuple(slot.chunk[slot.offset + start: slot.offset + start + _nbytes(dtype, shape)]
-                     .view(dtype).view(shape) for dtype, shape, start in self._layout)
+    def _views(self, slot: _Slot) -> dict[str, torch.Tensor]:
+        return {name: slot.chunk[slot.offset + start: slot.offset + start + _nbytes(dtype, shape)]
+                .view(dtype).view(shape) for name, dtype, shape, start in self._layout}
 
     # --- layout -------------------------------------------------------------------------
-    def _learn_layout(self, parts: tuple[torch.Tensor, ...]) -> None:
+    def _learn_layout(self, parts: dict[str, torch.Tensor]) -> None:
         layout, start = [], 0
-        for part in parts:
-            layout.append((part.dtype, part.shape, start))
+        for name, part in parts.items():
+            if start % part.element_size():
+                raise HostTierError(f"part {name} would start at byte {start}, not a multiple of its item size")
+            layout.append((name, part.dtype, part.shape, start))
             start += part.nbytes
         with self._lock:
             if not self._layout:
-                if self._entry_bytes is not None and start != self._entry_bytes:
+                if self._entry_bytes is not None and entry_stride(start) != self._entry_bytes:
                     raise HostTierError(f"entry of {start} bytes, the tier was sized for {self._entry_bytes}")
                 self._set_entry_bytes(start)
                 self._layout = layout
             elif layout != self._layout:
-                raise HostTierError(f"entry layout {[(d, tuple(s)) for d, s, _ in layout]} differs from the "
-                                    f"tier's {[(d, tuple(s)) for d, s, _ in self._layout]}")
+                raise HostTierError(f"entry layout {[(n, d, tuple(s)) for n, d, s, _ in layout]} differs from the "
+                                    f"tier's {[(n, d, tuple(s)) for n, d, s, _ in self._layout]}")
 
     def _set_entry_bytes(self, entry_bytes: int) -> None:
+        entry_bytes = entry_stride(entry_bytes)
         if self.capacity_bytes is not None:
             held = entries_within(self.capacity_bytes, entry_bytes)
             if held < self.min_entries:

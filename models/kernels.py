@@ -32,31 +32,45 @@ _grouped_support: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def expert_mlp(module: torch.nn.Module, hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
-               gate_up: torch.Tensor, down: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+               gate_up: torch.Tensor, down: torch.Tensor, reduce: bool = True,
+               biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """hidden [T,H], slots [T,K] into gate_up [G,2I,H] / down [G,H,I], weights [T,K]
     -> [T,H] (reduce) or the weighted rows [T,K,H]. `module` is the family's experts module:
-    its `_apply_gate` turns the gate/up projection into the activation."""
+    its `_apply_gate` turns the gate/up projection into the activation. biases: the slots'
+    (gate_up [G,2I], down [G,H]) where the family's experts have them (gpt-oss)."""
     num_tokens, top_k = slots.shape
     if hidden.is_cuda and (num_tokens * top_k <= GATHER_ROWS or not _grouped_capturable(hidden)):
-        rows = _gathered(module, hidden, slots.reshape(-1), gate_up, down)  # [S,H]
+        rows = _gathered(module, hidden, slots.reshape(-1), gate_up, down, biases)  # [S,H]
         rows = rows * weights.reshape(-1, 1)  # [S,H]
     else:
-        rows = _grouped(module, hidden, slots.reshape(-1), weights.reshape(-1, 1), top_k, gate_up, down)
+        rows = _grouped(module, hidden, slots.reshape(-1), weights.reshape(-1, 1), top_k, gate_up, down, biases)
     rows = rows.view(num_tokens, top_k, -1)  # [T,K,H]
     if not reduce:
         return rows
     return rows.sum(dim=1).to(hidden.dtype)  # [T,H]
 
 
-def _gathered(module, hidden, slots, gate_up, down) -> torch.Tensor:
+def _gathered(module, hidden, slots, gate_up, down, biases=None) -> torch.Tensor:
     top_k = slots.shape[0] // hidden.shape[0]
     x = hidden.repeat_interleave(top_k, dim=0).to(gate_up.dtype)  # [S,H]
     proj = torch.bmm(gate_up[slots], x.unsqueeze(-1)).squeeze(-1)  # [S,2I]
-    act = module._apply_gate(proj)  # [S,I]
-    return torch.bmm(down[slots], act.unsqueeze(-1)).squeeze(-1)  # [S,H]
+    if biases is not None:
+        proj = proj + biases[0][slots]  # [S,2I]
+    act = module._apply_gate(_module_layout(module, proj))  # [S,I]
+    y = torch.bmm(down[slots], act.unsqueeze(-1)).squeeze(-1)  # [S,H]
+    return y + biases[1][slots] if biases is not None else y
 
 
-def _grouped(module, hidden, slots, weights, top_k, gate_up, down) -> torch.Tensor:
+def _module_layout(module, proj: torch.Tensor) -> torch.Tensor:
+    """proj [S,2I] from slots (gate rows first) in the layout the family's `_apply_gate`
+    reads: unchanged, or interleaved gate0, up0, gate1, ... (gpt-oss)."""
+    if getattr(module, "is_concatenated", True):
+        return proj
+    gate, up = proj.chunk(2, dim=-1)  # [S,I] each
+    return torch.stack((gate, up), dim=-1).flatten(-2)  # [S,2I]
+
+
+def _grouped(module, hidden, slots, weights, top_k, gate_up, down, biases=None) -> torch.Tensor:
     groups = gate_up.shape[0]
     order = torch.argsort(slots, stable=True)  # [S] rows sorted by slot
     histc_input = slots.float() if slots.device.type == "cpu" else slots.int()
@@ -64,7 +78,11 @@ def _grouped(module, hidden, slots, weights, top_k, gate_up, down) -> torch.Tens
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [G] computed on the device: no host sync
     x = hidden[order // top_k].to(gate_up.dtype)  # [S,H]
     proj = grouped_mm(x, gate_up.transpose(-2, -1), offsets)  # [S,2I]
-    y = grouped_mm(module._apply_gate(proj), down.transpose(-2, -1), offsets)  # [S,H]
+    if biases is not None:
+        proj = proj + biases[0][slots[order]]  # [S,2I]
+    y = grouped_mm(module._apply_gate(_module_layout(module, proj)), down.transpose(-2, -1), offsets)  # [S,H]
+    if biases is not None:
+        y = y + biases[1][slots[order]]  # [S,H]
     rows = torch.empty_like(y, dtype=torch.promote_types(y.dtype, weights.dtype))
     rows[order] = y * weights[order]
     return rows

@@ -13,6 +13,7 @@ routes through `router.exact` with the store's mask.
 
 from __future__ import annotations
 
+import re
 import types
 from functools import lru_cache
 
@@ -26,12 +27,32 @@ from extractor.families import renormalizes
 from extractor.store import ExpertStore, StoreError
 from router.exact import RoutingSpec
 
+from .expert_format import dequantize_fp8
 from .experts import EXPERTS_IMPLEMENTATION, ExpertLayer
 
 
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
 def moe_blocks(model: PreTrainedModel) -> dict[int, torch.nn.Module]:
-    """{layer index: MoE block (the module with `gate` and `experts`)}."""
-    return {i: layer.mlp for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")}
+    """{layer index: MoE block}: the parent of each routed-experts module, found by the metadata
+    transformers' `@use_experts_implementation` puts on it (`mlp` in most families, Jamba's and
+    LFM2's `feed_forward`, Granite's `block_sparse_moe`)."""
+    blocks = {}
+    for path, module in model.named_modules():
+        if hasattr(module, "is_concatenated") and path.endswith(".experts"):
+            blocks[int(_LAYER.search(path)[1])] = model.get_submodule(path.rsplit(".", 1)[0])
+    return blocks
+
+
+def router_of(block: torch.nn.Module) -> torch.nn.Module:
+    """The block's router: `gate` in most families, `router` in gpt-oss, PhiMoE, Granite, Jamba."""
+    router = getattr(block, "gate", None)
+    if not hasattr(router, "weight"):
+        router = getattr(block, "router", None)
+    if not hasattr(router, "weight"):
+        raise StoreError(f"{type(block).__name__} has no router (gate/router) with a weight")
+    return router
 
 
 def expert_layers(model: PreTrainedModel) -> dict[int, ExpertLayer]:
@@ -73,10 +94,13 @@ def routing_spec(store: ExpertStore, hf_config) -> RoutingSpec:
         top_k=store.top_k,
         num_experts=store.num_experts,
         renormalize=renormalizes(store.config, family),
-        weights_in_logits_dtype=family.name != "mixtral",
+        weights_in_logits_dtype=family.weights_dtype != "float32",
         n_group=getattr(hf_config, "n_group", 1) or 1,
         topk_group=getattr(hf_config, "topk_group", 1) or 1,
         routed_scaling_factor=getattr(hf_config, "routed_scaling_factor", 1.0) or 1.0,
+        topk_method=getattr(hf_config, "topk_method", None) or "greedy",
+        weights_in_hidden_dtype=family.weights_dtype == "hidden",
+        jitter_eps=getattr(hf_config, "router_jitter_noise", 0.0) or 0.0,
     )
 
 
@@ -90,27 +114,96 @@ def load_model(store: ExpertStore, *, dtype: torch.dtype | None = None,
         trunk = load_file(store.trunk_path)
     except Exception as exc:
         raise StoreError(f"{store.trunk_path}: cannot load trunk: {exc}") from exc
+    dequantize_trunk(config, trunk, dtype or store.dtype)
     model = selective_class(base).from_pretrained(None, config=config, state_dict=trunk, dtype=dtype or store.dtype,
                                                   experts_implementation=EXPERTS_IMPLEMENTATION)
     return model.to(device).eval()
 
 
-def install_router(block: torch.nn.Module, route_fn) -> None:
-    """Make `block.gate` return (logits, weights, indices) chosen by `route_fn(logits, gate)`.
+def dequantize_trunk(config, trunk: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """A quantised checkpoint's trunk in the model dtype, and its config without the
+    quantisation: FP8 linear weights (DeepSeek-V3's and Qwen3-FP8's attention) dequantised
+    with transformers' arithmetic (models/expert_format.py), so no quantiser runs at load
+    and none replaces the experts modules (their shards are dequantised by the cache)."""
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if method not in ("fp8", "mxfp4"):
+        raise StoreError(f"quantization method {method!r} is not one cadre can load (fp8, mxfp4)")
+    for scale_key in [k for k in trunk if k.endswith(".weight_scale_inv")]:
+        weight_key = scale_key.removesuffix("_scale_inv")
+        trunk[weight_key] = dequantize_fp8(trunk[weight_key], trunk.pop(scale_key), dtype)
+    del config.quantization_config
 
-    The logits are computed exactly as the family's gate computes them (DeepSeek-V3 in
-    float32), so `exact` routing reproduces transformers' choices bit for bit.
-    """
-    gate = block.gate
-    in_float32 = hasattr(gate, "e_score_correction_bias")
 
-    def forward(self, hidden_states):
-        hidden_states = hidden_states.reshape(-1, self.weight.shape[-1])  # [T,H]
+def install_router(block: torch.nn.Module, route_fn, spec: RoutingSpec) -> None:
+    """Make the block's routing choose with `route_fn(logits, router, hidden_dtype, bias)`.
+
+    The logits are computed exactly as the family's router computes them (DeepSeek's and
+    GLM's in float32, gpt-oss's with its bias, Granite's cast to float32 after the
+    product), so `exact` routing reproduces transformers' choices bit for bit. What the
+    router returns, and in which order, differs between families and transformers
+    versions ((logits, weights, indices) mostly; Granite 5.17 (indices, weights, logits);
+    Jamba 5.17 a plain linear whose logits the block routes in `route_tokens_to_experts`):
+    the order is read once from the family's own code on a probe input and kept. LFM2
+    hands its router the block's expert bias as an argument; it is passed on as the bias."""
+    router = router_of(block)
+    logits_of = _logits_fn(spec)
+    hidden = router.weight.shape[-1]
+    probe = torch.zeros(2, hidden, dtype=router.weight.dtype, device=router.weight.device)  # [2,H]
+    bias = getattr(block, "expert_bias", None)  # LFM2 passes it to its router
+    with torch.no_grad():
+        probed = router(probe, bias) if bias is not None else router(probe)
+    if torch.is_tensor(probed):  # a plain linear router: the block routes its logits
+        _install_block_routing(block, router, route_fn, probe, probed)
+        return
+    order = _output_order(probed, spec.num_experts)
+
+    def forward(self, hidden_states, expert_bias=None):
+        logits = logits_of(self, hidden_states.reshape(-1, hidden))  # [T,E]
+        weights, indices = route_fn(logits, self, hidden_states.dtype, expert_bias)
+        named = {"logits": logits, "weights": weights, "indices": indices}
+        return tuple(named[name] for name in order)
+
+    router.forward = types.MethodType(forward, router)
+
+
+def _logits_fn(spec: RoutingSpec):
+    in_float32 = spec.kind in ("sigmoid_group_topk", "softmax_group_topk")
+    float_after = spec.kind == "topk_softmax" and spec.weights_in_hidden_dtype  # Granite: F.linear(...).float()
+
+    def logits_of(router, hidden_states):  # [T,H] -> [T,E]
         if in_float32:
-            logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))  # [T,E]
-        else:
-            logits = F.linear(hidden_states, self.weight)  # [T,E]
-        weights, indices = route_fn(logits, self)
-        return logits, weights, indices
+            return F.linear(hidden_states.type(torch.float32), router.weight.type(torch.float32))
+        logits = F.linear(hidden_states, router.weight, getattr(router, "bias", None))
+        return logits.float() if float_after else logits
 
-    gate.forward = types.MethodType(forward, gate)
+    return logits_of
+
+
+def _output_order(outputs, num_experts: int) -> tuple[str, ...]:
+    """Names of a routing output tuple's items: integer [T,K] indices, [T,E] logits, [T,K] weights."""
+    def name(item):
+        if not item.is_floating_point():
+            return "indices"
+        return "logits" if item.shape[-1] == num_experts else "weights"
+
+    order = tuple(name(item) for item in outputs)
+    assert sorted(order) in (["indices", "logits", "weights"], ["indices", "weights"]), order
+    return order
+
+
+def _install_block_routing(block, router, route_fn, probe, probe_logits) -> None:
+    if not hasattr(block, "route_tokens_to_experts"):
+        raise StoreError(f"{type(block).__name__}: its router returns logits but the block has no "
+                         "route_tokens_to_experts to route them")
+    with torch.no_grad():
+        order = _output_order(block.route_tokens_to_experts(probe, probe_logits), router.weight.shape[0])
+
+    def route_tokens_to_experts(hidden_states, router_logits):
+        weights, indices = route_fn(router_logits, router, hidden_states.dtype, None)
+        named = {"weights": weights, "indices": indices}
+        return tuple(named[name] for name in order)
+
+    block.route_tokens_to_experts = route_tokens_to_experts

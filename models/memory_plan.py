@@ -47,6 +47,7 @@ HOST_SHARE = 0.5  # default pinned host tier: this share of the available RAM
 MARGIN_SHARE, MIN_MARGIN_CUDA = 0.04, 256 * MiB  # a GPU also needs room for cuBLAS workspaces, context growth
 KV_SHARE = 0.25  # most of the free memory the KV takes by default; experts get the rest
 MIN_MODEL_LEN = 512  # the shortest context a default plan settles for
+CHUNK_FLOOR = 1 << 20  # slack when sizing the host chunks that hold one layer's working set
 KV_ALIGN = 64  # KV tokens and default lengths are whole pages of the server's paged cache
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 1 << 10, "mib": MiB, "gib": GiB, "tib": 1 << 40}
@@ -345,12 +346,14 @@ def _host_tier(facts: ModelFacts, request: PlanRequest, host_bytes: int) -> tupl
         return 0, 0
     from .host_tier import tier_size
 
-    pinned, entries = tier_size(host_bytes, facts.expert_bytes, facts.total_experts)
+    entry = facts.host_bytes_per_expert
+    pinned, entries = tier_size(host_bytes, entry, facts.total_experts)
     need = min(facts.top_k, facts.total_experts)
     if entries < need:
+        needed = tier_size(2 * need * entry + CHUNK_FLOOR, entry, need)[0]  # the chunks that hold `need`
         raise PlanError(f"host budget of {gib(host_bytes)} pins {entries} experts, fewer than one layer's "
-                        f"working set of {need} (top_k x {mb(facts.expert_bytes)}): short by "
-                        f"{need * facts.expert_bytes - host_bytes} bytes; raise --host-memory")
+                        f"working set of {need} (top_k x {mb(entry)}): short by {needed - host_bytes} bytes "
+                        f"({(needed - host_bytes) / GiB:.3g} GiB); raise --host-memory")
     return pinned, entries
 
 

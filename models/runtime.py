@@ -102,7 +102,7 @@ class Runtime:
         for layer, experts in expert_layers(model).items():
             experts.bind(cache, on_route=self._emit, on_miss=on_miss, before=self.policy.before_experts)
         for layer, block in moe_blocks(model).items():
-            install_router(block, self._router_for(layer))
+            install_router(block, self._router_for(layer), self.policy.spec)
         if config.compile:
             from .compile import compile_hot_paths
 
@@ -122,10 +122,12 @@ class Runtime:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, config: RuntimeConfig = RuntimeConfig(),
                         store_dir: str | Path | None = None, policy=None) -> "Runtime":
-        """Extract `checkpoint` into a store (cached; re-runs skip verified shards) and load it."""
+        """Extract `checkpoint` (a directory or a Hub id org/name[@revision], downloaded first) into
+        a store (cached; re-runs skip verified shards) and load it."""
         from extractor import extract_store
+        from extractor.hub import resolve_model
 
-        checkpoint = Path(checkpoint)
+        checkpoint = resolve_model(str(checkpoint))
         store_dir = Path(store_dir) if store_dir else default_store_dir(checkpoint)
         extract_store(checkpoint, store_dir, quiet=True)
         return cls.from_store(store_dir, config, policy)
@@ -144,7 +146,8 @@ class Runtime:
         return masks
 
     def _router_for(self, layer: int):
-        return lambda logits, gate: self.policy.route(layer, logits, gate)
+        return lambda logits, gate, hidden_dtype, bias: self.policy.route(layer, logits, gate, hidden_dtype=hidden_dtype,
+                                                                          bias=bias)
 
     def _prefetch_deeper(self, layer: int, experts: list[int]) -> None:
         deeper = [l for l in self.store.moe_layers if l > layer]
@@ -268,10 +271,9 @@ def _plan(facts, config: RuntimeConfig, **server) -> MemoryPlan:
 
 
 def expert_bytes(store: ExpertStore, dtype: torch.dtype) -> int:
-    from .cache import _expert_shapes
+    from .cache import slot_bytes
 
-    inter, hidden = _expert_shapes(store)
-    return 3 * inter * hidden * dtype.itemsize
+    return slot_bytes(store, dtype)
 
 
 def default_store_dir(checkpoint: Path) -> Path:

@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 
 UNUSED = -1  # index of a top-k slot that selects nothing
+SIGMOID_KINDS = ("sigmoid_group_topk", "sigmoid_topk")  # the rest softmax their logits
 
 
 @dataclass(frozen=True)
 class RoutingSpec:
     """What a family's router does, read from its table row and config.json."""
 
-    kind: str  # "softmax_topk" | "sigmoid_group_topk"
+    kind: str  # one of extractor.families.ROUTING_KINDS
     top_k: int
     num_experts: int
     renormalize: bool
@@ -35,15 +36,29 @@ class RoutingSpec:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
+    topk_method: str = "greedy"  # DeepSeek-V2: "greedy" | "group_limited_greedy"
+    weights_in_hidden_dtype: bool = False  # Granite: weights cast to the hidden states' dtype
+    jitter_eps: float = 0.0  # PhiMoE's router_jitter_noise (sparsemixer's threshold, used at inference too)
 
 
 def route(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
-          correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights [T,K], indices [T,K]) for router logits [T,E]; absent: bool [E] or None."""
+          correction_bias: torch.Tensor | None = None,
+          hidden_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T,K], indices [T,K]) for router logits [T,E]; absent: bool [E] or None.
+
+    correction_bias: DeepSeek-V3's / GLM's e_score_correction_bias, LFM2's expert_bias."""
     if spec.kind == "softmax_topk":
         return softmax_topk(spec, logits, absent)
     if spec.kind == "sigmoid_group_topk":
         return sigmoid_group_topk(spec, logits, absent, correction_bias)
+    if spec.kind == "softmax_group_topk":
+        return softmax_group_topk(spec, logits, absent)
+    if spec.kind == "topk_softmax":
+        return topk_softmax(spec, logits, absent, hidden_dtype)
+    if spec.kind == "sigmoid_topk":
+        return sigmoid_topk(spec, logits, absent, correction_bias)
+    if spec.kind == "sparsemixer":
+        return sparsemixer_top2(spec, logits, absent)
     raise ValueError(f"unknown routing kind {spec.kind!r}")
 
 
@@ -84,6 +99,65 @@ def sigmoid_group_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Te
     if spec.renormalize:
         weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
     weights = weights * spec.routed_scaling_factor
+    return _drop_absent(weights, indices, absent)
+
+
+def softmax_group_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None):
+    """DeepSeek-V2: softmax, top-k (greedy) or top-k within the best groups by their max,
+    times the routed scaling factor; no renormalisation. Logits are float32."""
+    if absent is not None:
+        logits = logits.masked_fill(absent, float("-inf"))
+    scores = logits.softmax(dim=-1, dtype=torch.float32)  # [T,E]
+    if spec.topk_method == "group_limited_greedy":
+        per_group = spec.num_experts // spec.n_group
+        group_scores = scores.view(-1, spec.n_group, per_group).max(dim=-1).values  # [T,G]
+        group_idx = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, spec.n_group, per_group).reshape(-1, spec.num_experts)
+        scores = scores.masked_fill(~score_mask.bool(), 0.0)
+    weights, indices = torch.topk(scores, k=spec.top_k, dim=-1, sorted=False)  # [T,K]
+    return _drop_absent(weights * spec.routed_scaling_factor, indices, absent)
+
+
+def topk_softmax(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
+                 hidden_dtype: torch.dtype | None):
+    """gpt-oss, Granite: top-k of the logits (router bias included), softmax over those k.
+    Granite's logits are float32 and its weights come back in the hidden states' dtype."""
+    if absent is not None:
+        logits = logits.masked_fill(absent, float("-inf"))  # [T,E]
+    top, indices = torch.topk(logits, spec.top_k, dim=-1)  # [T,K]
+    weights = torch.softmax(top, dim=-1, dtype=top.dtype)
+    if spec.weights_in_hidden_dtype and hidden_dtype is not None:
+        weights = weights.to(hidden_dtype)
+    return _drop_absent(weights, indices, absent)
+
+
+def sigmoid_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
+                 expert_bias: torch.Tensor | None):
+    """LFM2-MoE: sigmoid scores, top-k of scores + expert bias, renormalised (+1e-6), scaled.
+    The choice is masked, not the logits (sigmoid(-inf) + bias could still be chosen)."""
+    scores = logits.sigmoid()  # [T,E]
+    choice = scores + expert_bias if expert_bias is not None else scores
+    if absent is not None:
+        choice = choice.masked_fill(absent, float("-inf"))
+    indices = torch.topk(choice, k=spec.top_k, dim=-1)[1]  # [T,K]
+    weights = scores.gather(1, indices).type_as(logits)
+    if absent is not None:
+        weights = weights.masked_fill(absent[indices], 0.0)
+    if spec.renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-6)
+    return _drop_absent(weights * spec.routed_scaling_factor, indices, absent)
+
+
+def sparsemixer_top2(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None):
+    """PhiMoE: transformers' own sparsemixer in its inference form (no jitter, no sampling),
+    on logits with absent experts at -inf."""
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    if absent is not None:
+        logits = logits.masked_fill(absent, float("-inf"))
+    weights, indices = sparsemixer(logits, jitter_eps=spec.jitter_eps, training=False, top_k=spec.top_k)
     return _drop_absent(weights, indices, absent)
 
 

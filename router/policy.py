@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import signals
-from .exact import UNUSED, RoutingSpec, route
+from .exact import SIGMOID_KINDS, UNUSED, RoutingSpec, route
 
 if TYPE_CHECKING:
     from models.runtime import Runtime
@@ -61,7 +61,9 @@ class ExactPolicy:
 
             blocks = moe_blocks(runtime.model)
             layers = sorted(blocks)
-            self._gates = {layer: block.gate for layer, block in blocks.items()}
+            from models.loading import router_of
+
+            self._gates = {layer: router_of(block) for layer, block in blocks.items()}
             self._next = {layer: layers[i + 1:i + 1 + self.prefetch_layers] for i, layer in enumerate(layers)}
         attach = getattr(runtime.cache.policy, "attach", None)
         if attach is not None:  # an eviction policy that learns from routing (router.eviction)
@@ -82,9 +84,12 @@ class ExactPolicy:
         ranked = [e for e in mass.argsort(descending=True).tolist() if mass[e] > 0]
         return [(layer, e) for e in ranked]
 
-    def route(self, layer: int, logits: torch.Tensor, gate) -> tuple[torch.Tensor, torch.Tensor]:
-        bias = getattr(gate, "e_score_correction_bias", None)
-        weights, indices = route(self.spec, logits, self.absent[layer], bias)
+    def route(self, layer: int, logits: torch.Tensor, gate, hidden_dtype: torch.dtype | None = None,
+              bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """bias: a choice bias the family hands its router (LFM2's expert_bias); else the
+        gate's own correction bias (DeepSeek-V3, GLM), if any."""
+        bias = bias if bias is not None else getattr(gate, "e_score_correction_bias", None)
+        weights, indices = route(self.spec, logits, self.absent[layer], bias, hidden_dtype)
         if self.prefetch_layers and self.widen:
             self._observe_shift(layer, logits)
         return weights, indices
@@ -117,8 +122,8 @@ class CacheAwarePolicy(ExactPolicy):
         self.regret = 0
         self.regret_mass = 0.0
 
-    def route(self, layer, logits, gate):
-        weights, indices = super().route(layer, logits, gate)  # [T,K] each
+    def route(self, layer, logits, gate, **kwargs):
+        weights, indices = super().route(layer, logits, gate, **kwargs)  # [T,K] each
         resident = self._resident_mask(layer, logits.device)  # [E]
         if resident.all() or not resident.any():
             return weights, indices
@@ -156,8 +161,8 @@ class DynamicKPolicy(ExactPolicy):
         self.skipped = 0
         self.kept = 0
 
-    def route(self, layer, logits, gate):
-        weights, indices = super().route(layer, logits, gate)  # [T,K], sorted by weight for softmax families
+    def route(self, layer, logits, gate, **kwargs):
+        weights, indices = super().route(layer, logits, gate, **kwargs)  # [T,K], sorted by weight for softmax families
         order = weights.float().argsort(dim=-1, descending=True)  # [T,K]
         w = weights.float().gather(1, order)  # [T,K] descending
         share = w.cumsum(dim=-1) / w.sum(dim=-1, keepdim=True).clamp_min(1e-20)  # [T,K]
@@ -178,7 +183,7 @@ def router_probs(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor |
     logits, or for sigmoid routers their scores normalised to sum to 1."""
     if absent is not None:
         logits = logits.masked_fill(absent, float("-inf"))
-    if spec.kind == "softmax_topk":
+    if spec.kind not in SIGMOID_KINDS:
         return F.softmax(logits, dim=-1, dtype=torch.float)
     scores = logits.float().sigmoid()  # sigmoid(-inf) = 0: absent experts score nothing
     return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
@@ -188,7 +193,7 @@ def reweight(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | Non
              dtype) -> torch.Tensor:
     """Routing weights [T,K] for a changed expert choice, computed as the family computes
     them for its own choice (renormalised and scaled as the spec says); -1 slots weigh 0."""
-    if spec.kind == "softmax_topk":
+    if spec.kind not in SIGMOID_KINDS:
         scores = router_probs(spec, logits, absent)  # [T,E]
     else:
         scores = logits.float().sigmoid()  # [T,E]

@@ -69,17 +69,25 @@ class UsageProfile:
 
 
 @torch.inference_mode()
-def record(runtime, ids: torch.Tensor, window: int = 256, batch: int = 8) -> UsageProfile:
-    """Route the token ids [N] through `runtime` in windows of `window` tokens and count usage."""
-    profile = UsageProfile(runtime.store.num_experts, runtime.store.top_k)
-    runtime.add_routing_listener(profile)
+def route_windows(runtime, ids: torch.Tensor, listener, window: int = 256, batch: int = 8, on_chunk=None) -> None:
+    """Route token ids [N] through `runtime` in windows of `window` tokens, `listener` hearing
+    every routing event; on_chunk(chunk [B, S]) runs before each forward."""
+    runtime.add_routing_listener(listener)
     try:
         usable = ids.numel() // window * window or ids.numel()
         windows = ids[:usable].view(-1, min(window, usable))  # [W,S]
         for chunk in windows.split(batch):
+            if on_chunk is not None:
+                on_chunk(chunk)
             runtime.model(input_ids=chunk.to(runtime.device), use_cache=False)
     finally:
-        runtime.remove_routing_listener(profile)
+        runtime.remove_routing_listener(listener)
+
+
+def record(runtime, ids: torch.Tensor, window: int = 256, batch: int = 8) -> UsageProfile:
+    """Route the token ids [N] through `runtime` in windows of `window` tokens and count usage."""
+    profile = UsageProfile(runtime.store.num_experts, runtime.store.top_k)
+    route_windows(runtime, ids, profile, window, batch)
     return profile
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request
 
-from .engine import RequestStream, TokenEvent, routing_counts
+from .stream import RequestStream, TokenEvent, routing_counts
 from .routing import pathway_summary
 from .schemas import ErrorResponse, GenerateRequest, GenerateResponse
 from .serving import (EventStreamResponse, check_context, check_model, encode_prompt, result_or_disconnect,

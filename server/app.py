@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,13 +17,14 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from . import api_generate, api_openai
+from . import api_generate, api_openai, api_tokenize
 from .config import DEFAULT_MAX_CONCURRENCY, ServerConfig
 from .engine import MAX_BATCH_TOKENS, Engine, EngineConfig
 from .errors import APIError, BearerAuth, BodySizeLimit, install_error_handlers
 from .logs import log_event
 from .metrics import Metrics
 from .schemas import ErrorResponse, Health, Readiness
+from .threads import in_passing_thread
 
 DEMO_MODEL_NAME = "cadre-demo"
 
@@ -38,6 +38,8 @@ class AppState:
     plan: object | None = None  # models.memory_plan.MemoryPlan, once computed
     status: str = "loading"  # loading | ready | failed | stopping
     detail: str | None = None
+    load_failed: bool = False  # kept through "stopping": the process exits non-zero
+    on_load_failure: object | None = None  # () -> None, e.g. stop the HTTP server (python -m server)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -167,21 +169,25 @@ async def bring_up(state: AppState, runtime=None) -> None:
             adopt_plan(state, await in_passing_thread(memory_plan, state.config, runtime))
         plan = state.plan
         state.runtime = runtime or await in_passing_thread(load_runtime, state.config, plan)
-        engine_cls = engine_class(state.runtime, state.config.engine)
-        engine = engine_cls(state.runtime, EngineConfig(max_concurrency=plan.max_concurrency,
-                                                        max_queue=state.config.max_queue,
-                                                        max_model_len=plan.max_model_len, kv_tokens=plan.kv_tokens),
+        c = state.config
+        engine_cls = engine_class(state.runtime, c.engine)
+        engine = engine_cls(state.runtime, EngineConfig(max_concurrency=plan.max_concurrency, max_queue=c.max_queue,
+                                                        batching=c.batching, max_model_len=plan.max_model_len,
+                                                        kv_tokens=plan.kv_tokens, stall_timeout_s=c.stall_timeout),
                             state.metrics)
         await in_passing_thread(engine.start)
-        state.metrics.attach_runtime(engine.recorder, state.runtime.cache)
+        state.metrics.attach_runtime(engine.recorder, state.runtime.cache, engine.kv_pages_in_use)
         state.engine = engine
         await engine.warmup()
         state.status = "ready"
-        log_event("ready", model=state.model_name, engine=engine.kind, max_model_len=engine.config.max_model_len,
+        log_event("ready", model=state.model_name, engine=engine.kind, batching=engine.batching,
+                  max_model_len=engine.config.max_model_len,
                   seconds=round(time.perf_counter() - started, 2))
-    except Exception as exc:  # the server stays up to say why on /ready and /health
-        state.status, state.detail = "failed", f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # said on /ready and /health; `python -m server` then exits non-zero
+        state.status, state.detail, state.load_failed = "failed", f"{type(exc).__name__}: {exc}", True
         log_event("load_failed", level=logging.ERROR, error=state.detail)
+        if state.on_load_failure is not None:
+            state.on_load_failure()
 
 
 def create_app(config: ServerConfig, runtime=None, plan=None) -> FastAPI:
@@ -210,6 +216,7 @@ def create_app(config: ServerConfig, runtime=None, plan=None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(api_generate.router)
     app.include_router(api_openai.router)
+    app.include_router(api_tokenize.router)
     add_ops_routes(app, state)
     app.add_middleware(BodySizeLimit, limit=config.max_body_bytes)
     if config.api_key:
@@ -228,11 +235,16 @@ def add_ops_routes(app: FastAPI, state: AppState) -> None:
             return JSONResponse({"status": "unhealthy", "detail": "generation loop stopped"}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/ready", response_model=Readiness, tags=["ops"], summary="Readiness: 503 until loaded and warmed up",
+    @app.get("/ready", response_model=Readiness, tags=["ops"],
+             summary="Readiness: 503 until loaded and warmed up, and whenever the engine cannot make progress",
              responses={503: {"model": Readiness}})
     async def ready():
-        body = {"status": state.status, "model": state.model_name, "detail": state.detail}
-        return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
+        status, detail = state.status, state.detail
+        problem = state.engine.health_problem() if status == "ready" and state.engine is not None else None
+        if problem is not None:
+            status, detail = "stalled", problem
+        body = {"status": status, "model": state.model_name, "detail": detail}
+        return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics (text exposition format)",
              response_class=Response, responses={200: {"content": {"text/plain": {}}}})
@@ -244,26 +256,6 @@ def add_ops_routes(app: FastAPI, state: AppState) -> None:
     async def experts():
         engine = state.require_engine()
         return await in_passing_thread(experts_report, state, engine, torch_threads=1)
-
-
-async def in_passing_thread(fn, *args, torch_threads: int | None = None):
-    """fn(*args) in a thread of its own that ends with it, off the event loop.
-
-    Why not asyncio.to_thread: a long-lived thread that has run a parallel torch op keeps
-    an OpenMP team alive, and with more OpenMP threads alive than cores every team waits
-    by sleeping instead of spinning: one GET /v1/experts on the event loop cut the demo
-    model's 16-client throughput from ~600 to ~240 tok/s for good (2-core VM). A thread
-    that ends takes its team with it; torch_threads=1 keeps it from making one at all.
-    """
-    def call():
-        if torch_threads is not None:
-            import torch
-
-            torch.set_num_threads(torch_threads)  # this thread's OpenMP setting only
-        return fn(*args)
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cadre-aside") as pool:
-        return await asyncio.wrap_future(pool.submit(call))
 
 
 def experts_report(state: AppState, engine: Engine) -> dict:

@@ -2,7 +2,7 @@
 
 With a chat template in the tokenizer, that template renders the conversation (with the
 assistant's generation prompt). Without one, cadre falls back to a plain transcript, one
-line per message and an open assistant turn:
+line per message (`role (name):` when the message has a name) and an open assistant turn:
 
     system: You are terse.
     user: Hello
@@ -28,13 +28,17 @@ def message_text(content, index: int) -> str:
 
 
 def fallback_transcript(messages: list[dict]) -> str:
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    def speaker(m: dict) -> str:
+        return f"{m['role']} ({m['name']})" if m.get("name") else m["role"]
+
+    return "".join(f"{speaker(m)}: {m['content']}\n" for m in messages) + "assistant:"
 
 
 def render_chat(tokenizer, messages) -> list[int]:
     if tokenizer is None:
         raise APIError(400, "this model's store has no tokenizer, so chat is unavailable", param="messages")
-    plain = [{"role": m.role, "content": message_text(m.content, i)} for i, m in enumerate(messages)]
+    plain = [{"role": m.role, "content": message_text(m.content, i), **({"name": m.name} if m.name else {})}
+             for i, m in enumerate(messages)]
     if getattr(tokenizer, "chat_template", None):
         try:
             encoded = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=True)

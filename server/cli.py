@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one stderr line (the project's CLI contract)."""
 
     def error(self, message: str):
-        sys.stderr.write(f"{PROG}: error: {message}\n")
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
 
 
@@ -39,17 +40,32 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also rejects nan
+        raise ValueError(text)
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(text)
+    return value
+
+
 def csv_paths(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
-def build_parser() -> OneLineParser:
-    p = OneLineParser(prog=PROG, description="Serve a Mixture-of-Experts model from an expert store over HTTP.",
+def build_parser(prog: str = PROG) -> OneLineParser:
+    p = OneLineParser(prog=prog, description="Serve a Mixture-of-Experts model from an expert store over HTTP.",
                       epilog=f"Every flag can also be set from the environment as {ENV_PREFIX}<FLAG_NAME>, "
                              "e.g. CADRE_PORT=9000 or CADRE_API_KEY=secret.")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--store", help="expert store directory (python -m extractor output)")
-    source.add_argument("--model", help="Hugging Face checkpoint directory; extracted to a cached store first")
+    source.add_argument("--model", help="Hugging Face checkpoint directory, or Hub id org/name[@revision] "
+                        "(downloaded first); extracted to a cached store")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=non_negative_int, default=8000)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -74,6 +90,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--max-concurrency", type=positive_int,
                    help="requests decoded together in one batch (default 16; they share the KV tokens of the "
                         "memory plan)")
+    p.add_argument("--batching", choices=("auto", "continuous", "static"), default="auto",
+                   help="auto (default): transformers' continuous batching where it supports the model's attention, "
+                        "else static batches through generate() (DeepSeek's MLA, linear-attention layers)")
     p.add_argument("--max-queue", type=non_negative_int, default=64,
                    help="requests that may wait for a slot; beyond this the server answers 503 + Retry-After")
     p.add_argument("--max-model-len", type=positive_int,
@@ -87,6 +106,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--served-model-name", help="model id in /v1/models and OpenAI requests (default: store name)")
     p.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout,
                    help="seconds in-flight requests get to finish on shutdown before they are cancelled")
+    p.add_argument("--stall-timeout", type=float, default=ServerConfig.stall_timeout,
+                   help="seconds without a generation step, while requests are in flight, after which /ready "
+                        "answers 503 (the engine is stuck)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
 
@@ -128,8 +150,10 @@ def check_policies(parser: argparse.ArgumentParser, routing: str, eviction: str)
 def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.store and not (Path(args.store) / "manifest.json").is_file():
         parser.error(f"--store {args.store}: not an expert store (no manifest.json)")
-    if args.model and not (Path(args.model) / "config.json").is_file():
-        parser.error(f"--model {args.model}: not a Hugging Face checkpoint (no config.json)")
+    from extractor.hub import is_hub_id
+
+    if args.model and not is_hub_id(args.model) and not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: not a Hugging Face checkpoint (no config.json) nor a Hub id org/name")
 
 
 def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
@@ -155,8 +179,30 @@ def plan_or_exit(config: ServerConfig):
         sys.exit(2)
 
 
+def bind_listener(parser: argparse.ArgumentParser, host: str, port: int) -> socket.socket:
+    """The listening socket, bound now: a busy port fails in a second, not after the model loads."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        parser.error(f"--host {host}: cannot resolve ({exc.strerror})")
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        parser.error(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})")
+    sock.set_inheritable(True)
+    return sock
+
+
+EXIT_LOAD_FAILED = 1  # the model failed to load (logged as event "load_failed"); 2 is bad flags
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
+    listener = bind_listener(build_parser(), config.host, config.port)
     import uvicorn
 
     from .app import create_app
@@ -167,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn finishes in-flight requests for shutdown_timeout seconds on SIGTERM/SIGINT,
     # then cancels them (a cancelled stream cancels its generation); the app's lifespan
     # then stops the engine. Access logs are off: the app logs one line per request.
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False,
-                timeout_graceful_shutdown=config.shutdown_timeout, log_config=None)
-    return 0
+    server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, access_log=False,
+                                           timeout_graceful_shutdown=config.shutdown_timeout, log_config=None))
+    # A model that cannot load will not load by waiting: stop, so an orchestrator restarts
+    # or reports the process instead of routing to a server that can only answer 503.
+    state = app.state.cadre
+    state.on_load_failure = lambda: setattr(server, "should_exit", True)
+    server.run(sockets=[listener])
+    return EXIT_LOAD_FAILED if state.load_failed else 0

@@ -23,6 +23,7 @@ class ServerConfig:
     host_memory: str | None = None  # pinned host tier budget on a GPU: bytes, 32GiB, or a fraction of available RAM
     engine: str = "auto"  # auto | decoder | continuous-batching (server.app.engine_class)
     max_concurrency: int | None = None  # requests decoded together; None = DEFAULT_MAX_CONCURRENCY
+    batching: str = "auto"  # auto | continuous | static (server.engine.EngineConfig)
     max_queue: int = 64  # requests waiting for a slot; beyond this: 503 + Retry-After
     max_model_len: int | None = None  # None: the memory plan's choice (at most the model's context window)
     api_key: str | None = None
@@ -30,6 +31,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     served_model_name: str | None = None
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
+    stall_timeout: float = 60.0  # /ready is 503 after this long without a step while work is in flight
     log_level: str = "info"
 
     def __post_init__(self):
@@ -52,3 +54,5 @@ class ServerConfig:
             raise ValueError(f"--max-model-len must be >= 2, got {self.max_model_len}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}")
+        if not self.stall_timeout > 0:
+            raise ValueError(f"--stall-timeout must be > 0, got {self.stall_timeout}")

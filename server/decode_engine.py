@@ -26,7 +26,6 @@ import torch
 from .engine import Engine
 from .logs import log_event
 from .routing import BatchSlot
-from .sampling import GREEDY_SLOT
 
 STOP = object()
 
@@ -50,6 +49,7 @@ class _Sequence:
     prompt: list[int]
     max_new_tokens: int
     sampler_slot: int
+    stops: frozenset[int]  # EOS (unless ignore_eos) and the request's stop_token_ids
     row: int = -1
     tokens: list[int] = field(default_factory=list)
 
@@ -73,6 +73,7 @@ class DecoderEngine(Engine):
         self._layout: list[BatchSlot] = []
         self.runtime.add_routing_listener(self.recorder)
         self._alive = True
+        self._rows_held = 0  # written by the compute thread, read by /metrics
         self._thread = threading.Thread(target=self._run, name="cadre-decoder", daemon=True)
         self._thread.start()
 
@@ -91,11 +92,23 @@ class DecoderEngine(Engine):
     def _submit_to_compute(self, stream, sampler_slot: int) -> bool:
         self._event_loop = asyncio.get_running_loop()  # where outputs go (submit runs on the loop)
         self._commands.put(_Sequence(stream.request_id, stream, list(stream.prompt_ids),
-                                     stream.params.max_new_tokens, sampler_slot))
+                                     stream.params.max_new_tokens, sampler_slot,
+                                     frozenset(self.stop_token_ids(stream.params))))
         return True
 
-    def _stop_generation(self, request_id: str) -> None:
-        self._commands.put(("cancel", request_id))
+    def _stop_generation(self, request_id: str, still_running: bool) -> None:
+        if still_running:
+            self._commands.put(("cancel", request_id))
+
+    async def _outside_batch(self, fn):
+        """fn() on the compute thread between two steps (it owns the model), its result awaited here."""
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(("call", fn, future, asyncio.get_running_loop()))
+        return await future
+
+    def kv_pages_in_use(self) -> int:
+        """Decoder rows (each a request's slot KV cache) held by requests."""
+        return self._rows_held if getattr(self, "_thread", None) is not None else 0
 
     def _batch_layout(self) -> list[BatchSlot]:
         return self._layout
@@ -110,11 +123,15 @@ class DecoderEngine(Engine):
                 for command in self._next_commands(block=not rows):
                     if command is STOP:
                         return
+                    if isinstance(command, tuple) and command[0] == "call":
+                        self._call_outside_batch(*command[1:])
+                        continue
                     if isinstance(command, tuple):  # ("cancel", request_id)
                         self._drop(rows, free, command[1])
                         continue
                     command.row = free.pop()
                     rows[command.row] = command
+                    self._rows_held = len(rows)
                     self._step(rows, free, [command], prefill=True)
                 if rows:
                     self._step(rows, free, list(rows.values()), prefill=False)
@@ -148,7 +165,7 @@ class DecoderEngine(Engine):
             return
         for seq, token in zip(batch, self._sample(batch, logits)):
             seq.tokens.append(token)
-            done = token in self.eos_token_ids or len(seq.tokens) >= seq.max_new_tokens
+            done = token in seq.stops or len(seq.tokens) >= seq.max_new_tokens
             if done:
                 self._finish_row(rows, free, seq, _Output(list(seq.tokens), True))
             else:
@@ -161,14 +178,19 @@ class DecoderEngine(Engine):
         return before_chunk
 
     def _sample(self, batch: list[_Sequence], logits: torch.Tensor) -> list[int]:
-        """Each row with its request's sampler; greedy rows by one argmax on the device."""
-        tokens = logits.argmax(dim=-1).tolist()  # the step's host synchronisation
-        for i, seq in enumerate(batch):
-            if seq.sampler_slot != GREEDY_SLOT:
-                sampler = self.samplers.get(seq.sampler_slot)
-                if sampler is not None:
-                    tokens[i] = sampler.sample(logits[i])
-        return tokens
+        """Rows with a sampler become one-hot on its choice (SamplerTable.apply); then one argmax on
+        the device for all: the step's host synchronisation."""
+        scores = self.samplers.apply(logits, [seq.sampler_slot for seq in batch])  # [B,V]
+        return scores.argmax(dim=-1).tolist()
+
+    def _call_outside_batch(self, fn, future: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
+        self._layout = []  # its routing counts as usage, maps to no request
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 -- handed to the awaiting request, the loop goes on
+            loop.call_soon_threadsafe(lambda error=exc: future.done() or future.set_exception(error))
+            return
+        loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
 
     def _finish_row(self, rows, free, seq: _Sequence, output: _Output) -> None:
         self._release_row(rows, free, seq)
@@ -183,6 +205,7 @@ class DecoderEngine(Engine):
         if rows.pop(seq.row, None) is not None:
             self.decoder.release(seq.row)
             free.append(seq.row)
+            self._rows_held = len(rows)
 
     def _deliver(self, seq: _Sequence, output: _Output) -> None:
         self._event_loop.call_soon_threadsafe(self._on_output, seq.stream, output)

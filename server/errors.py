@@ -47,7 +47,11 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
         return f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}", None, "json_invalid"
     param = ".".join(loc) or None
     where = f"'{param}': " if param else "body: "
-    return where + first.get("msg", "invalid value"), param, first.get("type", "invalid_value")
+    if first.get("type") == "extra_forbidden":
+        return where + "unsupported parameter (cadre refuses what it would otherwise ignore)", param, \
+            "unsupported_parameter"
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    return where + message, param, first.get("type", "invalid_value")
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -41,13 +41,19 @@ class Metrics:
                                              buckets=TOKEN_LATENCY_BUCKETS, registry=r)
         self.e2e_request_latency = Histogram("cadre_e2e_request_latency_seconds",
                                              "From arrival to the last token.", buckets=LATENCY_BUCKETS, registry=r)
+        # Leak checks: both are 0 whenever the server is idle (the soak test reads them)
+        self.kv_pages_used = Gauge("cadre_kv_cache_pages_used", "KV-cache pages held by requests.", registry=r)
+        self.experts_pinned = Gauge("cadre_expert_cache_pinned",
+                                    "Expert cache pins held (only while a forward computes).", registry=r)
         self.expert_load_seconds = Histogram("cadre_expert_load_seconds",
                                              "Time to make one expert resident (host or disk tier).",
                                              buckets=LOAD_BUCKETS, registry=r)
 
-    def attach_runtime(self, recorder, cache) -> None:
+    def attach_runtime(self, recorder, cache, kv_pages_used) -> None:
         """Export expert and cache counters once the runtime is loaded."""
         self.registry.register(ExpertCollector(recorder, cache))
+        self.kv_pages_used.set_function(kv_pages_used)
+        self.experts_pinned.set_function(cache.pinned)
         # Per-load durations come from the cache's load callback (the compute thread's
         # routing events only see the total wait of a layer).
         cache.on_load = self.observe_load
@@ -106,6 +112,8 @@ class ExpertCollector:
         yield loads
         yield prefetch
         yield CounterMetricFamily("cadre_expert_evictions", "Experts evicted.", value=stats.evictions)
+        yield CounterMetricFamily("cadre_expert_load_bytes", "Bytes loads moved into the cache, in the store's "
+                                  "format (quantised experts move their quantised size).", value=stats.bytes_loaded)
         yield GaugeMetricFamily("cadre_expert_cache_bytes", "Bytes of resident experts.", value=stats.bytes)
         yield GaugeMetricFamily("cadre_expert_cache_capacity_bytes", "Expert cache budget.",
                                 value=stats.capacity_bytes)

@@ -7,12 +7,17 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_STOP_STRINGS = 4
+MAX_SEED = 2**64 - 1  # torch.Generator's seed range
+MAX_TEMPERATURE = 100.0  # finite and bounded: beyond this every distribution is flat anyway
+# Requests are strict: a boolean must be true/false, an integer an integer (no "yes", no
+# true-as-1, no 1.0), numbers finite (no NaN/Infinity).
+STRICT = ConfigDict(strict=True, extra="forbid")
 
 
 # --- /generate -------------------------------------------------------------------------------
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(**STRICT, json_schema_extra={"examples": [
         {"prompt": "Once upon a time", "max_new_tokens": 32, "temperature": 0, "trace": True},
         {"prompt": "The cache", "max_new_tokens": 16, "temperature": 0.8, "top_p": 0.95, "seed": 7,
          "stop": ["\n"], "stream": True},
@@ -20,10 +25,10 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field(min_length=1, description="Text to continue.")
     max_new_tokens: int = Field(64, ge=1, description="Tokens to generate at most.")
-    temperature: float = Field(0.0, ge=0.0, description="0 = greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=0, description="0 = no top-k filter.")
-    seed: int | None = Field(None, ge=0, description="Same seed + same request -> same text.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Same seed + same request -> same text.")
     stop: list[str] | str | None = Field(None, description=f"Up to {MAX_STOP_STRINGS} strings that end the text "
                                                            "(not included in it).")
     stream: bool = Field(False, description="Server-sent events: one per token, then a final one.")
@@ -103,125 +108,6 @@ class GenerateResponse(BaseModel):
     trace: Trace | None = None
 
 
-# --- OpenAI-compatible -------------------------------------------------------------------------
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class OpenAISampling(BaseModel):
-    """Parameters shared by /v1/completions and /v1/chat/completions (OpenAI's names and defaults)."""
-
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, metadata, ...)
-
-    model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="Extension (as in vLLM): 0 = no top-k filter.")
-    n: int = Field(1, ge=1, description="Only 1 is supported.")
-    seed: int | None = Field(None, ge=0)
-    stop: list[str] | str | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, description="Not supported: must be 0.")
-    frequency_penalty: float = Field(0.0, description="Not supported: must be 0.")
-    logprobs: bool | int | None = Field(None, description="Not supported.")
-
-    def unsupported(self) -> tuple[str, str] | None:
-        """(param, message) of the first parameter set to something cadre does not implement."""
-        checks = [("n", self.n == 1, "n > 1 is not supported"),
-                  ("presence_penalty", self.presence_penalty == 0, "presence_penalty is not supported (must be 0)"),
-                  ("frequency_penalty", self.frequency_penalty == 0, "frequency_penalty is not supported (must be 0)"),
-                  ("logprobs", not self.logprobs, "logprobs are not supported")]
-        return next(((param, msg) for param, ok, msg in checks if not ok), None)
-
-
-class CompletionRequest(OpenAISampling):
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
-        {"model": "cadre-demo", "prompt": "Once upon a time", "max_tokens": 32, "temperature": 0},
-    ]})
-
-    prompt: str | list[int] = Field(description="Text, or token ids.")
-    max_tokens: int | None = Field(16, ge=1)
-    echo: bool = Field(False, description="Not supported: must be false.")
-
-    def unsupported(self) -> tuple[str, str] | None:
-        if self.echo:
-            return "echo", "echo is not supported"
-        return super().unsupported()
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict] | None = None
-
-
-class ChatCompletionRequest(OpenAISampling):
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
-        {"model": "cadre-demo", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 32},
-    ]})
-
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="Default: the rest of the context window.")
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class OpenAIUsage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: OpenAIUsage | None = None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: OpenAIUsage
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "cadre"
-    max_model_len: int
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
 # --- errors, ops --------------------------------------------------------------------------------
 
 class ErrorDetail(BaseModel):
@@ -245,6 +131,6 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "loading", "failed", "stopping"]
+    status: Literal["ready", "loading", "failed", "stopping", "stalled"]
     model: str | None = None
     detail: str | None = None

@@ -8,7 +8,8 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from .engine import Engine, EngineUnavailable, RequestStream, log_request
+from .engine import Engine, EngineUnavailable
+from .stream import RequestStream, log_request
 from .errors import APIError
 from .logs import log_event
 from .sampling import SamplingParams
@@ -18,23 +19,27 @@ GREEDY_BELOW = 1e-5  # temperatures this small would overflow the softmax; they 
 
 
 def sampling_params(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
-                    stop: list[str] | str | None) -> SamplingParams:
+                    stop: list[str] | str | None, **more) -> SamplingParams:
+    """SamplingParams from a request's values; `more`: SamplingParams' other fields, already checked."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP_STRINGS:
         raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", param="stop")
     if any(not s for s in stops):
         raise APIError(400, "stop strings must not be empty", param="stop")
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0 if temperature < GREEDY_BELOW else temperature,
-                          top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stops))
+                          top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stops), **more)
+
+
+def check_token_ids(engine: Engine, ids, param: str) -> None:
+    bad = next((t for t in ids if not 0 <= t < engine.vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is outside the vocabulary [0, {engine.vocab_size})", param=param)
 
 
 def encode_prompt(engine: Engine, prompt: str | list[int], param: str = "prompt",
                   add_special_tokens: bool = True) -> list[int]:
     if isinstance(prompt, list):
-        vocab = engine.runtime.model.config.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param=param)
+        check_token_ids(engine, prompt, param)
         ids = list(prompt)
     elif engine.tokenizer is None:
         raise APIError(400, "this model's store has no tokenizer: send the prompt as token ids", param=param)
@@ -58,14 +63,34 @@ def check_model(requested: str | None, served: str) -> None:
                        param="model", code="model_not_found")
 
 
+def unavailable(engine: Engine, exc: EngineUnavailable, prompt_tokens: int) -> APIError:
+    engine.metrics.rejections.labels(exc.reason).inc()
+    log_event("rejected", reason=exc.reason, prompt_tokens=prompt_tokens)
+    return APIError(503, str(exc), code=exc.reason, headers={"Retry-After": str(engine.config.retry_after_s)})
+
+
 async def submit(engine: Engine, prompt_ids: list[int], params: SamplingParams, trace: bool) -> RequestStream:
     try:
         return await engine.submit(prompt_ids, params, trace=trace)
     except EngineUnavailable as exc:
-        engine.metrics.rejections.labels(exc.reason).inc()
-        log_event("rejected", reason=exc.reason, prompt_tokens=len(prompt_ids))
-        raise APIError(503, str(exc), code=exc.reason,
-                       headers={"Retry-After": str(engine.config.retry_after_s)}) from None
+        raise unavailable(engine, exc, len(prompt_ids)) from None
+
+
+async def submit_all(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> list[RequestStream]:
+    """One stream per (prompt ids, params), all admitted or none (503)."""
+    try:
+        engine.check_capacity(len(jobs))
+    except EngineUnavailable as exc:
+        raise unavailable(engine, exc, sum(len(ids) for ids, _ in jobs)) from None
+    streams: list[RequestStream] = []
+    try:
+        for ids, params in jobs:
+            streams.append(await submit(engine, ids, params, trace=False))
+    except BaseException:
+        for stream in streams:
+            stream.cancel()
+        raise
+    return streams
 
 
 async def wait_for_disconnect(receive: Receive) -> None:
@@ -75,18 +100,30 @@ async def wait_for_disconnect(receive: Receive) -> None:
 
 async def result_or_disconnect(request: Request, stream: RequestStream, endpoint: str) -> RequestStream:
     """The finished stream; a client that hangs up first cancels its generation."""
-    done = asyncio.ensure_future(stream.result())
+    await results_or_disconnect(request, [stream], endpoint)
+    return stream
+
+
+async def results_or_disconnect(request: Request, streams: list[RequestStream], endpoint: str) -> None:
+    """Wait for every stream; a client that hangs up first cancels them all."""
+    async def all_done():
+        for stream in streams:
+            await stream.result()
+
+    done = asyncio.ensure_future(all_done())
     gone = asyncio.ensure_future(wait_for_disconnect(request.receive))
     try:
         await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
         if not done.done():
-            stream.cancel()
+            for stream in streams:
+                stream.cancel()
             done.cancel()
-    log_request(stream, endpoint)
-    raise_if_failed(stream)
-    return stream
+    for stream in streams:
+        log_request(stream, endpoint)
+    for stream in streams:
+        raise_if_failed(stream)
 
 
 def raise_if_failed(stream: RequestStream) -> None:
@@ -115,9 +152,10 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content, stream: RequestStream, endpoint: str):
+    def __init__(self, content, streams: RequestStream | list[RequestStream], endpoint: str):
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.stream, self.endpoint = stream, endpoint
+        self.streams = streams if isinstance(streams, list) else [streams]
+        self.endpoint = endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = asyncio.ensure_future(self.stream_response(send))
@@ -128,7 +166,8 @@ class EventStreamResponse(StreamingResponse):
             for task in (body, gone):
                 task.cancel()
             outcome, _ = await asyncio.gather(body, gone, return_exceptions=True)
-            self.stream.cancel()  # no-op when it finished
-            log_request(self.stream, self.endpoint)
+            for stream in self.streams:
+                stream.cancel()  # no-op when it finished
+                log_request(stream, self.endpoint)
         if isinstance(outcome, Exception) and not isinstance(outcome, OSError):  # OSError: the client left
             raise outcome

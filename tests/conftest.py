@@ -44,3 +44,12 @@ def store_factory(tmp_path_factory, checkpoint_factory):
         return built[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def ray_serve(tmp_path_factory):
+    """A local Ray cluster running Serve (tests/ray_helpers.py), shared by the tests of server/ray."""
+    from ray_helpers import RayServe
+
+    with RayServe(tmp_path_factory.mktemp("ray")) as cluster:
+        yield cluster

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from models import Runtime, RuntimeConfig
 from models.runtime import expert_bytes
-from tiny_models import FAMILIES
+from tiny_models import FIRST_SIX as FAMILIES  # the slot-cache decoder holds full attention only (models/decoder.py)
 
 NEW_TOKENS = 24
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from extract_helpers import build_checkpoint, expected_experts, routed_keys, same_bits, source_tensors
 from extractor import extract_store
 from extractor.store import ExpertStore
-from tiny_models import FAMILIES
+from tiny_models import FIRST_SIX as FAMILIES
 
 CASES = [
     pytest.param(family, dtype, fused, id=f"{family}-{str(dtype)[6:]}{'-fused' if fused else ''}")

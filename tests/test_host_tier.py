@@ -18,9 +18,9 @@ INTER, HIDDEN = 16, 8
 ENTRY = 3 * INTER * HIDDEN * 4  # float32 gate, up, down: 1536 bytes
 
 
-def parts(value: float):
+def parts(value: float) -> dict:
     gate = torch.full((INTER, HIDDEN), float(value))
-    return gate, gate + 0.5, torch.full((HIDDEN, INTER), -float(value))
+    return {"gate_proj": gate, "up_proj": gate + 0.5, "down_proj": torch.full((HIDDEN, INTER), -float(value))}
 
 
 def test_chunks_are_powers_of_two_within_the_cap():
@@ -40,8 +40,8 @@ def test_lru_eviction_and_hits():
     assert tier.get((0, 0)) is not None  # now most recent
     tier.put((0, 3), parts(3))  # evicts (0, 1), the least recently used
     assert (0, 1) not in tier and (0, 0) in tier and (0, 3) in tier
-    gate, up, down = tier.get((0, 3))
-    assert torch.equal(gate, parts(3)[0]) and torch.equal(up, parts(3)[1]) and torch.equal(down, parts(3)[2])
+    got, want = tier.get((0, 3)), parts(3)
+    assert all(torch.equal(got[name], want[name]) for name in want) and list(got) == list(want)
     assert tier.stats().evictions == 1 and tier.stats().pinned_bytes == 4096 + 2048 <= cap
 
 
@@ -51,12 +51,12 @@ def test_a_lent_entry_is_never_evicted_nor_rewritten():
     tier.put((0, 1), parts(1.0))
     tier.put((0, 2), parts(2.0))  # the tier is full: (0, 1) goes, not the older but lent (0, 0)
     assert (0, 0) in tier and (0, 1) not in tier
-    assert torch.equal(held[0], parts(0.0)[0])
+    assert torch.equal(held["gate_proj"], parts(0.0)["gate_proj"])
     assert tier.put((0, 3), parts(3.0)) is not None
     both_lent = (tier.get((0, 0)), tier.get((0, 3)))
     spilled = parts(4.0)
     assert tier.put((0, 4), spilled) is spilled  # nothing evictable: served unpinned, not cached
-    assert (0, 4) not in tier and torch.equal(both_lent[0][0], parts(0.0)[0])
+    assert (0, 4) not in tier and torch.equal(both_lent[0]["gate_proj"], parts(0.0)["gate_proj"])
     del held, both_lent
     tier.put((0, 4), parts(4.0))  # given back: evictable again
     assert (0, 4) in tier
@@ -68,7 +68,7 @@ def test_a_cap_below_one_layers_working_set_is_refused():
     HostTier(16384, entry_bytes=ENTRY, min_entries=8, pin=False)  # 10 entries
     tier = HostTier(4 * ENTRY, entry_bytes=ENTRY, pin=False)
     with pytest.raises(HostTierError, match="sized for"):
-        tier.put((0, 0), (torch.zeros(3),))
+        tier.put((0, 0), {"gate_proj": torch.zeros(3)})
 
 
 def test_the_cap_holds_at_every_moment_under_concurrent_loads(monkeypatch):
@@ -104,7 +104,7 @@ def test_the_cap_holds_at_every_moment_under_concurrent_loads(monkeypatch):
         for _ in range(300):
             expert = int(torch.randint(0, 64, (1,), generator=generator))
             got = tier.get((0, expert)) or tier.put((0, expert), parts(float(expert)))
-            assert got[0][0, 0].item() == float(expert) and got[2][0, 0].item() == -float(expert)
+            assert got["gate_proj"][0, 0].item() == float(expert) and got["down_proj"][0, 0].item() == -float(expert)
 
     watcher = threading.Thread(target=watch)
     watcher.start()

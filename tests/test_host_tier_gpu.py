@@ -32,7 +32,7 @@ def test_copies_read_what_they_were_lent_while_slots_are_rewritten():
 
     def parts(expert):
         gate = torch.full((inter, hidden), float(expert))
-        return gate, gate + 0.5, torch.full((hidden, inter), -float(expert))
+        return {"gate_proj": gate, "up_proj": gate + 0.5, "down_proj": torch.full((hidden, inter), -float(expert))}
 
     def load(worker):
         generator = torch.Generator().manual_seed(worker)
@@ -40,7 +40,7 @@ def test_copies_read_what_they_were_lent_while_slots_are_rewritten():
             expert = int(torch.randint(0, 40, (1,), generator=generator))
             host = tier.get((0, expert)) or tier.put((0, expert), parts(expert))
             with torch.cuda.stream(stream):
-                device = [p.to("cuda", non_blocking=True) for p in host]
+                device = [host[name].to("cuda", non_blocking=True) for name in ("gate_proj", "up_proj", "down_proj")]
                 done = torch.cuda.Event()
                 done.record(stream)
             del host  # given back: the tier may rewrite the slot once this copy has finished

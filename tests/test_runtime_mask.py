@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from models import Runtime, RuntimeConfig
-from tiny_models import FAMILIES
+from tiny_models import FIRST_SIX as FAMILIES
 
 KEPT = 8
 

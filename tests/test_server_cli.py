@@ -90,6 +90,9 @@ def test_the_process_serves_logs_and_shuts_down_gracefully(tmp_path):
                 pass
             time.sleep(0.1)
         assert httpx.post(f"{url}/generate", json={"prompt": "hi", "max_new_tokens": 3}).status_code == 200
+        for _ in range(20):  # once 500s that each leaked a batch slot, and made SIGTERM hang and raise
+            bad = {"prompt": "x", "max_new_tokens": 2, "temperature": 1, "seed": 2**64}
+            assert httpx.post(f"{url}/generate", json=bad).status_code == 400
         request = {"prompt": "hello", "max_new_tokens": 30, "stream": True}
         with httpx.stream("POST", f"{url}/generate", json=request, timeout=60) as response:
             lines = response.iter_lines()
@@ -102,10 +105,37 @@ def test_the_process_serves_logs_and_shuts_down_gracefully(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
-    logged = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")]
+    stderr = process.stderr.read()
+    assert "Traceback" not in stderr and "Error" not in stderr.replace('"level": "error"', ""), stderr
+    logged = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     requests = [entry for entry in logged if entry.get("event") == "request"]
     assert [r["completion_tokens"] for r in requests] == [3, 30]
     for entry in requests:
         assert {"id", "prompt_tokens", "completion_tokens", "latency_s", "hits", "misses"} <= set(entry)
         assert entry["hits"] + entry["misses"] > 0
     assert any(entry.get("event") == "stopped" for entry in logged)  # the lifespan's drain ran to its end
+
+
+def test_a_busy_port_fails_before_the_model_loads():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        started = time.monotonic()
+        result = run_server("--port", str(port), "--device", "cpu")  # the demo model: seconds to load
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--port {port}" in lines[0] and "in use" in lines[0], result.stderr
+    assert time.monotonic() - started < 20  # no model was loaded (python + imports only)
+
+
+def test_a_model_that_fails_to_load_makes_the_process_exit_non_zero(tmp_path):
+    from extractor import extract_store
+
+    extract_store(tiny_checkpoint(tmp_path / "checkpoint"), tmp_path / "store", quiet=True)
+    (tmp_path / "store" / "trunk.safetensors").write_bytes(b"not a safetensors file")
+    result = run_server("--port", str(free_port()), "--device", "cpu", "--store", str(tmp_path / "store"))
+    assert result.returncode == 1, result.stderr
+    logged = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    failed = [entry for entry in logged if entry.get("event") == "load_failed"]
+    assert len(failed) == 1 and "trunk.safetensors" in failed[0]["error"]

@@ -82,8 +82,8 @@ def test_over_long_prompt_names_the_context_window(live):
 def test_bad_openai_bodies_are_400(live):
     cases = [
         ({"model": MODEL_NAME, "prompt": [5, 100000]}, "/v1/completions", "prompt"),
-        ({"model": MODEL_NAME, "prompt": "hi", "echo": True}, "/v1/completions", "echo"),
-        ({"model": MODEL_NAME, "prompt": "hi", "presence_penalty": 0.5}, "/v1/completions", "presence_penalty"),
+        ({"model": MODEL_NAME, "prompt": "hi", "suffix": "end"}, "/v1/completions", "suffix"),
+        ({"model": MODEL_NAME, "prompt": "hi", "presence_penalty": 2.5}, "/v1/completions", "presence_penalty"),
         ({"model": MODEL_NAME, "messages": []}, "/v1/chat/completions", "messages"),
         ({"model": MODEL_NAME, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
          "/v1/chat/completions", "messages.0.content"),

@@ -135,6 +135,7 @@ def test_cache_metrics_agree_with_the_runtime_and_experts_endpoint(live):
     assert sum(loads.values()) == sum(stats.loads.values())
     assert total(found["cadre_expert_load_seconds"]) == sum(stats.loads.values())  # one observation per load
     assert total(found["cadre_expert_evictions"]) == stats.evictions
+    assert total(found["cadre_expert_load_bytes"]) == stats.bytes_loaded > 0  # beyond the contract: bytes moved
     assert total(found["cadre_expert_cache_capacity_bytes"]) == stats.capacity_bytes
     assert 0 < total(found["cadre_expert_cache_bytes"]) <= stats.capacity_bytes
     report = httpx.get(f"{live.url}/v1/experts").json()

@@ -84,5 +84,6 @@ def test_errors_arrive_as_openai_errors(client):
         client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=100_000)
     assert err.value.body["code"] == "context_length_exceeded" and "256" in err.value.body["message"]
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], n=2)
-    assert err.value.body["param"] == "n"
+        client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                       tools=[{"type": "function", "function": {"name": "f"}}])
+    assert err.value.body["param"] == "tools"

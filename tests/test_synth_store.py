@@ -100,11 +100,9 @@ def test_a_non_empty_out_is_refused(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
-def test_deepseek_v2_writes_although_no_family_row_reads_it_yet(tmp_path):
-    """MLA + a dense first layer + shared experts: the store is complete (every file hashes to its
-    manifest entry); opening it waits for a `deepseek_v2` family row (issue 13)."""
-    from extractor.store import sha256_file
-
+def test_deepseek_v2_mla_with_a_dense_first_layer_and_shared_experts(tmp_path):
+    """MLA, a dense first layer, shared experts: the trunk holds them under checkpoint names, the
+    store verifies, and the runtime generates from it."""
     config = tmp_path / "config.json"
     config.write_text(json.dumps({
         "model_type": "deepseek_v2", "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
@@ -112,19 +110,22 @@ def test_deepseek_v2_writes_although_no_family_row_reads_it_yet(tmp_path):
         "n_shared_experts": 2, "num_experts_per_tok": 2, "first_k_dense_replace": 1, "kv_lora_rank": 24,
         "q_lora_rank": None, "qk_rope_head_dim": 8, "qk_nope_head_dim": 12, "v_head_dim": 20, "vocab_size": 64}))
     out = tmp_path / "store"
-    assert synth_store(["--config", str(config), "--out", str(out)]) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert (manifest["family"], manifest["moe_layers"], manifest["num_experts"], manifest["top_k"]) == (
-        "deepseek_v2", [1, 2], 8, 2)
-    assert len([f for f in manifest["files"] if f.startswith("experts/")]) == 16
-    for rel, entry in manifest["files"].items():
-        assert sha256_file(out / rel) == entry["sha256"], rel
+    assert synth_store(["--config", str(config), "--out", str(out), "--dtype", "float32"]) == 0
+    assert verify_store(out) == []
+    store = ExpertStore.open(out)
+    assert store.manifest["family"] == "deepseek_v2"
+    assert (store.moe_layers, store.num_experts, store.top_k) == ([1, 2], 8, 2)
     from safetensors import safe_open
 
     with safe_open(out / "trunk.safetensors", "pt") as trunk:
         names = set(trunk.keys())
     assert "model.layers.1.mlp.shared_experts.down_proj.weight" in names and "model.layers.0.mlp.down_proj.weight" in names
     assert not any(".experts." in name for name in names)
+    runtime = Runtime.from_store(out, RuntimeConfig(device="cpu", cache_fraction=0.5))
+    try:
+        assert runtime.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3).shape == (1, 6)
+    finally:
+        runtime.close()
 
 
 def test_the_spread_is_what_the_docs_say():

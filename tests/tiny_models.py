@@ -43,6 +43,48 @@ FAMILY_CONFIGS: dict[str, dict] = {
     ),
 }
 
+# Beyond the first six: each keeps what makes its family different -- gpt-oss's biases,
+# clamped SwiGLU, attention sinks and sliding layers (fused, transposed, interleaved
+# experts on disk); GLM-4-MoE's and DeepSeek-V2's groups; PhiMoE's sparsemixer; Granite's
+# fused input_linear; MiniMax's and Qwen3-Next's linear-attention layers (Qwen3-Next's
+# shared expert); Jamba's Mamba layers with MoE every other layer; LFM2-MoE's conv layers
+# and expert bias.
+NEW_FAMILY_CONFIGS: dict[str, dict] = {
+    "glm4_moe": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, n_routed_experts=16, n_shared_experts=1,
+        num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
+        norm_topk_prob=True, vocab_size=128, use_qk_norm=True),
+    "gpt_oss": dict(hidden_size=32, intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=16, num_experts_per_tok=4, vocab_size=128,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "deepseek_v2": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16,
+        n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, topk_method="group_limited_greedy",
+        routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=8, vocab_size=128),
+    "phimoe": dict(hidden_size=32, intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=2, vocab_size=128),
+    "granitemoe": dict(hidden_size=32, intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=4, vocab_size=128),
+    "minimax": dict(hidden_size=32, intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=16, num_experts_per_tok=2, vocab_size=128,
+        block_size=4, layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    "qwen3_next": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, num_experts=16,
+        num_experts_per_tok=4, vocab_size=128),
+    "jamba": dict(hidden_size=32, intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=16, num_experts_per_tok=2, vocab_size=128, attn_layer_period=2,
+        attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, use_mamba_kernels=False,
+        mamba_d_state=4, mamba_expand=2),
+    "lfm2_moe": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=16, num_experts_per_tok=4, num_dense_layers=1,
+        vocab_size=128, layer_types=["conv", "full_attention", "conv"]),
+}
+FAMILY_CONFIGS.update(NEW_FAMILY_CONFIGS)
+
+FIRST_SIX = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3")  # + the thinker (extract_helpers)
+NEW_FAMILIES = tuple(NEW_FAMILY_CONFIGS)
 FAMILIES = tuple(FAMILY_CONFIGS)
 
 
@@ -59,7 +101,7 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
         for name, param in model.named_parameters():
             param.normal_(0.0, 0.2)  # HF's init std (0.02) makes routing near-uniform
         for name, buf in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
                 buf.normal_(0.0, 0.1)
     return model.eval()
 

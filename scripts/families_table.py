@@ -1,0 +1,84 @@
+"""Print docs/families.md's table: every transformers MoE family with the experts interface.
+
+    python scripts/families_table.py > /tmp/table.md
+
+For each model whose modeling file decorates an experts class with
+@use_experts_implementation, in the installed transformers: build it from its default
+config on the meta device and ask cadre's layout reader (extractor/layout.py) about it,
+then look its model_type up in cadre's routing table (extractor/families.py). A family
+with a routing row and a parity test is "supported"; one the layout reader refuses is
+"refused" with its one-line reason; the rest are "untested".
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import transformers  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
+
+from extractor.errors import ExtractError  # noqa: E402
+from extractor.families import FAMILIES  # noqa: E402
+from extractor.layout import describe  # noqa: E402
+
+PARITY = "tests/test_runtime_parity.py"
+TESTS = {
+    "qwen3_moe": PARITY, "qwen2_moe": PARITY, "mixtral": PARITY, "olmoe": PARITY, "deepseek_v3": PARITY,
+    "glm4_moe": PARITY, "gpt_oss": PARITY, "deepseek_v2": PARITY, "phimoe": PARITY, "granitemoe": PARITY,
+    "minimax": PARITY, "qwen3_next": PARITY, "jamba": PARITY, "lfm2_moe": PARITY,
+}
+EXTRACTION_ONLY = {"qwen3_omni_moe": "its thinker extracts (tests/test_extract_families.py); not served: "
+                                    "transformers has no causal-LM class for it"}
+
+
+def tiny_or_default_config(model_type: str):
+    """The parity tests' tiny config where there is one (some defaults do not build), else the default."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_models import FAMILY_CONFIGS, tiny_config
+
+    return tiny_config(model_type) if model_type in FAMILY_CONFIGS else AutoConfig.for_model(model_type)
+
+
+def decorated_families() -> list[str]:
+    root = Path(transformers.__file__).parent / "models"
+    found = []
+    for path in sorted(root.glob("*/modeling_*.py")):
+        if re.search(r"^@use_experts_implementation", path.read_text(), re.M):
+            found.append(path.parent.name)
+    return found
+
+
+def row(model_type: str) -> str:
+    if model_type in EXTRACTION_ONLY:
+        return f"| {model_type} | extraction only | {EXTRACTION_ONLY[model_type]} |"
+    try:
+        config = tiny_or_default_config(model_type)
+    except ValueError:  # a model directory without a model_type of its own (e.g. inkling's text tower)
+        return f"| {model_type} | untested | no config class of that model_type |"
+    try:
+        layout = describe(config)
+        site = next(iter(layout.sites.values()))
+        shape = ("concatenated" if site.concatenated else "interleaved") + (", transposed" if site.transposed else "") \
+            + (", biases" if site.bias else "")
+    except ExtractError as exc:
+        if "cannot build a causal LM" in str(exc):  # the default config is incomplete, not the family refused
+            return f"| {model_type} | untested | its default config does not build (needs a real config.json) |"
+        return f"| {model_type} | refused | {exc} |"
+    if model_type in FAMILIES and model_type in TESTS:
+        return f"| {model_type} | supported ({FAMILIES[model_type].routing}) | {shape}; {TESTS[model_type]} |"
+    return f"| {model_type} | untested | layout read ({shape}); no routing row yet |"
+
+
+def main() -> None:
+    print(f"| model_type | status | layout / reason (transformers {transformers.__version__}) |")
+    print("| --- | --- | --- |")
+    for model_type in decorated_families():
+        print(row(model_type))
+
+
+if __name__ == "__main__":
+    main()
