@@ -34,6 +34,12 @@ class ServerConfig:
     stall_timeout: float = 60.0  # /ready is 503 after this long without a step while work is in flight
     log_level: str = "info"
 
+    @property
+    def batch_slots(self) -> int:
+        """--max-concurrency, or the default the memory plan starts from (the plan may choose
+        fewer slots for the decoder engine: Engine.config.max_concurrency is what runs)."""
+        return self.max_concurrency or DEFAULT_MAX_CONCURRENCY
+
     def __post_init__(self):
         if self.store and self.model:
             raise ValueError("give --store or --model, not both")
