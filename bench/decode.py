@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from bench import _provenance
+
 # Qwen3-30B-A3B's dimensions with the depth cut to 8 layers (random weights).
 QWEN3_30B_A3B_8L = dict(
     hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=8,
@@ -214,6 +216,7 @@ def print_table(title: str, rows: list[dict]) -> None:
 
 def main(argv) -> int:
     args = parse_args(argv)
+    load_before = _provenance.load_average()
     from extractor import extract_store
     from extractor.store import ExpertStore
 
@@ -247,7 +250,8 @@ def main(argv) -> int:
     print_table(f"decode, batch 1, {args.tokens} tokens, {args.model} ({dtype_name}, store {store_dtype}) "
                 f"on {device_name}", rows)
     if args.json:
-        args.json.write_text(json.dumps({"device": device_name, "model": args.model, "rows": rows}, indent=2))
+        _provenance.write(args.json, "decode", argv, rows, load_before, device=device_name, model=args.model,
+                          tokens=args.tokens, repeats=args.repeats)
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
