@@ -15,15 +15,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+# A run's own outputs (results files, plots) are not the code measured.
+OUTPUTS = (":(exclude)bench/results", ":(exclude)bench/*.png")
+
+
 def commit() -> str:
-    """HEAD, with "-dirty" when tracked files differ from it (the figures are then of code
-    that no commit holds: commit first, then measure)."""
+    """HEAD, with "-dirty" when tracked files other than a run's outputs differ from it (the
+    figures are then of code that no commit holds: commit first, then measure)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
         head = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", *OUTPUTS)
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return head + ("-dirty" if dirty else "")

@@ -200,20 +200,6 @@ def locality(results: Path) -> str:
             + f"{record['tokens']:,} held-out tokens.\n\n" + source("locality_demo", record))
 
 
-@renderer("extract")
-def extract(results: Path) -> str:
-    record = load("extract_cpu", results)
-    body = [[r["cache"], r["workers"], num(r["raw_read_gbs"]), num(r["raw_copy_gbs"]), num(r["extractor_gbs"]),
-             f"{r['extractor_gbs'] / r['raw_read_gbs']:.0%}", f"{r['extractor_gbs'] / r['raw_copy_gbs']:.0%}",
-             f"{r['peak_rss_mb']:.0f} MB"] for r in record["rows"]]
-    facts = (f"Synthetic Qwen3-MoE-like checkpoint of {record['checkpoint_gb']:.2f} GB in {record['files']} files, "
-             f"largest tensor {record['largest_tensor_mb']:.0f} MB; GB/s are medians of {record['repeat']} "
-             f"interleaved runs; peak RSS goal < {record['rss_goal_mb']:.0f} MB; sha256 of in-memory data "
-             f"{record['sha256_gbs']:.2f} GB/s on one core.")
-    return (table(["page cache", "workers", "raw read GB/s", "raw copy GB/s", "extractor GB/s", "/ raw read",
-                   "/ raw copy", "peak RSS"], body) + "\n\n" + facts + "\n\n" + source("extract_cpu", record))
-
-
 @renderer("demo-perplexity")
 def demo_perplexity(results: Path) -> str:
     record = load("demo_training_h100", results)

@@ -58,6 +58,13 @@ teardown() {
     fi
     [ -n "$PIP_SERVER_PID" ] && kill "$PIP_SERVER_PID" 2>/dev/null && wait "$PIP_SERVER_PID" 2>/dev/null
     if [ -n "$DOCKERD_PID" ]; then
+        # Our engine: drop the images this run left untagged (the previous cadre:cpu), so
+        # repeated runs do not fill the disk; the base and build cache stay for the next.
+        "$DOCKER" image prune -f >/dev/null
+        if [ "$status" -ne 0 ]; then
+            log "dockerd log (last 20 lines):"
+            tail -20 "$WORK/dockerd.log"
+        fi
         log "teardown: stopping dockerd (pid $DOCKERD_PID)"
         kill "$DOCKERD_PID"
         for _ in $(seq 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
