@@ -156,7 +156,7 @@ def stack(tmp_path_factory):
 
 
 def send_traffic(server: str) -> None:
-    with httpx.Client(base_url=server, timeout=30) as client:
+    with httpx.Client(base_url=server, timeout=120) as client:  # a busy shared machine is slow
         model = client.get("/v1/models").json()["data"][0]["id"]
         deadline, i = time.monotonic() + TRAFFIC_SECONDS, 0
         while time.monotonic() < deadline or i < 4:
