@@ -177,14 +177,6 @@ def policies_surprise(results: Path) -> str:
                    "recall"], body) + "\n\n" + source("policies_cpu_demo", record))
 
 
-@renderer("policies-batch16")
-def policies_batch16(results: Path) -> str:
-    record = load("policies_batch16_cpu_demo", results)
-    return (table(POLICY_HEADERS, policy_rows(record["rows"])) + "\n\n"
-            + f"transformers, every expert in memory, same tokens in the same run: "
-              f"{record['reference_tokens_per_s']:.1f} tokens/s.\n\n" + source("policies_batch16_cpu_demo", record))
-
-
 @renderer("locality")
 def locality(results: Path) -> str:
     record = load("locality_demo", results)
