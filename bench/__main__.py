@@ -1,5 +1,7 @@
 """`python -m bench NAME [args]`: run one benchmark; each prints its figures and the
-reference's from the same run. NAME is a module of this package with a main(argv)."""
+reference's from the same run (--json writes them, with their provenance, for
+bench/results/). `python -m bench report` renders the docs' tables from those files.
+NAME is a module of this package with a main(argv)."""
 
 import importlib
 import pkgutil
