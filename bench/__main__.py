@@ -1,6 +1,8 @@
 """`python -m bench NAME [args]`: run one benchmark or tool; each benchmark prints its figures
-and the reference's from the same run. NAME is a module of this package with a main(argv),
-with hyphens for underscores (`python -m bench synth-store`)."""
+and the reference's from the same run (--json writes them, with their provenance, for
+bench/results/). `python -m bench report` renders the docs' tables from those files.
+NAME is a module of this package with a main(argv), with hyphens for underscores
+(`python -m bench synth-store`)."""
 
 import importlib
 import importlib.util

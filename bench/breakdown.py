@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.decode import PROMPT_LEN, all_experts, build_checkpoint, prompt_ids
-from bench.provenance import provenance
+from bench import _provenance
 
 
 def parse_args(argv):
@@ -72,6 +72,7 @@ def measure(generate, ids, tokens: int) -> dict:
 
 def main(argv) -> int:
     args = parse_args(argv)
+    load_before = _provenance.load_average()
     from extractor import extract_store
     from models import Runtime, RuntimeConfig
 
@@ -100,7 +101,7 @@ def main(argv) -> int:
         print(f"{r['system']:<62} {r['wall_us']:>9.0f} {r['compute_us']:>9.0f} {r['copy_us']:>9.0f} "
               f"{r['idle_us']:>9.0f} {r['loads_per_token']:>10.2f}")
     if args.json:
-        args.json.write_text(json.dumps({**provenance(torch.cuda.get_device_name()), "rows": rows}, indent=2))
+        _provenance.write(args.json, "breakdown", argv, rows, load_before, budget=args.budget, tokens=args.tokens)
     runtime.close()
     return 0
 

@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from bench.provenance import provenance
+from bench import _provenance
 
 # Qwen3-30B-A3B's dimensions with the depth cut to 8 layers (random weights).
 QWEN3_30B_A3B_8L = dict(
@@ -387,6 +387,7 @@ def print_table(title: str, rows: list[dict]) -> None:
 
 def main(argv) -> int:
     args = parse_args(argv)
+    load_before = _provenance.load_average()
     from extractor import extract_store
     from extractor.store import ExpertStore
 
@@ -439,9 +440,8 @@ def main(argv) -> int:
         title += f"; pinned H2D {bandwidth / 1e9:.1f} GB/s"
     print_table(title, rows)
     if args.json:
-        result = {**provenance(device_name), "model": model_name, "batch": args.batch, "tokens": args.tokens,
-                  "h2d_bytes_per_s": bandwidth, "rows": rows}
-        args.json.write_text(json.dumps(result, indent=2))
+        _provenance.write(args.json, "decode", argv, rows, load_before, device=device_name, model=model_name,
+                          batch=args.batch, tokens=args.tokens, repeats=args.repeats, h2d_bytes_per_s=bandwidth)
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -31,6 +31,8 @@ from statistics import median
 import torch
 from safetensors.torch import save_file
 
+from bench import _provenance
+
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = 16 << 20
 FILE_BYTES = 512 << 20  # source shard size, like a hub checkpoint's ~5 GB files scaled down
@@ -185,31 +187,37 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workers", default="1,2", help="extractor --workers values to measure (default 1,2)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure; medians are printed (default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and stores")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
+    load_before = _provenance.load_average()
     root = Path(tempfile.mkdtemp(prefix="cadre-bench-extract-", dir=args.dir))
     try:
-        return _measure(root, args)
+        rows, extra = _measure(root, args)
+        if args.json:
+            _provenance.write(args.json, "extract", argv, rows, load_before, **extra)
+        return 0
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _measure(root: Path, args) -> int:
+def _measure(root: Path, args) -> tuple[list[dict], dict]:
     config = qwen3_moe_config(args.layers, args.experts)
     ckpt = root / "ckpt"
     files, (largest_name, largest_bytes) = build_checkpoint(ckpt, config)
     total = sum(path.stat().st_size for path in files)
     rss_goal = 3 * largest_bytes + 300_000_000
     caches = ["cold", "warm"] if can_drop_caches() else ["warm"]
+    sha_rate = sha256_rate()
     print(f"synthetic qwen3_moe checkpoint: {total / 1e9:.2f} GB in {len(files)} files, "
           f"{args.layers} layers x {args.experts} experts, largest tensor {largest_bytes / 1e6:.0f} MB ({largest_name})")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
-          f"sha256 of in-memory data: {sha256_rate() / 1e9:.2f} GB/s")
+          f"sha256 of in-memory data: {sha_rate / 1e9:.2f} GB/s")
     if "cold" not in caches:
         print("cold cache: not measured (writing /proc/sys/vm/drop_caches needs root)")
     print(f"{'cache':5}  {'workers':>7}  {'raw read':>8}  {'raw copy':>8}  {'extractor':>9}  {'/read':>5}  "
           f"{'/copy':>5}  {'peak RSS':>8}   (GB/s, medians of {args.repeat} interleaved runs; RSS: the largest)")
-    met = True
+    met, rows = True, []
     for cache in caches:
         for workers in map(int, args.workers.split(",")):
             reads, copies, extracts, peaks = [], [], [], []
@@ -226,6 +234,9 @@ def _measure(root: Path, args) -> int:
                 shutil.rmtree(out)
             read, copy, rate, rss = median(reads), median(copies), median(extracts), max(peaks)
             met &= rss < rss_goal
+            rows.append({"cache": cache, "workers": workers, "raw_read_gbs": read / 1e9, "raw_copy_gbs": copy / 1e9,
+                         "extractor_gbs": rate / 1e9, "peak_rss_mb": rss / 1e6,
+                         "extractor_runs_gbs": [r / 1e9 for r in extracts]})
             print(f"{cache:5}  {workers:>7}  {read / 1e9:>8.2f}  {copy / 1e9:>8.2f}  {rate / 1e9:>9.2f}  "
                   f"{rate / read:>5.0%}  {rate / copy:>5.0%}  {rss / 1e6:>5.0f} MB   "
                   f"(extractor runs: {', '.join(f'{r / 1e9:.2f}' for r in extracts)})")
@@ -233,4 +244,5 @@ def _measure(root: Path, args) -> int:
           f"{'met' if met else 'MISSED'}; throughput goal: >= 70% of raw read")
     print(f"last extractor summary: {summary}")
     print(f"load average {os.getloadavg()[0]:.1f} at the end (other processes share these CPUs and disk)")
-    return 0
+    return rows, {"checkpoint_gb": total / 1e9, "files": len(files), "largest_tensor_mb": largest_bytes / 1e6,
+                  "rss_goal_mb": rss_goal / 1e6, "sha256_gbs": sha_rate / 1e9, "repeat": args.repeat}

@@ -20,13 +20,14 @@ is the routing a decode of this text would present to the cache.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig
+
+from bench import _provenance
 
 # Legend: T tokens, K experts per token, E experts per layer, L MoE layers, C cache capacity.
 
@@ -118,6 +119,7 @@ def parse_args(argv):
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    load_before = _provenance.load_average()
     from models.demo.analyze import heldout_windows, load_model
     from models.demo.evaluate import route_topk
 
@@ -143,7 +145,7 @@ def main(argv: list[str]) -> int:
     rows = measure(topk, num_experts, capacities, args.seed)
     print_table(rows, capacities)
     if args.json:
-        args.json.write_text(json.dumps({"tokens": topk.shape[1], "rows": rows + [mean_row(rows)]}, indent=1))
+        _provenance.write(args.json, "locality", argv, rows + [mean_row(rows)], load_before, tokens=topk.shape[1])
     return 0
 
 

@@ -23,13 +23,14 @@ experts when the router shift passes its threshold, and always widened.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from bench import _provenance
 
 DTYPE = "float32"
 WIDENING = {  # ExactPolicy prefetch settings: how Surprise widens the predicted set
@@ -68,6 +69,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv or [])
+    load_before = _provenance.load_average()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from extractor import extract_store
@@ -98,10 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in widening.items():
         print(f"| {name} | {r.hit_rate:.2%} | {r.loads_per_token:.2f} | {r.precision:.1%} | {r.recall:.1%} |")
     if args.json:
-        args.json.write_text(json.dumps({"tokens": args.tokens, "batch": args.batch,
-                                         "reference_tokens_per_s": ids.numel() / ref_seconds,
-                                         "results": [asdict(r) for r in results],
-                                         "widening": {n: asdict(r) for n, r in widening.items()}}, indent=1))
+        _provenance.write(args.json, "policies", argv or [], [asdict(r) for r in results], load_before,
+                          tokens=args.tokens, batch=args.batch, reference_tokens_per_s=ids.numel() / ref_seconds,
+                          widening=[{"name": n, **asdict(r)} for n, r in widening.items()])
     return 0
 
 

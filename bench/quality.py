@@ -20,7 +20,6 @@ cache (teacher forcing), because what is resident depends on the tokens before.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from bench import _provenance
 
 WORK_DIR = Path(".cache/bench/quality")
 # float32 throughout (the checkpoint is bfloat16): in bfloat16 a token-by-token decode and a
@@ -68,6 +69,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv or [])
+    load_before = _provenance.load_average()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from models.demo import CHECKPOINT_DIR, HELDOUT_TEST_TEXT
@@ -108,12 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += [bf16, fp8]
     print_table(rows, ref_nll)
     if args.json:
-        from bench.provenance import provenance
-
-        args.json.write_text(json.dumps({**provenance(f"CPU ({torch.get_num_threads()} threads)"),
-                                         "reference_ppl": math.exp(ref_nll), "tokens": windows.numel(),
-                                         "rows": [{k: v for k, v in asdict(r).items() if k != "top1"}
-                                                  for r in rows]}, indent=1))
+        _provenance.write(args.json, "quality", argv or [], [asdict(r) for r in rows], load_before,
+                          reference_ppl=math.exp(ref_nll), tokens=windows.numel())
     if args.plot:
         plot(rows, math.exp(ref_nll), args.plot)
     return 0

@@ -1,26 +1,17 @@
-"""bench/results/<name>.json: the command, commit, machine and date beside a benchmark's rows."""
+"""The provenance header for benches that assemble their own record (soak, lmeval, guidellm_run):
+the same fields, from the same code, as bench._provenance.write gives the others."""
 
 from __future__ import annotations
 
 import datetime
-import os
-import platform
-import subprocess
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench._provenance import command as _command
+from bench._provenance import commit, load_average, machine
+
+__all__ = ["header", "load_average"]
 
 
-def header(command: list[str]) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    machine = f"{platform.node() or 'host'}: {os.cpu_count()} CPUs, {platform.machine()}, {platform.system()}"
-    return {"command": " ".join(command), "commit": commit, "machine": machine,
+def header(argv: list[str]) -> dict:
+    """argv = ["python", "-m", "bench", NAME, *args] -> {command, commit, machine, date}."""
+    return {"command": _command(argv[3], argv[4:]), "commit": commit(), "machine": machine(),
             "date": datetime.date.today().isoformat()}
-
-
-def load_average() -> float:
-    return round(os.getloadavg()[0], 2)

@@ -9,7 +9,10 @@ requests/s, aggregate generated tokens/s, p50/p99 end-to-end latency and time to
 token (first SSE token event), and errors (5xx apart). The reference rows are
 transformers' generate() one prompt at a time and generate_batch() (its continuous
 batching, offline: no HTTP, no cadre) on all the prompts of a 16-client level at once, at
-the dtype the server computes in.
+the dtype the server computes in. They are timed in every round, right after that round's
+server levels, each round in a fresh process with the server's torch thread count, so
+both sides see the same machine and neither inherits the other's threads; medians over
+the rounds are compared.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from statistics import median
 
 import httpx
 
-from bench.provenance import provenance
+from bench import _provenance
 
 REPO = Path(__file__).resolve().parents[1]
 GENERIC_PROMPTS = ["The history of", "Once upon a time", "In the beginning", "To be, or not to be",
@@ -55,6 +58,7 @@ def parse_args(argv):
                    help="run every level this many times, interleaved (a busy machine varies from minute to minute)")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers rows")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)  # one round's reference, as JSON
     return p.parse_args(argv)
 
 
@@ -206,6 +210,7 @@ def reference_rows(args, prompts: list[str], batch: int) -> list[dict]:
     else:
         from models.demo import CHECKPOINT_DIR as checkpoint
     served = resolved_dtype(ServerConfig(device=args.device, dtype=args.dtype))
+    torch.set_num_threads(os.cpu_count())  # the server's compute thread uses every core too
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     level = [tokenizer(prompts[i % len(prompts)])["input_ids"] for i in range(args.requests)]  # a level's requests
     encoded = level[:batch]
@@ -218,7 +223,7 @@ def reference_rows(args, prompts: list[str], batch: int) -> list[dict]:
     model = load(served)
     name = str(model.dtype).removeprefix("torch.")
     r = sequential_generate(model, encoded, args)
-    rows.append({"system": f"transformers generate() {name}, one prompt at a time ({r['count']} prompts)", **r})
+    rows.append({"system": f"transformers generate() {name}, one prompt at a time", **r})
     config = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=False,
                               eos_token_id=model.generation_config.eos_token_id)
     # The server's batching geometry; the manager persists so the timed call pays no set-up.
@@ -237,8 +242,15 @@ def reference_rows(args, prompts: list[str], batch: int) -> list[dict]:
     if native.dtype != model.dtype:
         r = sequential_generate(native, encoded, args)
         rows.append({"system": f"transformers generate() {str(native.dtype).removeprefix('torch.')} (the "
-                               f"checkpoint's dtype), one prompt at a time ({r['count']} prompts)", **r})
-    return rows
+                               f"checkpoint's dtype), one prompt at a time", **r})
+    return [{**row, "threads": torch.get_num_threads()} for row in rows]
+
+
+def reference_round(argv: list[str], round_: int) -> list[dict]:
+    """One round of the reference rows, in a fresh process (no state from earlier rounds)."""
+    done = subprocess.run([sys.executable, "-m", "bench", "serve", *argv, "--reference-only"], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    return [{"round": round_, **row} for row in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
 def fraction(value) -> str:
@@ -265,17 +277,25 @@ def print_results(levels: list[dict], reference: list[dict], description: str) -
             if clients != 1:
                 print(f"aggregate tok/s at {clients} clients = {tok_s / medians[1]:.2f} x 1 client (medians)")
     for row in reference:
-        print(f"reference: {row['system']}: {row['tok_s']:.1f} tok/s, {row['req_s']:.2f} req/s")
+        print(f"reference round {row['round']}: {row['system']}: {row['tok_s']:.1f} tok/s, {row['req_s']:.2f} req/s, "
+              f"{row['threads']} torch threads")
+    for system in dict.fromkeys(row["system"] for row in reference):
+        tok_s = median(row["tok_s"] for row in reference if row["system"] == system)
+        print(f"reference median over rounds: {system}: {tok_s:.1f} tok/s")
 
 
 def main(argv) -> int:
     args = parse_args(argv)
+    if args.reference_only:
+        print(json.dumps(reference_rows(args, prompts_for(args), max(int(c) for c in args.clients.split(",")))))
+        return 0
     levels_wanted = [int(c) for c in args.clients.split(",")]
     prompts = prompts_for(args)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = start_server(args, port, max(levels_wanted))
-    levels = []
+    levels, reference = [], []
+    with_reference = not (args.no_reference or args.store)
     load_before = os.getloadavg()[0]
     try:
         wait_ready(url, process)
@@ -287,24 +307,23 @@ def main(argv) -> int:
                 levels.append({"round": round_ + 1, **asyncio.run(run_level(url, clients, prompts, args))})
                 print(f"  round {round_ + 1}, {clients} clients: {levels[-1]['requests']} requests, "
                       f"{levels[-1]['tok_s']:.1f} tok/s", file=sys.stderr)
+            if with_reference:  # the server idles meanwhile (it holds no work)
+                reference += reference_round(_provenance.without_outputs(argv), round_ + 1)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
-    load_server = os.getloadavg()[0]
-    reference = [] if args.no_reference or args.store else reference_rows(args, prompts, max(levels_wanted))
     model = args.store or args.model or "demo model"
     # Other work on the machine changes every figure: say how busy it was.
     description = (f"python -m bench serve: {model} on {args.device} (dtype {args.dtype}), "
                    f"{args.max_tokens} max new tokens, greedy, streaming /generate over loopback, "
                    f"cache {args.cache_fraction or 1.0:.0%} of experts, eviction {args.eviction}; "
-                   f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before the server levels, "
-                   f"{load_server:.1f} after them, {os.getloadavg()[0]:.1f} after the reference")
+                   f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} at the start, "
+                   f"{os.getloadavg()[0]:.1f} at the end")
     print_results(levels, reference, description)
     if args.json:
-        args.json.write_text(json.dumps({**provenance(args.device), "levels": levels, "reference": reference,
-                                         "description": description},
-                                        indent=2))
+        _provenance.write(args.json, "serve", argv, levels, load_before, reference=reference,
+                          description=description)
     return 0 if all(r["errors_5xx"] == 0 for r in levels) else 1

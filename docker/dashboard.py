@@ -2,9 +2,11 @@
 
 What Grafana would do with docker/grafana/dashboards/cadre.json, minus Grafana: list every
 panel's PromQL, interpolate Grafana's variables ($__rate_interval, $__range, $layer) the
-way Grafana would, evaluate the queries against a Prometheus server, and draw the panels
-with matplotlib at their dashboard positions. tests/test_dashboard_e2e.py uses the first
-three; the README's picture of the dashboard comes from the last:
+way Grafana would, evaluate the queries against a Prometheus server (check_panels: each
+must return a finite value, and the panels traffic drives a positive one), and draw the
+panels with matplotlib at their dashboard positions. tests/test_dashboard_e2e.py and
+scripts/compose_checks.py (the compose smoke test) check the panels; the picture of the
+dashboard in docs/observability.md comes from drawing them:
 
     python docker/dashboard.py --prometheus http://127.0.0.1:9090 --out dashboard.png
 """
@@ -111,6 +113,47 @@ def legend(fmt: str, labels: dict) -> str:
     if fmt in ("", "__auto"):
         return ",".join(f"{k}={v}" for k, v in labels.items()) or "value"
     return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m[1], ""), fmt)
+
+
+# ---- checking ---------------------------------------------------------------------------
+
+# Panels whose value any served traffic moves above zero; the others may stay 0 (exact
+# routing has no regret, prefetch is off by default). The rejections target needs a burst
+# past the queue (a 503).
+TRAFFIC_MOVES = ("Generated tokens/s", "Expert activations in the time range", "Top 10 experts",
+                 "Tokens/s", "Time to first token", "Inter-token latency", "End-to-end request latency",
+                 "Cache bytes vs capacity", "Expert cache fill", "activations/s by expert")
+BURST_MOVES = {("Requests running / waiting / rejected", "C")}
+
+
+def check_panels(prom: Prometheus, at: float, rate_interval: str, range_: str,
+                 dashboard: dict | None = None) -> tuple[int, list[str]]:
+    """Evaluate every panel query (repeats expanded, variables from Prometheus) at time
+    `at`: (queries evaluated, failures). A failure is a query with no data, no finite value,
+    or, for a panel traffic drives, no value above zero."""
+    dashboard = dashboard or load()
+    variables = {}
+    for name, (metric, label) in label_variables(dashboard).items():
+        variables[name] = numeric_sorted(prom.label_values(label, metric))
+        if not variables[name]:
+            return 0, [f"template variable ${name} has no values (label {label} of {metric})"]
+    failures, evaluated = [], 0
+    for panel, _, values in expand_repeats(dashboard, variables):
+        for target in panel.get("targets", []):
+            expr = interpolate(target["expr"], values, rate_interval=rate_interval, range_=range_)
+            numbers = [float(sample["value"][1]) for sample in prom.query(expr, at)]
+            finite = [v for v in numbers if math.isfinite(v)]
+            evaluated += 1
+            label = f"{panel['title']} [{target['refId']}] {expr}"
+            must_move = (any(key in panel["title"] for key in TRAFFIC_MOVES)
+                         or (panel["title"], target["refId"]) in BURST_MOVES)
+            if not numbers:
+                failures.append(f"no data: {label}")
+            elif not finite:
+                failures.append(f"no finite value ({numbers}): {label}")
+            elif must_move and max(finite) <= 0:
+                failures.append(f"traffic did not move it ({numbers}): {label}")
+    return evaluated, failures
 
 
 # ---- drawing ----------------------------------------------------------------------------

@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 COMPOSE = REPO / "docker-compose.yml"
 COMPOSE_GPU = REPO / "docker-compose.gpu.yml"
+COMPOSE_LOCAL = REPO / "docker-compose.local.yml"
+PROMETHEUS_DOCKERFILE = REPO / "docker" / "prometheus" / "Dockerfile"
 PROMETHEUS_CONFIG = REPO / "docker" / "prometheus" / "prometheus.yml"
 GRAFANA = REPO / "docker" / "grafana"
 

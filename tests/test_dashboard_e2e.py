@@ -13,7 +13,6 @@ a finite value, and the panels the traffic drives must show it. About 25 s on 2 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import socket
 import subprocess
@@ -34,14 +33,7 @@ SCRAPE_INTERVAL = "1s"
 # here are wide enough to hold every sample of the run.
 RATE_INTERVAL, RANGE = "30s", "5m"
 TRAFFIC_SECONDS = 4.0  # sequential requests spanning several scrapes, so rates are not 0
-SERVER_READY_TIMEOUT = 45.0
-# Panels whose value the traffic must have moved above zero (the others may be 0: exact
-# routing has no regret, and prefetch is off by default).
-MUST_BE_POSITIVE = ("Generated tokens/s", "Expert activations in the time range", "Top 10 experts",
-                    "Tokens/s", "Time to first token", "Inter-token latency", "End-to-end request latency",
-                    "Cache bytes vs capacity", "Expert cache fill", "activations/s by expert")
-MUST_BE_POSITIVE_TARGETS = {("Requests running / waiting / rejected", "C")}  # the burst's 503s
-
+SERVER_READY_TIMEOUT = 120.0  # generous: a shared CI machine can be slow to load torch
 dash = dashboard_module()
 
 
@@ -164,7 +156,7 @@ def stack(tmp_path_factory):
 
 
 def send_traffic(server: str) -> None:
-    with httpx.Client(base_url=server, timeout=30) as client:
+    with httpx.Client(base_url=server, timeout=120) as client:  # a busy shared machine is slow
         model = client.get("/v1/models").json()["data"][0]["id"]
         deadline, i = time.monotonic() + TRAFFIC_SECONDS, 0
         while time.monotonic() < deadline or i < 4:
@@ -184,10 +176,6 @@ def send_traffic(server: str) -> None:
             codes = list(pool.map(one, range(8)))
         assert set(codes) <= {200, 503}, codes
         assert 503 in codes, "the burst should overflow 2 slots + a queue of 1"
-
-
-def must_be_positive(title: str, ref_id: str) -> bool:
-    return any(key in title for key in MUST_BE_POSITIVE) or (title, ref_id) in MUST_BE_POSITIVE_TARGETS
 
 
 def server_counter(server: str, name: str) -> float:
@@ -215,26 +203,6 @@ def test_every_panel_query_returns_data(stack):
         time.sleep(0.25)
     at = time.time()
 
-    dashboard = dash.load()
-    variables = {}
-    for name, (metric, label) in dash.label_variables(dashboard).items():
-        variables[name] = dash.numeric_sorted(prom.label_values(label, metric))
-        assert variables[name], f"template variable ${name} has no values"
-
-    failures, evaluated = [], 0
-    for panel, _, values in dash.expand_repeats(dashboard, variables):
-        for target in panel.get("targets", []):
-            expr = dash.interpolate(target["expr"], values, rate_interval=RATE_INTERVAL, range_=RANGE)
-            result = prom.query(expr, at)
-            evaluated += 1
-            numbers = [float(sample["value"][1]) for sample in result]
-            finite = [v for v in numbers if math.isfinite(v)]
-            label = f"{panel['title']} [{target['refId']}] {expr}"
-            if not result:
-                failures.append(f"no data: {label}")
-            elif not finite:
-                failures.append(f"no finite value ({numbers}): {label}")
-            elif must_be_positive(panel["title"], target["refId"]) and max(finite) <= 0:
-                failures.append(f"traffic did not move it ({numbers}): {label}")
+    evaluated, failures = dash.check_panels(prom, at, RATE_INTERVAL, RANGE)
     assert not failures, "\n".join(failures)
-    assert evaluated >= len(dash.panel_queries(dashboard))
+    assert evaluated >= len(dash.panel_queries(dash.load()))

