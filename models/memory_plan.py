@@ -391,3 +391,4 @@ def host_memory() -> MemoryInfo:
         return MemoryInfo(total=fields["MemTotal"], free=fields["MemAvailable"])
     pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
     return MemoryInfo(total=pages * size, free=os.sysconf("SC_AVPHYS_PAGES") * size)
+

@@ -204,3 +204,14 @@ def test_the_server_plans_rows_for_the_decoder_engine():
     assert not uses_decoder("auto", "cuda", sliding)
     with pytest.raises(ValueError, match="--engine decoder: sliding-window"):
         uses_decoder("decoder", "cuda", sliding)
+
+
+def test_the_dry_run_prints_one_line_or_refuses_with_one(capsys):
+    from models.plan import main as dry_run
+
+    assert dry_run([str(CONFIGS["qwen3-30b-a3b"]), "--gpu-memory", "24GiB", "--server"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("memory plan (cuda, budget 24.00 GiB") and "1724 slots" in out[0]
+    assert dry_run([str(CONFIGS["mixtral-8x7b"]), "--gpu-memory", "24GiB"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "short by" in err
