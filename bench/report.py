@@ -245,6 +245,28 @@ def demo_utilisation(results: Path) -> str:
             + source("demo_utilisation", record))
 
 
+@renderer("synth-calibration")
+def synth_calibration(results: Path) -> str:
+    """bench synth-calibrate: each spread's routing beside the demo model's and uniform random's."""
+    record = load("synth_calibration_cpu", results)
+    config = json.loads((REPO / "bench" / "configs" / f"{record['config']}.json").read_text())
+    experts, top_k = config["num_experts"], config["num_experts_per_tok"]
+
+    def row(label, r):
+        return [label, f"{r['entropy']:.3f}", f"{r['overlap']:.3f}",
+                " / ".join(f"{r[key]:.3f}" for key in ("lru25", "lru50", "lru75"))]
+
+    body = [row("demo model (the target)", record["rows"][0]),
+            ["uniform random (analytic)", "1.000", f"{top_k / experts:.4f}", "0.250 / 0.500 / 0.750"]]
+    for r in record["rows"][1:]:
+        label = f"embed_std {r['embed_std']}" + (" (the default)" if r["system"] == record["best"] else "")
+        body.append(row(f"**{label}**" if r["system"] == record["best"] else label, r))
+    return (table(["routing", "entropy / log E", "overlap with the previous token",
+                   "LRU hit rate at 25% / 50% / 75% of a layer's experts"], body) + "\n\n"
+            + f"{record['config']} at its width, {record['layers']} layers; {record['tokens']:,} held-out tokens.\n\n"
+            + source("synth_calibration_cpu", record))
+
+
 @renderer("results-index")
 def results_index(results: Path) -> str:
     body = []

@@ -176,6 +176,11 @@ def _write_manifest(out: Path, plan: Plan, files: dict[str, FileRecord]) -> None
     }
     if plan.expert_format is not None:  # absent: dense experts without biases, as format 1 always was
         manifest["expert_format"] = plan.expert_format
+    write_manifest(out, manifest)
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """manifest.json, last and durably: it vouches for files already on disk (also bench synth-store's)."""
     out_file = AtomicFile(out / MANIFEST)
     out_file.write(_manifest_text(manifest).encode())
     out_file.commit(before_rename=lambda: None, durable=True)

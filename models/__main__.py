@@ -24,6 +24,10 @@ def parse_args(argv):
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--cache-bytes", type=int, help="expert cache budget in bytes")
     budget.add_argument("--cache-fraction", type=float, help="expert cache budget as a fraction of all experts")
+    parser.add_argument("--gpu-memory", help="device memory budget: bytes, 24GiB, or a fraction of free memory "
+                        "such as 0.9 (default: free memory less a safety margin; on CPU 70%% of available RAM)")
+    parser.add_argument("--host-memory", help="pinned host tier budget on a GPU: bytes, 32GiB or a fraction of "
+                        "available RAM (default: half of the available RAM)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: the store's)")
     parser.add_argument("--full-depth", action="store_true", help="a miss also prefetches the expert's deeper layers")
@@ -41,8 +45,9 @@ def main(argv=None) -> int:
     try:
         config = RuntimeConfig(device=args.device, dtype=args.dtype, cache_bytes=args.cache_bytes,
                                cache_fraction=args.cache_fraction, full_depth=args.full_depth,
-                               routing=args.routing, eviction=args.eviction)
-        if args.store:
+                               routing=args.routing, eviction=args.eviction, gpu_memory=args.gpu_memory,
+                               host_memory=args.host_memory)
+        if args.store:  # both plan before loading: a PlanError is a ValueError
             runtime = Runtime.from_store(args.store, config)
         else:
             runtime = Runtime.from_checkpoint(args.model, config)
@@ -58,6 +63,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     ids = runtime.generate(args.prompt, max_new_tokens=args.max_new_tokens, **sampling)
     seconds = time.perf_counter() - started
+    print(runtime.plan.describe(), file=sys.stderr)
     print(runtime.tokenizer.decode(ids[0], skip_special_tokens=True))
     stats = runtime.cache.stats()
     new_tokens = ids.shape[1] - len(runtime.tokenizer(args.prompt).input_ids)

@@ -34,6 +34,7 @@ from extractor.formats import DENSE
 from extractor.store import ExpertStore, StoreError
 
 from .expert_format import dense_weights
+from .host_tier import HostTier
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -139,7 +140,11 @@ class ExpertCache:
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cadre-loader",
                                           initializer=torch.set_num_threads, initargs=(1,))
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.host = HostTier(host_capacity_bytes) if self.device.type == "cuda" else None
+        # Pinned host tier (GPU only): capped, LRU, refused below one layer's working set (models.host_tier)
+        self.host = None
+        if self.device.type == "cuda":
+            self.host = HostTier(host_capacity_bytes, entry_bytes=host_entry_bytes(store, self.dtype),
+                                 min_entries=store.top_k, copy_stream=self._copy_stream)
         self._stats = CacheStats(capacity_bytes=self.capacity_bytes)
         self._last_use: dict[int, "torch.cuda.Event"] = {}  # slot index -> last compute reading it
         total = sum(len(store.experts_present(layer)) for layer in store.moe_layers)
@@ -487,48 +492,21 @@ class ExpertCache:
         self._loader.shutdown(wait=True)
 
 
-class HostTier:
-    """Pinned host-RAM copies of experts (GPU only): a hit here costs a PCIe copy, not a disk read."""
-
-    def __init__(self, capacity_bytes: int | None):
-        self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[Key, tuple[torch.Tensor, ...]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: Key):
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-            return entry
-
-    def put(self, key: Key, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        pinned = {name: p.pin_memory() for name, p in parts.items()}
-        size = sum(p.nbytes for p in pinned.values())
-        with self._lock:
-            if self.capacity_bytes is not None:
-                while self._entries and self._bytes + size > self.capacity_bytes:
-                    _, old = self._entries.popitem(last=False)
-                    self._bytes -= sum(p.nbytes for p in old.values())
-                if size > self.capacity_bytes:
-                    return pinned
-            self._entries[key] = pinned
-            self._bytes += size
-        return pinned
-
-    def warm(self, store: ExpertStore, keys: Iterable[Key], dtype: torch.dtype) -> None:
-        for key in keys:
-            if self.get(key) is None:
-                self.put(key, host_parts(store.load_expert(*key), store.expert_format, dtype))
-
-
 def host_parts(tensors: dict[str, torch.Tensor], fmt: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """What the host tier keeps of a shard: dense weights cast to the compute dtype once, on
     the host; quantised weights and their scales as stored (dequantised on the device)."""
     if fmt["weights"] == DENSE:
         return {name: t.to(dtype) for name, t in tensors.items()}
     return dict(tensors)
+
+
+def host_entry_bytes(store: ExpertStore, dtype: torch.dtype) -> int:
+    """Bytes of one expert in the host tier, as host_parts leaves it: a dense slot's, or the
+    quantised shard's tensors as stored."""
+    if store.expert_format["weights"] == DENSE:
+        return slot_bytes(store, dtype)
+    layer = next(layer for layer in store.moe_layers if store.experts_present(layer))
+    return store.expert_nbytes(layer, store.experts_present(layer)[0])
 
 
 def _has_bias(store: ExpertStore) -> bool:

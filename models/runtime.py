@@ -17,12 +17,14 @@ from typing import Callable
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
-from extractor.store import ExpertStore
+from extractor.store import ExpertStore, StoreError
 from router.eviction import EVICTION_POLICIES
 from router.policy import make_policy, policy_class
 
 from .cache import ExpertCache, LRUPolicy
+from .footprint import facts_from_config, facts_from_store
 from .loading import expert_layers, install_router, load_model, moe_blocks, routing_spec
+from .memory_plan import MemoryPlan, PlanRequest, device_memory, host_memory, plan_memory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,7 +42,12 @@ class RuntimeConfig:
     dtype: str | None = None  # None: the store's dtype
     cache_bytes: int | None = None  # expert cache budget in bytes ...
     cache_fraction: float | None = None  # ... or as a fraction of all the store's experts (default 1.0)
-    host_cache_bytes: int | None = None  # pinned host tier (GPU only); None = unbounded
+    host_cache_bytes: int | None = None  # pinned host tier (GPU only) in bytes: same as host_memory (older name)
+    gpu_memory: str | int | None = None  # device budget: bytes, "24GiB" or "0.9" of free; None = free less a headroom
+    host_memory: str | int | None = None  # pinned host tier budget (GPU only); None = a safe share of available RAM
+    max_model_len: int | None = None  # KV room kept for a sequence this long; None = the plan's choice
+    max_concurrency: int | None = None  # sequences decoded together (default 1)
+    plan: MemoryPlan | None = None  # a plan made before loading (the server's); None = plan in from_store
     full_depth: bool = False  # a miss of expert E at layer L also prefetches E in deeper layers
     routing: str = "exact"  # a policy of router.policy.POLICIES
     eviction: str = "lru"  # "lru" or a policy of router.eviction (when present)
@@ -53,6 +60,8 @@ class RuntimeConfig:
             raise ValueError("give cache_bytes or cache_fraction, not both")
         if self.cache_fraction is not None and not 0 < self.cache_fraction <= 1:
             raise ValueError(f"cache_fraction must be in (0, 1], got {self.cache_fraction}")
+        if self.host_cache_bytes is not None and self.host_memory is not None:
+            raise ValueError("give host_memory or host_cache_bytes, not both")
         if self.decoder not in ("auto", "on", "off"):
             raise ValueError(f"decoder must be auto, on or off, got {self.decoder!r}")
         if self.prefetch_layers < 0:
@@ -80,8 +89,9 @@ class RoutingEvent:
 
 class Runtime:
     def __init__(self, store: ExpertStore, model: PreTrainedModel, cache: ExpertCache, tokenizer,
-                 config: RuntimeConfig, policy=None):
+                 config: RuntimeConfig, policy=None, plan: MemoryPlan | None = None):
         self.store, self.model, self.cache, self.tokenizer, self.config = store, model, cache, tokenizer, config
+        self.plan = plan  # the memory plan the cache and host tier were sized by
         self.device = config.resolved_device()
         self._listeners: list[Callable[[RoutingEvent], None]] = []
         self.policy = policy or make_policy(config.routing, config.prefetch_layers)
@@ -103,10 +113,11 @@ class Runtime:
         store = ExpertStore.open(root)
         device = config.resolved_device()
         dtype = DTYPES[config.dtype] if config.dtype else store.dtype
+        plan = config.plan or plan_for_store(store, config, dtype)  # PlanError before anything is allocated
         model = load_model(store, dtype=dtype, device=device)
-        cache = ExpertCache(store, device=device, dtype=dtype, capacity_bytes=cache_budget(store, config, dtype),
-                            host_capacity_bytes=config.host_cache_bytes, policy=make_eviction(config.eviction))
-        return cls(store, model, cache, _tokenizer(store.root), config, policy)
+        cache = ExpertCache(store, device=device, dtype=dtype, capacity_bytes=plan.expert_cache_bytes,
+                            host_capacity_bytes=plan.host_tier_bytes or None, policy=make_eviction(config.eviction))
+        return cls(store, model, cache, _tokenizer(store.root), config, policy, plan)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, config: RuntimeConfig = RuntimeConfig(),
@@ -228,13 +239,35 @@ def make_eviction(name: str):
     return eviction_class(name)()
 
 
-def cache_budget(store: ExpertStore, config: RuntimeConfig, dtype: torch.dtype) -> int:
-    if config.cache_bytes is not None:
-        return config.cache_bytes
-    fraction = 1.0 if config.cache_fraction is None else config.cache_fraction
-    total = sum(len(store.experts_present(layer)) for layer in store.moe_layers)
-    per_expert = expert_bytes(store, dtype)
-    return max(per_expert, int(round(total * fraction)) * per_expert)
+def plan_request(config: RuntimeConfig, device: torch.device, **server) -> PlanRequest:
+    """The plan's inputs from a runtime config (the server adds its batch slots and batch tokens)."""
+    host = config.host_memory if config.host_memory is not None else config.host_cache_bytes
+    return PlanRequest(device=device.type, gpu_memory=config.gpu_memory, host_memory=host,
+                       max_model_len=config.max_model_len, max_concurrency=config.max_concurrency,
+                       cache_bytes=config.cache_bytes, cache_fraction=config.cache_fraction, **server)
+
+
+def plan_for_store(store: ExpertStore, config: RuntimeConfig, dtype: torch.dtype, **server) -> MemoryPlan:
+    """The memory plan for `store` under `config`, from this machine's free device and host memory."""
+    return _plan(facts_from_store(store, dtype), config, **server)
+
+
+def plan_for_checkpoint(checkpoint: Path, config: RuntimeConfig, **server) -> MemoryPlan:
+    """The plan for a store that does not exist yet: every expert of the checkpoint's config.json."""
+    import json
+
+    try:
+        model_config = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{checkpoint}: cannot read config.json ({exc})") from None
+    source = model_config.get("torch_dtype") or model_config.get("dtype") or "float32"
+    dtype = DTYPES[config.dtype] if config.dtype else DTYPES.get(source, torch.float32)
+    return _plan(facts_from_config(model_config, dtype), config, **server)
+
+
+def _plan(facts, config: RuntimeConfig, **server) -> MemoryPlan:
+    device = config.resolved_device()
+    return plan_memory(facts, plan_request(config, device, **server), device_memory(device.type), host_memory())
 
 
 def expert_bytes(store: ExpertStore, dtype: torch.dtype) -> int:

@@ -7,18 +7,19 @@ The model loads in the background after the server binds, so /health answers at 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from . import api_generate, api_openai, api_tokenize
-from .config import ServerConfig
-from .engine import Engine, EngineConfig
+from .config import DEFAULT_MAX_CONCURRENCY, ServerConfig
+from .engine import MAX_BATCH_TOKENS, Engine, EngineConfig
 from .errors import APIError, BearerAuth, BodySizeLimit, install_error_handlers
 from .logs import log_event
 from .metrics import Metrics
@@ -34,6 +35,7 @@ class AppState:
     metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None
     runtime: object | None = None
+    plan: object | None = None  # models.memory_plan.MemoryPlan, once computed
     status: str = "loading"  # loading | ready | failed | stopping
     detail: str | None = None
     load_failed: bool = False  # kept through "stopping": the process exits non-zero
@@ -60,11 +62,49 @@ class AppState:
         return self.engine
 
 
-def runtime_config(config: ServerConfig):
+def runtime_config(config: ServerConfig, plan=None):
     from models import RuntimeConfig
 
     return RuntimeConfig(device=config.device, cache_bytes=config.cache_bytes, cache_fraction=config.cache_fraction,
-                         dtype=resolved_dtype(config), routing=config.routing, eviction=config.eviction)
+                         dtype=resolved_dtype(config), routing=config.routing, eviction=config.eviction,
+                         gpu_memory=config.gpu_memory, host_memory=config.host_memory,
+                         max_model_len=config.max_model_len, max_concurrency=config.max_concurrency, plan=plan)
+
+
+def memory_plan(config: ServerConfig, runtime=None):
+    """The server's memory plan (models.memory_plan), computed before loading: for --store, --model
+    (its config.json, every expert) or the demo; for an already loaded `runtime`, around its cache.
+    With the decoder engine every request holds a KV row of max_model_len, so the plan sizes rows."""
+    from models.footprint import hf_config
+    from models.runtime import plan_for_checkpoint, plan_for_store
+
+    rt_config = runtime_config(config)
+    device = runtime.device.type if runtime is not None else rt_config.resolved_device().type
+    server = {"default_concurrency": DEFAULT_MAX_CONCURRENCY, "max_batch_tokens": MAX_BATCH_TOKENS}
+    if runtime is not None:
+        from dataclasses import replace
+
+        server["slot_rows"] = uses_decoder(config.engine, device, runtime.model.config)
+        fixed = replace(rt_config, device=device, cache_bytes=runtime.cache.capacity_bytes, cache_fraction=None)
+        return plan_for_store(runtime.store, fixed, runtime.cache.dtype, **server)
+    if config.store:
+        from extractor.store import ExpertStore
+
+        store = ExpertStore.open(config.store)
+        server["slot_rows"] = uses_decoder(config.engine, device, hf_config(store.config))
+        return plan_for_store(store, rt_config, plan_dtype(rt_config, store.dtype), **server)
+    from models.demo import CHECKPOINT_DIR
+
+    checkpoint = Path(config.model) if config.model else CHECKPOINT_DIR
+    server["slot_rows"] = uses_decoder(config.engine, device,
+                                       hf_config(json.loads((checkpoint / "config.json").read_text())))
+    return plan_for_checkpoint(checkpoint, rt_config, **server)
+
+
+def plan_dtype(rt_config, store_dtype):
+    from models.runtime import DTYPES
+
+    return DTYPES[rt_config.dtype] if rt_config.dtype else store_dtype
 
 
 def resolved_dtype(config: ServerConfig) -> str | None:
@@ -78,11 +118,11 @@ def resolved_dtype(config: ServerConfig) -> str | None:
     return None if on_cuda else "float32"
 
 
-def load_runtime(config: ServerConfig):
-    """The runtime for --store, --model or (neither) the built-in demo model."""
+def load_runtime(config: ServerConfig, plan):
+    """The runtime for --store, --model or (neither) the built-in demo model, sized by `plan`."""
     from models import Runtime
 
-    runtime_cfg = runtime_config(config)
+    runtime_cfg = runtime_config(config, plan)
     if config.store:
         return Runtime.from_store(config.store, runtime_cfg)
     if config.model:
@@ -92,37 +132,48 @@ def load_runtime(config: ServerConfig):
     return Runtime.from_store(ensure_demo_store(), runtime_cfg)
 
 
-def context_window(runtime, config: ServerConfig) -> int:
-    model_limit = getattr(runtime.model.config, "max_position_embeddings", None) or config.max_model_len or 2048
-    return min(model_limit, config.max_model_len or model_limit)
+def adopt_plan(state: AppState, plan) -> None:
+    """Keep the plan, log it once (one structured line) and export it as gauges."""
+    state.plan = plan
+    log_event("memory_plan", summary=plan.describe(), **plan.as_fields())
+    state.metrics.attach_plan(plan)
 
 
 def engine_class(runtime, choice: str) -> type[Engine]:
     """The engine that runs the forwards: cadre's decoder (CUDA graphs) on a GPU where the
     model's attention allows it, transformers' continuous batching otherwise (README, Server)."""
-    from models.decoder import unsupported_reason
-
     from .decode_engine import DecoderEngine
 
-    reason = unsupported_reason(runtime.model)
+    return DecoderEngine if uses_decoder(choice, runtime.device.type, runtime.model.config) else Engine
+
+
+def uses_decoder(choice: str, device: str, model_config) -> bool:
+    """Whether engine_class picks the decoder; known from the config alone, so the plan (made
+    before loading) sizes the KV the way that engine holds it."""
+    from types import SimpleNamespace
+
+    from models.decoder import unsupported_reason
+
+    reason = unsupported_reason(SimpleNamespace(config=model_config))  # it reads model.config only
     if choice == "decoder" and reason is not None:
         raise ValueError(f"--engine decoder: {reason}")
-    if choice == "decoder" or (choice == "auto" and runtime.device.type == "cuda" and reason is None):
-        return DecoderEngine
-    return Engine
+    return choice == "decoder" or (choice == "auto" and device == "cuda" and reason is None)
 
 
 async def bring_up(state: AppState, runtime=None) -> None:
-    """Load (unless given a runtime), start the batching loop, warm up; never raises."""
+    """Plan (unless planned before), load (unless given a runtime), start the batching loop, warm
+    up; never raises: a failure turns /ready and /health to 503 with the reason."""
     try:
         started = time.perf_counter()
-        state.runtime = runtime or await in_passing_thread(load_runtime, state.config)
+        if state.plan is None:
+            adopt_plan(state, await in_passing_thread(memory_plan, state.config, runtime))
+        plan = state.plan
+        state.runtime = runtime or await in_passing_thread(load_runtime, state.config, plan)
         c = state.config
         engine_cls = engine_class(state.runtime, c.engine)
-        engine = engine_cls(state.runtime, EngineConfig(max_concurrency=c.max_concurrency, max_queue=c.max_queue,
-                                                        batching=c.batching,
-                                                        max_model_len=context_window(state.runtime, c),
-                                                        stall_timeout_s=c.stall_timeout),
+        engine = engine_cls(state.runtime, EngineConfig(max_concurrency=plan.max_concurrency, max_queue=c.max_queue,
+                                                        batching=c.batching, max_model_len=plan.max_model_len,
+                                                        kv_tokens=plan.kv_tokens, stall_timeout_s=c.stall_timeout),
                             state.metrics)
         await in_passing_thread(engine.start)
         state.metrics.attach_runtime(engine.recorder, state.runtime.cache, engine.kv_pages_in_use)
@@ -139,9 +190,12 @@ async def bring_up(state: AppState, runtime=None) -> None:
             state.on_load_failure()
 
 
-def create_app(config: ServerConfig, runtime=None) -> FastAPI:
-    """The app; `runtime` (already loaded) skips loading from config (tests, embedding)."""
+def create_app(config: ServerConfig, runtime=None, plan=None) -> FastAPI:
+    """The app; `runtime` (already loaded) skips loading from config (tests, embedding); `plan`
+    (python -m server computes it before loading, to refuse a budget with exit 2) skips planning."""
     state = AppState(config)
+    if plan is not None:
+        adopt_plan(state, plan)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -223,5 +277,8 @@ def experts_report(state: AppState, engine: Engine) -> dict:
              "capacity_bytes": stats.capacity_bytes, "load_seconds": stats.load_seconds,
              "prefetch": dict(stats.prefetch)}
     analytics = recorder.analytics({layer: store.experts_present(layer) for layer in recorder.moe_layers})
+    host = runtime.cache.host.stats() if getattr(runtime.cache, "host", None) is not None else None
+    plan = {**state.plan.as_fields(), "parts": state.plan.parts()} if state.plan is not None else None
     return {"model": state.model_name, "num_experts": store.num_experts, "top_k": store.top_k,
-            "layers": layers, "cache": cache, "routing": analytics}
+            "layers": layers, "cache": cache, "routing": analytics, "memory_plan": plan,
+            "host_tier": asdict(host) if host is not None else None}

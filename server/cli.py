@@ -79,18 +79,24 @@ def build_parser(prog: str = PROG) -> OneLineParser:
     p.add_argument("--eviction", default=ServerConfig.eviction,
                    help="expert cache eviction: layer-lru (default: LRU within fair per-layer shares, so a batch "
                         "whose experts exceed the budget does not evict what the next layers need), lru or salience")
+    p.add_argument("--gpu-memory", help="device memory budget for the memory plan: bytes, 24GiB, or a fraction "
+                        "of the device's free memory such as 0.9 (default: free memory less a safety margin)")
+    p.add_argument("--host-memory", help="pinned host tier budget on a GPU: bytes, 32GiB, or a fraction of the "
+                        "available RAM (default: half of the available RAM)")
     p.add_argument("--engine", choices=("auto", "decoder", "continuous-batching"), default="auto",
                    help="decoder: cadre's slot-cache decoder, decode steps replayed as CUDA graphs on a GPU; "
                         "continuous-batching: transformers' manager; auto (default): decoder on CUDA where "
                         "the model's attention allows it, continuous batching otherwise")
-    p.add_argument("--max-concurrency", type=positive_int, default=16,
-                   help="requests decoded together in one continuous batch")
+    p.add_argument("--max-concurrency", type=positive_int,
+                   help="requests decoded together in one batch (default 16; they share the KV tokens of the "
+                        "memory plan)")
     p.add_argument("--batching", choices=("auto", "continuous", "static"), default="auto",
                    help="auto (default): transformers' continuous batching where it supports the model's attention, "
                         "else static batches through generate() (DeepSeek's MLA, linear-attention layers)")
     p.add_argument("--max-queue", type=non_negative_int, default=64,
                    help="requests that may wait for a slot; beyond this the server answers 503 + Retry-After")
-    p.add_argument("--max-model-len", type=positive_int, help="context window to enforce (default: the model's)")
+    p.add_argument("--max-model-len", type=positive_int,
+                   help="context window to enforce (default: the model's, cut to what the plan's KV holds)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but --auth-exempt ones")
     p.add_argument("--auth-exempt", type=csv_paths, default=ServerConfig.auth_exempt,
                    help="comma-separated paths served without the API key (default: /health,/ready,/metrics; "
@@ -162,6 +168,17 @@ def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
         parser.error(str(exc))
 
 
+def plan_or_exit(config: ServerConfig):
+    """The memory plan, before anything loads; a budget that cannot hold it exits 2 with one line."""
+    from .app import memory_plan
+
+    try:
+        return memory_plan(config)
+    except (ValueError, RuntimeError) as exc:  # PlanError, FootprintError, StoreError
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        sys.exit(2)
+
+
 def bind_listener(parser: argparse.ArgumentParser, host: str, port: int) -> socket.socket:
     """The listening socket, bound now: a busy port fails in a second, not after the model loads."""
     try:
@@ -192,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     from .logs import configure_logging
 
     configure_logging(config.log_level)
-    app = create_app(config)
+    app = create_app(config, plan=plan_or_exit(config))
     # uvicorn finishes in-flight requests for shutdown_timeout seconds on SIGTERM/SIGINT,
     # then cancels them (a cancelled stream cancels its generation); the app's lifespan
     # then stops the engine. Access logs are off: the app logs one line per request.

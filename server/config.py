@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_MAX_CONCURRENCY = 16  # batch slots when --max-concurrency is not given (they share the plan's KV tokens)
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -17,11 +19,13 @@ class ServerConfig:
     cache_fraction: float | None = None
     routing: str = "exact"
     eviction: str = "layer-lru"  # a batch's experts can exceed the budget: fair per-layer shares (README, Router)
+    gpu_memory: str | None = None  # device budget: bytes, 24GiB, or a fraction of free memory (models.memory_plan)
+    host_memory: str | None = None  # pinned host tier budget on a GPU: bytes, 32GiB, or a fraction of available RAM
     engine: str = "auto"  # auto | decoder | continuous-batching (server.app.engine_class)
-    max_concurrency: int = 16  # requests decoded together in one continuous batch
+    max_concurrency: int | None = None  # requests decoded together; None = DEFAULT_MAX_CONCURRENCY
     batching: str = "auto"  # auto | continuous | static (server.engine.EngineConfig)
     max_queue: int = 64  # requests waiting for a slot; beyond this: 503 + Retry-After
-    max_model_len: int | None = None  # None: the model's context window
+    max_model_len: int | None = None  # None: the memory plan's choice (at most the model's context window)
     api_key: str | None = None
     auth_exempt: tuple[str, ...] = ("/health", "/ready", "/metrics")
     max_body_bytes: int = 1 << 20
@@ -29,6 +33,12 @@ class ServerConfig:
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
     stall_timeout: float = 60.0  # /ready is 503 after this long without a step while work is in flight
     log_level: str = "info"
+
+    @property
+    def batch_slots(self) -> int:
+        """--max-concurrency, or the default the memory plan starts from (the plan may choose
+        fewer slots for the decoder engine: Engine.config.max_concurrency is what runs)."""
+        return self.max_concurrency or DEFAULT_MAX_CONCURRENCY
 
     def __post_init__(self):
         if self.store and self.model:
@@ -42,7 +52,7 @@ class ServerConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
         for name in ("max_concurrency", "max_body_bytes"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise ValueError(f"--max-queue must be >= 0, got {self.max_queue}")

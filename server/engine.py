@@ -4,9 +4,9 @@ Requests are decoded together by transformers' continuous-batching manager (page
 cache, FIFO scheduler, chunked prefill, one flat forward per step). cadre adds what the
 HTTP layer needs around it:
 
-- admission: at most `max_concurrency` requests in the batch, `max_queue` waiting for a
-  slot, 503 beyond (the KV cache is sized so admitted requests always fit, so the
-  manager never has to preempt);
+- admission: at most `max_concurrency` requests in the batch, whose prompt + max_new_tokens
+  pages fit in the memory plan's KV tokens together (so admitted requests always fit and
+  the manager never has to preempt), `max_queue` waiting, 503 beyond;
 - per-request sampling with its own generator (sampling.py);
 - routing mapped back to requests from the batch layout (routing.py);
 - detokenization, stop strings and cancellation, on the event loop;
@@ -62,6 +62,14 @@ class EngineConfig:
     # "auto": transformers' continuous batching where it supports the model's attention
     # (its warm-up generation succeeds), else the static batched path (static_batching.py)
     batching: str = "auto"  # auto | continuous | static
+    kv_tokens: int | None = None  # KV tokens the running requests share (the memory plan's); None: each slot's
+    #                               full max_model_len, as before the plan
+
+    @property
+    def kv_pages(self) -> int:
+        if self.kv_tokens is None:
+            return (self.max_concurrency + CANCEL_SLACK) * math.ceil(self.max_model_len / PAGE_SIZE)
+        return math.ceil(self.kv_tokens / PAGE_SIZE)
 
 
 class EngineUnavailable(Exception):
@@ -97,6 +105,7 @@ class Engine:
         self._running: dict[str, RequestStream] = {}
         self._waiting: deque[RequestStream] = deque()
         self._sampler_slots: dict[str, int] = {}
+        self._kv_pages: dict[str, int] = {}  # running request -> KV pages reserved for its prompt + max_new_tokens
         self._idle = asyncio.Event()
         self._score_lock = threading.Lock()  # one scoring forward at a time (the pause admits several threads)
         self._scoring = 0  # scoring calls in flight (event loop)
@@ -124,10 +133,10 @@ class Engine:
     def _start_continuous(self) -> None:
         model = self.runtime.model
         max_requests = self.config.max_concurrency + CANCEL_SLACK
-        pages_per_request = math.ceil(self.config.max_model_len / PAGE_SIZE)
         cb_config = ContinuousBatchingConfig(
             page_size=PAGE_SIZE,
-            num_blocks=max_requests * pages_per_request,  # every admitted request fits: no preemption
+            # the plan's KV; admission (_fits) keeps admitted requests within it: no preemption
+            num_blocks=self.config.kv_pages,
             max_batch_tokens=MAX_BATCH_TOKENS,
             max_requests_per_batch=max_requests,
             # Routing listeners and on-demand expert loads are Python, run inside the forward:
@@ -251,17 +260,26 @@ class Engine:
             self.metrics.prompt_tokens.inc(len(prompt_ids))
         if not self._running and not self._waiting:
             self._note_progress()  # the stall clock starts when work arrives at an idle engine
-        if len(self._running) < self.config.max_concurrency:
+        if not self._waiting and self._fits(stream):
             self._launch(stream)
-        else:
+        elif len(self._waiting) < self.config.max_queue:
             self._waiting.append(stream)
+        else:  # a free slot, but not the KV pages it can reach: waits, if there is room to wait
+            raise EngineUnavailable("queue_full", f"server is at capacity ({len(self._running)} running, KV pages "
+                                                  f"for {self.config.kv_pages * PAGE_SIZE} tokens held); retry later")
         self._update_gauges()
         return stream
+
+    def _fits(self, stream: RequestStream) -> bool:
+        """A batch slot is free and the KV pages the request can reach are not reserved by others."""
+        return (len(self._running) < self.config.max_concurrency
+                and sum(self._kv_pages.values()) + kv_pages_of(stream) <= self.config.kv_pages)
 
     def _launch(self, stream: RequestStream) -> None:
         """Put a request in the batch; a failure on the way ends it (and frees what it took) at once."""
         rid = stream.request_id
         self._running[rid] = stream
+        self._kv_pages[rid] = kv_pages_of(stream)
         try:
             self.recorder.register(rid, stream.trace)
             slot = self.samplers.register(stream.params, stream.prompt_ids, self.stop_token_ids(stream.params))
@@ -296,7 +314,7 @@ class Engine:
         return list(dict.fromkeys([*eos, *params.stop_token_ids]))
 
     def _admit_waiting(self) -> None:
-        while self._waiting and len(self._running) < self.config.max_concurrency:
+        while self._waiting and self._fits(self._waiting[0]):
             self._launch(self._waiting.popleft())
         self._update_gauges()
 
@@ -391,6 +409,7 @@ class Engine:
         """The one path that gives back what a request holds -- its batch slot and KV pages (the
         manager's), its sampler slot, its routing record -- whatever stage it reached."""
         rid = stream.request_id
+        self._kv_pages.pop(rid, None)
         if self._running.pop(rid, None) is None:
             if stream in self._waiting:
                 self._waiting.remove(stream)
@@ -447,6 +466,11 @@ class Engine:
         return [BatchSlot(fs.state.request_id, cu[i], cu[i + 1], fs.state.generated_len() if fs.has_new_token else None)
                 for i, fs in enumerate(batch)]
 
+    def store_available(self) -> bool:
+        """False once the expert store's files are gone (a failed load then means 503, not 500)."""
+        root = getattr(self.runtime.store, "root", None)
+        return root is None or (root / "manifest.json").is_file()
+
     def kv_pages_in_use(self) -> int:
         """KV-cache pages held by requests (0 when idle: a leak check). Reads the manager's
         allocators' block tables, which transformers does not document as public."""
@@ -457,6 +481,11 @@ class Engine:
             return 0
         return sum(len(table) for allocator in processor.cache.cache_allocators.values()
                    for table in list(allocator.block_table.values()))
+
+
+def kv_pages_of(stream: RequestStream) -> int:
+    """KV pages a request can reach: its prompt and every token it may generate."""
+    return math.ceil((len(stream.prompt_ids) + stream.params.max_new_tokens) / PAGE_SIZE)
 
 
 def eos_token_ids(model) -> list[int]:

@@ -58,6 +58,10 @@ class Metrics:
         # routing events only see the total wait of a layer).
         cache.on_load = self.observe_load
 
+    def attach_plan(self, plan) -> None:
+        """Export the memory plan (fixed at start) as gauges; the host tier's fill is read at scrape time."""
+        self.registry.register(PlanCollector(plan))
+
     def observe_load(self, key, tier: str, seconds: float) -> None:
         self.expert_load_seconds.observe(seconds)
 
@@ -113,3 +117,41 @@ class ExpertCollector:
         yield GaugeMetricFamily("cadre_expert_cache_bytes", "Bytes of resident experts.", value=stats.bytes)
         yield GaugeMetricFamily("cadre_expert_cache_capacity_bytes", "Expert cache budget.",
                                 value=stats.capacity_bytes)
+        host = getattr(self.cache, "host", None)
+        if host is not None:  # GPU: the pinned host tier's fill, never above cadre_memory_plan_bytes{part="host_tier"}
+            tier = host.stats()
+            yield GaugeMetricFamily("cadre_host_tier_pinned_bytes", "Pinned host memory the tier holds.",
+                                    value=tier.pinned_bytes)
+            yield GaugeMetricFamily("cadre_host_tier_pinned_peak_bytes", "Most pinned host memory the tier held.",
+                                    value=tier.peak_pinned_bytes)
+
+
+class PlanCollector:
+    """The memory plan (models.memory_plan) as gauges, in base units."""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        plan = self.plan
+        parts = GaugeMetricFamily("cadre_memory_plan_bytes", "Bytes the memory plan gives each part "
+                                  "(device budget: trunk, kv_cache, workspace, expert_cache, margin; "
+                                  "host_tier: the pinned host tier's cap).", labels=["part"])
+        for part, nbytes in plan.parts().items():
+            parts.add_metric([part], nbytes)
+        budgets = GaugeMetricFamily("cadre_memory_budget_bytes", "Memory budgets the plan splits.", labels=["memory"])
+        budgets.add_metric(["device"], plan.budget_bytes)
+        budgets.add_metric(["host"], plan.host_budget_bytes)
+        yield parts
+        yield budgets
+        yield GaugeMetricFamily("cadre_expert_cache_slots", "Expert slots on the device.", value=plan.expert_slots)
+        yield GaugeMetricFamily("cadre_expert_cache_experts_ratio", "Expert slots over all experts of the store.",
+                                value=plan.expert_fraction)
+        yield GaugeMetricFamily("cadre_kv_cache_tokens", "KV cache tokens, shared by the running requests.",
+                                value=plan.kv_tokens)
+        yield GaugeMetricFamily("cadre_max_model_len_tokens", "Longest request (prompt + generation) accepted.",
+                                value=plan.max_model_len)
+        yield GaugeMetricFamily("cadre_max_concurrency", "Requests decoded together.", value=plan.max_concurrency)

@@ -128,6 +128,9 @@ async def results_or_disconnect(request: Request, streams: list[RequestStream], 
 
 def raise_if_failed(stream: RequestStream) -> None:
     if stream.finish_reason == "error":
+        if stream._engine is not None and not stream._engine.store_available():
+            raise APIError(503, f"expert store unavailable: {stream.error}", code="store_unavailable",
+                           headers={"Retry-After": "5"})
         raise APIError(500, f"generation failed: {stream.error}", type="server_error")
     if stream.finish_reason == "cancelled":
         raise APIError(503, "request cancelled (client disconnected or server shutting down)",

@@ -46,7 +46,7 @@ class RayConfig:
     def autoscaling(self) -> dict | None:
         if self.max_replicas is None:
             return None
-        target = self.target_ongoing_requests or max(1.0, self.server.max_concurrency / 2)
+        target = self.target_ongoing_requests or max(1.0, self.server.batch_slots / 2)
         return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                 "initial_replicas": min(max(self.min_replicas, 1), self.max_replicas),
                 "target_ongoing_requests": target, "upscale_delay_s": self.upscale_delay_s,
@@ -75,7 +75,7 @@ def replica_options(config: RayConfig) -> dict:
     scaling = {"autoscaling_config": config.autoscaling} if config.autoscaling else {"num_replicas": config.replicas}
     return {"name": "CadreReplica", **scaling,
             "ray_actor_options": {"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
-            "max_ongoing_requests": s.max_concurrency + ADMISSION_SLACK, "max_queued_requests": s.max_queue,
+            "max_ongoing_requests": s.batch_slots + ADMISSION_SLACK, "max_queued_requests": s.max_queue,
             "graceful_shutdown_timeout_s": s.shutdown_timeout, "graceful_shutdown_wait_loop_s": 0.5,
             "health_check_period_s": 5.0, "request_router_config": router}
 
@@ -95,7 +95,7 @@ def build_app(config: RayConfig):
                                    s.api_key, s.auth_exempt)
     ingress = serve.deployment(serve.ingress()(CadreIngress)).options(
         name="CadreIngress", num_replicas=1, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=max(1000, 4 * (s.max_concurrency + s.max_queue)))
+        max_ongoing_requests=max(1000, 4 * (s.batch_slots + s.max_queue)))
     return ingress.bind(replica.bind(s, threads), ingress_config)
 
 

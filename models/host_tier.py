@@ -1,0 +1,276 @@
+"""The pinned host tier: page-locked copies of experts under a hard byte cap, LRU eviction.
+
+A hit here costs a PCIe copy instead of a disk read; below it the memory-mapped store is
+the disk tier (nothing is written back: the store is read-only).
+
+Memory is pinned in chunks whose size is a power of two (torch's caching host allocator
+rounds every pinned allocation up to one, so a chunk of any other size would pin more
+than it counts), each holding whole entries; chunks are allocated as the tier fills and
+reused after eviction, never freed while it lives. The cap is checked on chunks
+*reserved*, before they are pinned, so concurrent loads can never pin past it:
+
+    pinned_bytes <= capacity_bytes   at every moment (asserted)
+
+An entry handed out by get()/put() is *lent*: its three views are read by a copy that
+may still be queued on a CUDA stream. A lent entry is never evicted, and its slot is not
+rewritten until the copy queued from it has finished: when the borrower drops the views
+(after queuing its copy), an event is recorded on the copy stream, and the next writer
+of that slot waits on it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+Key = tuple[int, int]  # (layer, expert)
+CHUNK_BYTES = 256 << 20  # largest pinned allocation: ~0.25 s of cudaHostAlloc, at most a few % unused
+
+
+class HostTierError(ValueError):
+    """A cap that cannot hold the working set, or an entry of the wrong size."""
+
+
+def chunk_sizes(capacity: int | None, entry_bytes: int) -> list[int]:
+    """The power-of-two chunks, largest first, that a cap of `capacity` bytes allows (None: endless)."""
+    entry_bytes = entry_stride(entry_bytes)
+    biggest = max(CHUNK_BYTES, _pow2_ceil(8 * entry_bytes))  # at least 8 entries a chunk: under 1/8 unused
+    sizes, left = [], capacity
+    while left is None or left >= entry_bytes:
+        size = biggest if left is None else min(biggest, _pow2_floor(left))
+        if size < entry_bytes:
+            break
+        sizes.append(size)
+        if left is None:
+            return sizes  # callers only ask how big the next one is
+        left -= size
+    return sizes
+
+
+def tier_size(capacity: int, entry_bytes: int, max_entries: int) -> tuple[int, int]:
+    """(bytes pinned, entries held) by a tier under `capacity` that never needs more than
+    `max_entries`: the first chunks of chunk_sizes(capacity) that hold them. A HostTier capped at
+    those bytes allocates exactly those chunks."""
+    pinned = entries = 0
+    entry_bytes = entry_stride(entry_bytes)
+    for size in chunk_sizes(capacity, entry_bytes):
+        if entries >= max_entries:
+            break
+        pinned, entries = pinned + size, entries + size // entry_bytes
+    return pinned, min(entries, max_entries)
+
+
+def entry_stride(entry_bytes: int) -> int:
+    """Bytes an entry takes in a chunk: its parts, rounded up so every entry starts 16-byte aligned."""
+    return -(-entry_bytes // 16) * 16
+
+
+def entries_within(capacity: int | None, entry_bytes: int) -> int:
+    """Entries of `entry_bytes` a tier capped at `capacity` can hold (whole entries per chunk)."""
+    if capacity is None:
+        raise ValueError("an unbounded tier holds any number of entries")
+    return sum(size // entry_stride(entry_bytes) for size in chunk_sizes(capacity, entry_bytes))
+
+
+@dataclass(frozen=True)
+class HostTierStats:
+    capacity_bytes: int | None
+    pinned_bytes: int  # chunks reserved (allocated or being allocated)
+    peak_pinned_bytes: int
+    entries: int
+    lent: int  # entries whose views are still held by a borrower
+    evictions: int
+
+
+@dataclass
+class _Slot:
+    chunk: torch.Tensor  # uint8 [chunk bytes]
+    offset: int
+    lent: int = 0  # live views handed out
+    copied: "torch.cuda.Event | None" = None  # recorded after the last borrower queued its copy
+
+
+class HostTier:
+    """get(key) -> {name: tensor} or None; put(key, parts) -> the same names, pinned. Entries are a
+    shard's tensors as models.cache.host_parts gives them (dense weights in the compute dtype, or
+    quantised weights with their scales); every entry of a store has the same layout."""
+
+    def __init__(self, capacity_bytes: int | None, *, entry_bytes: int | None = None, min_entries: int = 1,
+                 copy_stream: "torch.cuda.Stream | None" = None, pin: bool | None = None):
+        self.capacity_bytes = capacity_bytes
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self.copy_stream = copy_stream
+        self.min_entries = min_entries
+        self._entry_bytes: int | None = None
+        self._layout: list[tuple[str, torch.dtype, torch.Size, int]] = []  # per part: name, dtype, shape, offset
+        self._entries: OrderedDict[Key, _Slot] = OrderedDict()  # LRU order: oldest first
+        self._free: list[_Slot] = []
+        self._pinned = self._peak = self._evictions = 0
+        self._lock = threading.RLock()  # re-entrant: a view's finalizer may run while this thread holds it
+        if entry_bytes is not None:
+            self._set_entry_bytes(entry_bytes)
+
+    # --- queries ------------------------------------------------------------------------
+    @property
+    def pinned_bytes(self) -> int:
+        return self._pinned
+
+    def stats(self) -> HostTierStats:
+        with self._lock:
+            lent = sum(1 for slot in self._entries.values() if slot.lent)
+            return HostTierStats(self.capacity_bytes, self._pinned, self._peak, len(self._entries), lent,
+                                 self._evictions)
+
+    def __contains__(self, key: Key) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    # --- get / put ----------------------------------------------------------------------
+    def get(self, key: Key) -> dict[str, torch.Tensor] | None:
+        with self._lock:
+            slot = self._entries.get(key)
+            if slot is None:
+                return None
+            self._entries.move_to_end(key)
+            return self._lend(slot)
+
+    def put(self, key: Key, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Pinned copies of `parts` (held until evicted); `parts` themselves when the cap is full of
+        lent entries (the caller copies from pageable memory, slower but correct)."""
+        self._learn_layout(parts)
+        with self._lock:
+            slot = self._entries.get(key)
+            if slot is not None:  # another loader put it first
+                self._entries.move_to_end(key)
+                return self._lend(slot)
+            slot = self._take_slot()
+        if slot is None:
+            return parts
+        if slot.copied is not None:
+            slot.copied.synchronize()  # the last copy queued from this slot has read it
+            slot.copied = None
+        views = self._views(slot)
+        for name, view in views.items():
+            view.copy_(parts[name])
+        with self._lock:
+            winner = self._entries.get(key)
+            if winner is not None:  # another loader put the same expert meanwhile: keep theirs
+                self._free.append(slot)
+                return self._lend(winner)
+            self._entries[key] = slot
+            return self._lend(slot, views)
+
+    def warm(self, store, keys: Iterable[Key], dtype: torch.dtype) -> None:
+        """Read `keys` from the store into the tier (bench: every expert in host RAM up front)."""
+        from .cache import host_parts
+
+        for key in keys:
+            if self.get(key) is None:
+                self.put(key, host_parts(store.load_expert(*key), store.expert_format, dtype))
+
+    # --- slots (called with the lock held, except the allocation) ------------------------------
+    def _take_slot(self) -> _Slot | None:
+        if self._free:
+            return self._free.pop()
+        size = self._next_chunk()
+        if size is not None:
+            self._pinned += size  # reserved before pinning: concurrent puts see it at once
+            self._peak = max(self._peak, self._pinned)
+            assert self.capacity_bytes is None or self._pinned <= self.capacity_bytes, "host tier over its cap"
+            self._lock.release()
+            try:
+                chunk = _allocate(size, self.pin)
+            except BaseException:
+                with self._lock:
+                    self._pinned -= size
+                raise
+            finally:
+                self._lock.acquire()
+            slots = [_Slot(chunk, offset) for offset in range(0, size - self._entry_bytes + 1, self._entry_bytes)]
+            self._free.extend(slots[1:])
+            return slots[0]
+        return self._evict_one()
+
+    def _next_chunk(self) -> int | None:
+        left = None if self.capacity_bytes is None else self.capacity_bytes - self._pinned
+        sizes = chunk_sizes(left, self._entry_bytes)
+        return sizes[0] if sizes else None
+
+    def _evict_one(self) -> _Slot | None:
+        victim = next((key for key, slot in self._entries.items() if slot.lent == 0), None)
+        if victim is None:
+            return None
+        self._evictions += 1
+        return self._entries.pop(victim)
+
+    # --- lending ------------------------------------------------------------------------
+    def _lend(self, slot: _Slot, views: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        views = views or self._views(slot)
+        slot.lent += len(views)
+        for view in views.values():
+            weakref.finalize(view, self._give_back, slot)
+        return views
+
+    def _give_back(self, slot: _Slot) -> None:
+        with self._lock:
+            slot.lent -= 1
+            if slot.lent == 0 and self.copy_stream is not None:
+                # the borrower has queued its copy by the time it drops the views: this event
+                # completes after that copy, so whoever rewrites the slot waits on it
+                slot.copied = torch.cuda.Event()
+                slot.copied.record(self.copy_stream)
+
+    def _views(self, slot: _Slot) -> dict[str, torch.Tensor]:
+        return {name: slot.chunk[slot.offset + start: slot.offset + start + _nbytes(dtype, shape)]
+                .view(dtype).view(shape) for name, dtype, shape, start in self._layout}
+
+    # --- layout -------------------------------------------------------------------------
+    def _learn_layout(self, parts: dict[str, torch.Tensor]) -> None:
+        layout, start = [], 0
+        for name, part in parts.items():
+            if start % part.element_size():
+                raise HostTierError(f"part {name} would start at byte {start}, not a multiple of its item size")
+            layout.append((name, part.dtype, part.shape, start))
+            start += part.nbytes
+        with self._lock:
+            if not self._layout:
+                if self._entry_bytes is not None and entry_stride(start) != self._entry_bytes:
+                    raise HostTierError(f"entry of {start} bytes, the tier was sized for {self._entry_bytes}")
+                self._set_entry_bytes(start)
+                self._layout = layout
+            elif layout != self._layout:
+                raise HostTierError(f"entry layout {[(n, d, tuple(s)) for n, d, s, _ in layout]} differs from the "
+                                    f"tier's {[(n, d, tuple(s)) for n, d, s, _ in self._layout]}")
+
+    def _set_entry_bytes(self, entry_bytes: int) -> None:
+        entry_bytes = entry_stride(entry_bytes)
+        if self.capacity_bytes is not None:
+            held = entries_within(self.capacity_bytes, entry_bytes)
+            if held < self.min_entries:
+                raise HostTierError(
+                    f"host tier cap of {self.capacity_bytes} bytes holds {held} experts of {entry_bytes} bytes, "
+                    f"fewer than one layer's working set of {self.min_entries}")
+        self._entry_bytes = entry_bytes
+
+
+def _allocate(nbytes: int, pin: bool) -> torch.Tensor:
+    """One chunk: page-locked when `pin` (what makes host->GPU copies asynchronous and fast)."""
+    with torch.inference_mode(False):
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+
+def _nbytes(dtype: torch.dtype, shape: torch.Size) -> int:
+    return shape.numel() * dtype.itemsize
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1) if n > 0 else 0
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1

@@ -1,0 +1,74 @@
+"""The pinned host tier on a GPU: real page-locked chunks, copies queued on a side stream while
+other threads evict and rewrite slots; every copy must still read the expert it was lent.
+
+Marked `gpu`: run on the lent GPU machine with `python -m pytest -m gpu tests/test_host_tier_gpu.py`."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from models import Runtime, RuntimeConfig
+from models.host_tier import HostTier, entries_within
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def need_cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("gpu-marked test run without a CUDA device (deselect with -m 'not gpu')")
+
+
+def test_copies_read_what_they_were_lent_while_slots_are_rewritten():
+    inter, hidden = 512, 1024  # 6 MiB entries in float32: each copy takes long enough to overlap
+    entry = 3 * inter * hidden * 4
+    cap = 8 * entry
+    stream = torch.cuda.Stream()
+    tier = HostTier(cap, entry_bytes=entry, min_entries=4, copy_stream=stream, pin=True)
+    assert entries_within(cap, entry) >= 4
+    failures, lock = [], threading.Lock()
+
+    def parts(expert):
+        gate = torch.full((inter, hidden), float(expert))
+        return {"gate_proj": gate, "up_proj": gate + 0.5, "down_proj": torch.full((hidden, inter), -float(expert))}
+
+    def load(worker):
+        generator = torch.Generator().manual_seed(worker)
+        for _ in range(60):
+            expert = int(torch.randint(0, 40, (1,), generator=generator))
+            host = tier.get((0, expert)) or tier.put((0, expert), parts(expert))
+            with torch.cuda.stream(stream):
+                device = [host[name].to("cuda", non_blocking=True) for name in ("gate_proj", "up_proj", "down_proj")]
+                done = torch.cuda.Event()
+                done.record(stream)
+            del host  # given back: the tier may rewrite the slot once this copy has finished
+            done.synchronize()
+            if not (device[0].eq(expert).all() and device[1].eq(expert + 0.5).all() and device[2].eq(-expert).all()):
+                with lock:
+                    failures.append(expert)
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(load, range(6)))  # a loader's exception is raised here
+    stats = tier.stats()
+    assert not failures, f"copies read a rewritten slot for experts {failures[:10]}"
+    assert stats.peak_pinned_bytes <= cap and stats.evictions > 0 and stats.lent == 0
+
+
+def test_generation_with_a_tiny_host_tier_matches_the_full_cache(store_factory):
+    _, store = store_factory("qwen3_moe", dtype=torch.float32)
+    ids = torch.randint(3, 120, (1, 12), generator=torch.Generator().manual_seed(3))
+    full = Runtime.from_store(store, RuntimeConfig(device="cuda", cache_fraction=1.0))
+    want = full.generate(ids.cuda(), max_new_tokens=24, min_new_tokens=24)
+    full.close()
+    entry = full.plan.slot_bytes
+    small = Runtime.from_store(store, RuntimeConfig(device="cuda", cache_fraction=0.25,
+                                                    host_memory=str(6 * entry)))  # a few entries, top_k 4
+    try:
+        assert small.plan.host_tier_experts < small.plan.total_experts // 4
+        assert torch.equal(small.generate(ids.cuda(), max_new_tokens=24, min_new_tokens=24), want)
+        tier = small.cache.host.stats()
+        assert tier.peak_pinned_bytes <= small.plan.host_tier_bytes and tier.evictions > 0
+    finally:
+        small.close()
