@@ -71,6 +71,8 @@ def parse_args(argv):
     p.add_argument("--tokens", type=int, default=64, help="new tokens per prompt per timed run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
     p.add_argument("--compile", action="store_true", help="also transformers static cache + torch.compile")
+    p.add_argument("--compile-impls", default="grouped_mm,batched_mm",
+                   help="with --compile: the experts implementations compiled")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="with --compile: set torch._inductor.config.KEY (Python literal VALUE); repeatable")
     p.add_argument("--compile-modes", default="compiled",
@@ -177,7 +179,8 @@ def transformers_contenders(source: Path, device, dtype, ids, args) -> tuple[lis
 
     variants = [(impl, "eager") for impl in args.impls.split(",")]
     if args.compile:
-        variants += [(impl, mode) for impl in ("grouped_mm", "batched_mm") for mode in args.compile_modes.split(",")]
+        variants += [(impl, mode) for impl in args.compile_impls.split(",")
+                     for mode in args.compile_modes.split(",")]
     set_inductor_options(args.inductor)
     contenders, errors = [], []
     for impl, mode in variants:
