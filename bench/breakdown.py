@@ -29,6 +29,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench breakdown", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-30b-a3b-8l")
+    p.add_argument("--store", type=Path, help="an expert store instead of --model (python -m bench synth-store's)")
+    p.add_argument("--gpu-memory", help="a device budget instead of --budget (the memory plan sizes the slots)")
+    p.add_argument("--host-memory", help="with --gpu-memory: the pinned host tier's cap")
+    p.add_argument("--no-eager", action="store_true", help="only the slot-cache decoder")
     p.add_argument("--device", default="cuda")
     p.add_argument("--budget", type=float, default=0.25, help="cadre cache budget as a fraction of all experts")
     p.add_argument("--tokens", type=int, default=32)
@@ -77,31 +81,47 @@ def main(argv) -> int:
     from models import Runtime, RuntimeConfig
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cadre-bench-"))
-    checkpoint = build_checkpoint(args.model, workdir, args.device, torch.bfloat16)
-    store = workdir / "store"
-    extract_store(checkpoint, store, quiet=True)
+    if args.store:
+        checkpoint = store = args.store
+    else:
+        checkpoint = build_checkpoint(args.model, workdir, args.device, torch.bfloat16)
+        store = workdir / "store"
+        extract_store(checkpoint, store, quiet=True)
     config = json.loads((checkpoint / "config.json").read_text())
     ids = prompt_ids(config.get("vocab_size", 512), 1)
-    runtime = Runtime.from_store(store, RuntimeConfig(device=args.device, dtype="bfloat16",
-                                                      cache_fraction=args.budget))
-    runtime.cache.host.warm(runtime.store, all_experts(runtime.store), runtime.cache.dtype)
-    decoder = runtime.decoder(max_batch=1, max_len=PROMPT_LEN + args.tokens + 8)
+    max_len = PROMPT_LEN + args.tokens + 8
+    budget = dict(cache_fraction=args.budget) if not args.gpu_memory else \
+        dict(gpu_memory=args.gpu_memory, host_memory=args.host_memory, max_model_len=max_len, max_concurrency=1)
+    runtime = Runtime.from_store(store, RuntimeConfig(device=args.device, dtype="bfloat16", **budget))
+    if not args.gpu_memory and args.budget < 1:
+        runtime.cache.host.warm(runtime.store, all_experts(runtime.store), runtime.cache.dtype)
+    decoder = runtime.decoder(max_batch=1, max_len=max_len)
     eager = lambda ids, tokens: runtime.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens)
+    share = runtime.cache.num_slots / len(all_experts(runtime.store))
+    label = f"cadre {share:.0%} of experts" + (f" ({args.gpu_memory} GPU)" if args.gpu_memory else "")
+    systems = [("slot-cache decoder (CUDA graphs)", decoder.generate)]
+    if not args.no_eager:
+        systems.append(("transformers generate() (eager)", eager))
+    moe_layers = len(runtime.store.moe_layers)
     rows = []
-    for name, generate in (("slot-cache decoder (CUDA graphs)", decoder.generate),
-                           ("transformers generate() (eager)", eager)):
+    for name, generate in systems:
         before = runtime.cache.stats()
-        row = {"system": f"cadre {args.budget:.0%} of experts, {name}", **measure(generate, ids, args.tokens)}
+        row = {"system": f"{label}, {name}", **measure(generate, ids, args.tokens)}
         after = runtime.cache.stats()
         row["loads_per_token"] = (sum(after.loads.values()) - sum(before.loads.values())) / (2 * args.tokens)
+        row["idle_us_per_moe_layer"] = row["idle_us"] / moe_layers
         rows.append(row)
-    print(f"\nper-token time, batch 1, {args.tokens} tokens, {args.model} on {torch.cuda.get_device_name()}")
-    print(f"{'system':<62} {'wall us':>9} {'compute':>9} {'copies':>9} {'GPU idle':>9} {'loads/tok':>10}")
+    model = args.store or args.model
+    print(f"\nper-token time, batch 1, {args.tokens} tokens, {model} ({moe_layers} MoE layers) on "
+          f"{torch.cuda.get_device_name()}")
+    print(f"{'system':<62} {'wall us':>9} {'compute':>9} {'copies':>9} {'GPU idle':>9} {'idle/layer':>10} "
+          f"{'loads/tok':>10}")
     for r in rows:
         print(f"{r['system']:<62} {r['wall_us']:>9.0f} {r['compute_us']:>9.0f} {r['copy_us']:>9.0f} "
-              f"{r['idle_us']:>9.0f} {r['loads_per_token']:>10.2f}")
+              f"{r['idle_us']:>9.0f} {r['idle_us_per_moe_layer']:>10.0f} {r['loads_per_token']:>10.2f}")
     if args.json:
-        _provenance.write(args.json, "breakdown", argv, rows, load_before, budget=args.budget, tokens=args.tokens)
+        _provenance.write(args.json, "breakdown", argv, rows, load_before, budget=args.budget, tokens=args.tokens,
+                          model=str(model), gpu_memory=args.gpu_memory, host_memory=args.host_memory)
     runtime.close()
     return 0
 

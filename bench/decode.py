@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -87,6 +88,23 @@ def parse_args(argv):
     p.add_argument("--expert-formats", default="store",
                    help="cadre's expert stores: store (as extracted), or a list of bf16,fp8 (FP8 e4m3, 128x128 "
                         "block scales, dequantised on the device after each load)")
+    p.add_argument("--gpu-memory", default="",
+                   help="cadre rows under these device budgets (comma-separated, e.g. 24GiB,16GiB): the memory "
+                        "plan sizes the expert slots, simulating a smaller GPU on a big one")
+    p.add_argument("--host-memory", default="",
+                   help="with --gpu-memory: pinned host tier caps (comma-separated, e.g. 32GiB,8GiB); misses "
+                        "beyond the tier read the store's files")
+    p.add_argument("--sequential", action="store_true",
+                   help="load, time and free one system at a time (a full-depth model twice does not fit)")
+    p.add_argument("--isolate", action="store_true",
+                   help="time the transformers rows in child processes (one per experts implementation), so "
+                        "a crash in the compiler becomes an error row and no state leaks between systems")
+    p.add_argument("--reference-pythonpath", action="append", metavar="PATH",
+                   help="with --isolate: run the children with this PYTHONPATH ('' = none: the interpreter's "
+                        "own packages), e.g. to time another transformers version; repeatable, each row "
+                        "names its version")
+    p.add_argument("--reference-child", help=argparse.SUPPRESS)  # IMPL: this process times transformers' rows
+    p.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--workdir", type=Path, help="where synthetic checkpoints and stores go (default: a temp dir)")
     return p.parse_args(argv)
@@ -171,40 +189,194 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
-def transformers_contenders(source: Path, device, dtype, ids, args) -> tuple[list[Contender], list[dict]]:
-    """transformers with every expert resident: eager with each experts implementation, and
-    (--compile) static cache + torch.compile. A configuration this device/dtype cannot run
-    becomes an error row, not a hidden gap."""
+MODE_ORDER = ("eager", "gpt-fast", "auto-compile", "compiled")  # "compiled" replaces model.forward: last
+MODE_NAMES = {"eager": "eager", "auto-compile": "static cache, automatic compile",
+              "compiled": "static cache, torch.compile reduce-overhead",
+              "gpt-fast": "static cache, compiled decode step (gpt-fast)"}
+
+
+def reference_variants(args) -> dict[str, list[str]]:
+    """{experts implementation: its modes}, ordered so that the modes of one implementation
+    share one loaded model (a full-depth model fits the GPU once, not once per mode)."""
+    variants: dict[str, list[str]] = {impl: ["eager"] for impl in args.impls.split(",") if impl}
+    if args.compile:
+        for impl in args.compile_impls.split(","):
+            variants.setdefault(impl, []).extend(args.compile_modes.split(","))
+    unknown = {m for modes in variants.values() for m in modes} - set(MODE_ORDER)
+    if unknown:
+        raise SystemExit(f"--compile-modes: unknown {sorted(unknown)} (compiled, auto-compile, gpt-fast)")
+    return {impl: sorted(set(modes), key=MODE_ORDER.index) for impl, modes in variants.items()}
+
+
+def reference_name(impl: str, mode: str) -> str:
+    return f"transformers {impl}, {MODE_NAMES[mode]}"
+
+
+def load_reference(source: Path, device, dtype, impl: str, args):
     from transformers import AutoModelForCausalLM
 
-    variants = [(impl, "eager") for impl in args.impls.split(",")]
-    if args.compile:
-        variants += [(impl, mode) for impl in args.compile_impls.split(",")
-                     for mode in args.compile_modes.split(",")]
+    if args.store:
+        from bench.store_reference import reference_from_store
+
+        return reference_from_store(source, device, dtype, impl)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, experts_implementation=impl)
+    return model.to(device).eval()
+
+
+def reference_generate(model, mode: str, ids, args):
+    """The mode's generate(ids, tokens), warmed up (kernels, allocator, compile and graph recording)."""
+    generate = gptfast_generate(model, ids.shape[1] + args.tokens) if mode == "gpt-fast" else \
+        hf_generate(model, **_compile_kwargs(model, mode))
+    for _ in range(2 if mode != "eager" else 1):
+        generate(ids, 8)
+    return generate
+
+
+def error_row(system: str, exc: BaseException | str) -> dict:
+    return {"system": system, "error": str(exc).strip().splitlines()[0][:160] if str(exc).strip() else repr(exc)}
+
+
+def transformers_contenders(source: Path, device, dtype, ids, args) -> tuple[list[Contender], list[dict]]:
+    """transformers with every expert resident, every variant loaded for interleaved timing:
+    eager with each experts implementation, and (--compile) static cache + torch.compile. A
+    configuration this device/dtype cannot run becomes an error row, not a hidden gap."""
     set_inductor_options(args.inductor)
     contenders, errors = [], []
-    for impl, mode in variants:
-        name = f"transformers {impl}, " + {"eager": "eager", "auto-compile": "static cache, automatic compile",
-                                           "compiled": "static cache, torch.compile reduce-overhead",
-                                           "gpt-fast": "static cache, compiled decode step (gpt-fast)"}[mode]
+    for impl, modes in reference_variants(args).items():
         try:
-            if args.store:
-                from bench.store_reference import reference_from_store
-
-                model = reference_from_store(source, device, dtype, impl)
-            else:
-                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, experts_implementation=impl)
-                model = model.to(device).eval()
-            generate = gptfast_generate(model, ids.shape[1] + args.tokens) if mode == "gpt-fast" else \
-                hf_generate(model, **_compile_kwargs(model, mode))
-            for _ in range(2 if mode != "eager" else 1):
-                generate(ids, 8)  # warm-up: kernels, allocator; compile and graph recording
+            model = load_reference(source, device, dtype, impl, args)
         except Exception as exc:
-            errors.append({"system": name, "error": str(exc).splitlines()[0][:120]})
-            free_memory()
+            errors += [error_row(reference_name(impl, mode), exc) for mode in modes]
             continue
-        contenders.append(Contender(name, generate))
+        for mode in modes:
+            try:
+                contenders.append(Contender(reference_name(impl, mode), reference_generate(model, mode, ids, args)))
+            except Exception as exc:
+                errors.append(error_row(reference_name(impl, mode), exc))
+                free_memory()
     return contenders, errors
+
+
+def reference_rows(source: Path, device, dtype, ids, args, impl: str, on_row=lambda row: None) -> list[dict]:
+    """One experts implementation's transformers rows, timed one mode after another on one
+    loaded model, then freed (--sequential, and the child processes of --isolate)."""
+    set_inductor_options(args.inductor)
+    modes = reference_variants(args)[impl]
+    try:
+        model = load_reference(source, device, dtype, impl, args)
+    except Exception as exc:
+        rows = [error_row(reference_name(impl, mode), exc) for mode in modes]
+        for row in rows:
+            on_row(row)
+        return rows
+    rows = []
+    for mode in modes:
+        name = reference_name(impl, mode)
+        try:
+            generate = reference_generate(model, mode, ids, args)
+            row = {"system": name, "tok_s": timed_rounds([Contender(name, generate)], ids, args.tokens,
+                                                         args.repeats, device)[name]}
+        except Exception as exc:
+            row = error_row(name, exc)
+        row["transformers"] = _transformers_version()
+        rows.append(row)
+        on_row(row)
+    del model
+    free_memory()
+    return rows
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def isolated_reference_rows(source: Path, argv: list[str], args) -> list[dict]:
+    """Each experts implementation's transformers rows timed in a child process (this module
+    with --reference-child): a segfault in the compiler or a leaked CUDA-graph pool ends that
+    child, not the benchmark, and the rows it had not written become error rows."""
+    environments = args.reference_pythonpath or [None]
+    rows = []
+    for pythonpath in environments:
+        for impl, modes in reference_variants(args).items():
+            written, failure = _run_child(source, argv, args, impl, pythonpath)
+            done = {row["system"] for row in written}
+            rows += written + [error_row(reference_name(impl, m), failure) for m in modes
+                               if failure and reference_name(impl, m) not in done]
+    if len(environments) > 1:  # say which transformers each row ran
+        for row in rows:
+            row["system"] += f" [transformers {row.get('transformers', '?')}]"
+    return rows
+
+
+def _run_child(source: Path, argv: list[str], args, impl: str, pythonpath: str | None) -> tuple[list[dict], str]:
+    import os
+    import subprocess
+
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        command = [sys.executable, "-m", "bench", "decode", *_without_outputs(argv), "--reference-child", impl,
+                   "--child-json", str(out)] + ([] if args.store else ["--model", str(source)])
+        child = subprocess.run(command, stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parent.parent)
+        written = json.loads(out.read_text()) if out.exists() else []
+    version = _child_version(env)
+    for row in written:
+        row.setdefault("transformers", version)
+    return written, (_child_failure(child) if child.returncode else "")
+
+
+def _child_version(env: dict) -> str:
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
+                          capture_output=True, text=True, env=env)
+    return done.stdout.strip() or "?"
+
+
+def _without_outputs(argv: list[str]) -> list[str]:
+    """argv less what a child must not inherit: outputs, the work dir, the parent's --model."""
+    out, skip = [], False
+    for token in _provenance.without_outputs(argv):
+        if skip:
+            skip = False
+        elif token in ("--workdir", "--model", "--reference-pythonpath"):
+            skip = True
+        elif token not in ("--isolate", "--sequential") and \
+                not token.startswith(("--workdir=", "--model=", "--reference-pythonpath=")):
+            out.append(token)
+    return out
+
+
+def _child_failure(child) -> str:
+    import signal
+
+    code = child.returncode
+    what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+    lines = [line for line in child.stderr.splitlines() if line.strip() and not line.startswith((" ", "W1"))]
+    return f"child process {what}" + (f": {lines[-1][:120]}" if lines else "")
+
+
+def run_reference_child(args) -> int:
+    """--reference-child IMPL: time that implementation's rows, writing each as it is measured."""
+    device = args.device
+    dtype = getattr(torch, args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32"))
+    source = args.store or Path(args.model)
+    config = json.loads((source / "config.json").read_text())
+    ids = prompt_ids(config.get("vocab_size", 512), args.batch)
+    rows = []
+
+    def write(row):
+        rows.append(row)
+        args.child_json.write_text(json.dumps(rows))
+        print(f"  {row['system']}: " + (f"{row['tok_s']:.1f} tok/s" if "tok_s" in row else row["error"]),
+              file=sys.stderr, flush=True)
+
+    reference_rows(source, device, dtype, ids, args, args.reference_child, on_row=write)
+    return 0
 
 
 def gptfast_generate(model, max_len: int):
@@ -264,19 +436,24 @@ def _compile_kwargs(model, mode: str) -> dict:
 
 
 def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool, prefetch: int,
-                    args, compiled: bool = False, label: str = "") -> Contender:
+                    args, compiled: bool = False, label: str = "", caps: tuple[str, str] | None = None) -> Contender:
+    """cadre at a budget: `fraction` of all experts, or (caps) the memory plan's slots under a
+    device budget and a pinned host tier cap (GPU, host), as a smaller machine would have."""
     from models import Runtime, RuntimeConfig
 
     on_gpu = torch.device(device).type == "cuda"
     allocated = torch.cuda.memory_allocated() if on_gpu else 0
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    runtime = Runtime.from_store(store, RuntimeConfig(device=device, dtype=dtype_name, cache_fraction=fraction,
-                                                      prefetch_layers=prefetch, compile=compiled))
-    if runtime.cache.host is not None:  # GPU: every expert in pinned host RAM, the budget on the GPU
-        runtime.cache.host.warm(runtime.store, all_experts(runtime.store), runtime.cache.dtype)
+    max_len = PROMPT_LEN + args.tokens + 8
+    budget = dict(cache_fraction=fraction) if caps is None else \
+        dict(gpu_memory=caps[0], host_memory=caps[1] or None, max_model_len=max_len, max_concurrency=ids.shape[0])
+    runtime = Runtime.from_store(store, RuntimeConfig(device=device, dtype=dtype_name, prefetch_layers=prefetch,
+                                                      compile=compiled, **budget))
+    if runtime.cache.host is not None and caps is None and fraction < 1:
+        runtime.cache.host.warm(runtime.store, all_experts(runtime.store), runtime.cache.dtype)  # misses from RAM
     if graphs:
-        decoder = runtime.decoder(max_batch=ids.shape[0], max_len=PROMPT_LEN + args.tokens + 8)
+        decoder = runtime.decoder(max_batch=ids.shape[0], max_len=max_len)
         generate = decoder.generate
     else:
         generate = lambda ids, tokens: runtime.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens)
@@ -291,22 +468,57 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
         row = {
             "hit_rate": (after.hits - before.hits) / queries if queries else 0.0,
             "loads_per_token": (sum(after.loads.values()) - sum(before.loads.values())) / tokens,
+            "disk_loads_per_token": (after.loads["disk"] - before.loads["disk"]) / tokens,
             "bytes_per_token": (after.bytes_loaded - before.bytes_loaded) / tokens,  # as moved: quantised stays so
             "expert_bytes": runtime.cache.slot_bytes,
             "cache_gib": after.capacity_bytes / 2**30,
+            "experts_fraction": runtime.cache.num_slots / len(all_experts(runtime.store)),
+            "routing_entropy": routing_entropy(runtime, generate, ids, args.tokens),
         }
         if on_gpu:
-            row["gpu_peak_gib"] = peak / 2**30  # trunk + cache slots + KV + warm-up activations
+            row["gpu_peak_gib"] = max(peak, torch.cuda.max_memory_allocated() - allocated) / 2**30
+        if runtime.cache.host is not None:
+            host = runtime.cache.host.stats()
+            row["host_cap_gib"] = host.capacity_bytes / 2**30 if host.capacity_bytes else None
+            row["host_peak_gib"] = host.peak_pinned_bytes / 2**30
+        if caps:
+            row["gpu_cap"], row["host_cap"] = caps
         runtime.close()
         return row
 
-    name = f"cadre {fraction:.0%} of experts{label}, " + ("slot-cache decoder" + (" (CUDA graphs)" if on_gpu else "")
-                                                 if graphs else "transformers generate()")
+    if caps:
+        share = runtime.cache.num_slots / len(all_experts(runtime.store))
+        name = f"cadre {caps[0]} GPU" + (f", {caps[1]} host" if caps[1] else "") + f" ({share:.0%} of experts){label}"
+    else:
+        name = f"cadre {fraction:.0%} of experts{label}"
+    name += ", " + ("slot-cache decoder" + (" (CUDA graphs)" if on_gpu else "") if graphs else "transformers generate()")
     if prefetch:
         name += f", prefetch {prefetch} layer" + ("s" if prefetch > 1 else "")
     if compiled:
         name += ", compiled leaves"
     return Contender(name, generate, finish)
+
+
+def routing_entropy(runtime, generate, ids, tokens: int) -> float:
+    """Mean over MoE layers of the routing entropy / log(E) of one untimed run (1 = uniform):
+    the spread a synthetic store's routers give, printed beside its results."""
+    counts: dict[int, torch.Tensor] = {}
+
+    def count(event):
+        chosen = event.experts[event.experts >= 0].flatten()
+        total = counts.setdefault(event.layer, torch.zeros(runtime.store.num_experts))
+        total += torch.bincount(chosen, minlength=total.numel())[: total.numel()].float()
+
+    runtime.add_routing_listener(count)
+    try:
+        generate(ids, tokens)
+    finally:
+        runtime.remove_routing_listener(count)
+    entropies = []
+    for total in counts.values():
+        p = total[total > 0] / total.sum()
+        entropies.append(float(-(p * p.log()).sum() / math.log(total.numel())))
+    return sum(entropies) / len(entropies) if entropies else float("nan")
 
 
 def expert_stores(checkpoint: Path, store: Path, workdir: Path, formats: str) -> dict[str, Path]:
@@ -372,24 +584,73 @@ def add_floors(rows: list[dict], bandwidth: float) -> None:
 
 
 def print_table(title: str, rows: list[dict]) -> None:
+    """tok/s beside each cadre row's cache figures: hit rate, loads (and those from disk) per
+    token, MB moved per token and the H2D rate that achieved, the copy-bound floor, peak GPU
+    and pinned host memory, and the routing entropy it saw (1 = uniform over the experts)."""
     print(f"\n{title}")
-    print(f"{'system':<66} {'tok/s':>8} {'hit rate':>9} {'loads/tok':>10} {'MB/tok':>8} {'copy floor':>11} "
-          f"{'GPU peak GiB':>13}")
+    print(f"{'system':<66} {'tok/s':>7} {'hit':>6} {'loads/tok':>9} {'disk/tok':>8} {'MB/tok':>7} {'GB/s':>5} "
+          f"{'floor':>6} {'GPU GiB':>7} {'host GiB':>8} {'entropy':>7}")
+    fmt = lambda row, key, spec: format(row[key], spec) if row.get(key) is not None else "-"
     for r in rows:
         if "error" in r:
-            print(f"{r['system']:<66} {'n/a':>8}  ({r['error']})")
+            print(f"{r['system']:<66} {'n/a':>7}  ({r['error']})")
             continue
-        hit = f"{r['hit_rate']:.1%}" if "hit_rate" in r else "-"
-        loads = f"{r['loads_per_token']:.2f}" if "loads_per_token" in r else "-"
-        floor = r.get("copy_floor_tok_s")
-        floor = f"{floor:.0f}" if floor else "-"
-        peak = f"{r['gpu_peak_gib']:.2f}" if "gpu_peak_gib" in r else "-"
-        moved = f"{r['bytes_per_token'] / 1e6:.2f}" if "bytes_per_token" in r else "-"
-        print(f"{r['system']:<66} {r['tok_s']:>8.1f} {hit:>9} {loads:>10} {moved:>8} {floor:>11} {peak:>13}")
+        moved = r.get("bytes_per_token")
+        rate = f"{moved * r['tok_s'] / 1e9:.1f}" if moved else "-"
+        print(f"{r['system']:<66} {r['tok_s']:>7.1f} {fmt(r, 'hit_rate', '.1%'):>6} "
+              f"{fmt(r, 'loads_per_token', '.2f'):>9} {fmt(r, 'disk_loads_per_token', '.2f'):>8} "
+              f"{(f'{moved / 1e6:.1f}' if moved is not None else '-'):>7} {rate:>5} {fmt(r, 'copy_floor_tok_s', '.0f'):>6} "
+              f"{fmt(r, 'gpu_peak_gib', '.2f'):>7} {fmt(r, 'host_peak_gib', '.2f'):>8} "
+              f"{fmt(r, 'routing_entropy', '.3f'):>7}")
+
+
+def cadre_factories(checkpoint: Path, store: Path, workdir: Path, device, dtype_name, ids, args) -> list:
+    """A builder per cadre row: each budget (fractions, then --gpu-memory x --host-memory caps),
+    with and without prefetch, and the optional eager and compiled variants."""
+    budgets = [float(f) for f in args.budgets.split(",") if f]
+    caps = [(gpu, host) for gpu in args.gpu_memory.split(",") if gpu for host in (args.host_memory.split(",") or [""])]
+    modes = [True, False] if args.cadre_eager else [True]
+    depths = [int(d) for d in args.prefetch.split(",")]
+    build = lambda path, fraction, graphs, depth, **kw: \
+        lambda: cadre_contender(path, device, dtype_name, ids, fraction, graphs, depth, args, **kw)
+    factories = [build(path, fraction, graphs, depth, label=label)
+                 for label, path in expert_stores(checkpoint, store, workdir, args.expert_formats).items()
+                 for fraction in budgets for graphs in modes for depth in (depths if fraction < 1 else [0])]
+    factories += [build(store, None, True, depth, caps=cap) for cap in caps for depth in depths]
+    if args.cadre_compile:
+        factories += [build(store, fraction, True, 0, compiled=True) for fraction in budgets]
+    return factories
+
+
+def measure_all(checkpoint, store, workdir, device, dtype, dtype_name, ids, argv, args) -> list[dict]:
+    """Every row. By default every system is loaded first and the rounds interleaved; with
+    --sequential each is loaded, timed and freed in turn; with --isolate the transformers
+    rows are timed in child processes first, before cadre takes any GPU memory."""
+    factories = cadre_factories(checkpoint, store, workdir, device, dtype_name, ids, args)
+    if args.isolate:
+        rows = isolated_reference_rows(checkpoint, argv, args)
+    elif args.sequential:
+        rows = [row for impl in reference_variants(args)
+                for row in reference_rows(checkpoint, device, dtype, ids, args, impl)]
+    if args.sequential:
+        for factory in factories:
+            contender = factory()
+            rate = timed_rounds([contender], ids, args.tokens, args.repeats, device)[contender.system]
+            rows.append({"system": contender.system, "tok_s": rate, **contender.finish()})
+            del contender
+            free_memory()
+        return rows
+    contenders, errors = ([], []) if args.isolate else transformers_contenders(checkpoint, device, dtype, ids, args)
+    contenders += [factory() for factory in factories]
+    rates = timed_rounds(contenders, ids, args.tokens, args.repeats, device)
+    measured = [{"system": c.system, "tok_s": rates[c.system], **c.finish()} for c in contenders]
+    return (rows if args.isolate else []) + measured + errors
 
 
 def main(argv) -> int:
     args = parse_args(argv)
+    if args.reference_child:
+        return run_reference_child(args)
     load_before = _provenance.load_average()
     from extractor import extract_store
     from extractor.store import ExpertStore
@@ -410,29 +671,17 @@ def main(argv) -> int:
     config = json.loads((checkpoint / "config.json").read_text())
     ids = prompt_ids(config.get("vocab_size", 512), args.batch)
 
-    contenders, errors = transformers_contenders(checkpoint, device, dtype, ids, args)
-    budgets = [float(f) for f in args.budgets.split(",")]
-    modes = [True, False] if args.cadre_eager else [True]
-    depths = [int(d) for d in args.prefetch.split(",")]
     if args.store and args.expert_formats != "store":
         raise SystemExit("--expert-formats extracts its stores from a checkpoint: give --model, not --store")
-    stores = expert_stores(checkpoint, store, workdir, args.expert_formats)
-    contenders += [cadre_contender(path, device, dtype_name, ids, fraction, graphs, depth, args, label=label)
-                   for label, path in stores.items() for fraction in budgets for graphs in modes
-                   for depth in (depths if fraction < 1 else [0])]
-    if args.cadre_compile:
-        contenders += [cadre_contender(store, device, dtype_name, ids, fraction, True, 0, args, compiled=True)
-                       for fraction in budgets]
-    rates = timed_rounds(contenders, ids, args.tokens, args.repeats, device)
-    rows = [{"system": c.system, "tok_s": rates[c.system], **c.finish()} for c in contenders] + errors
-    del contenders
+    rows = measure_all(checkpoint, store, workdir, device, dtype, dtype_name, ids, argv, args)
     free_memory()
     bandwidth = None
     if on_gpu:
         bandwidth = h2d_bandwidth()
         add_floors(rows, bandwidth)
     if args.accelerate and on_gpu and not args.store:  # at the GPU memory of cadre's smallest budget
-        peak = max(r["gpu_peak_gib"] for r in rows if r["system"].startswith(f"cadre {min(budgets):.0%}"))
+        smallest = min(float(f) for f in args.budgets.split(","))
+        peak = max(r["gpu_peak_gib"] for r in rows if r["system"].startswith(f"cadre {smallest:.0%}"))
         rows.append(bench_accelerate(checkpoint, dtype, ids, int(peak * 2**30), args))
 
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
@@ -441,6 +690,10 @@ def main(argv) -> int:
              f"store {store_dtype}) on {device_name}")
     if bandwidth:
         title += f"; pinned H2D {bandwidth / 1e9:.1f} GB/s"
+    synthetic = ExpertStore.open(store).manifest.get("synthetic")
+    if synthetic:
+        title += f"\nsynthetic store (random weights, seed {synthetic.get('seed')}); routing spread: " + \
+            ", ".join(f"{k} {v}" for k, v in synthetic.items() if k not in ("config", "seed", "device"))
     print_table(title, rows)
     if args.json:
         _provenance.write(args.json, "decode", argv, rows, load_before, device=device_name, model=model_name,

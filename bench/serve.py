@@ -51,6 +51,8 @@ def parse_args(argv):
     p.add_argument("--duration", type=float, default=90.0, help="seconds per level at most (requests in flight finish)")
     p.add_argument("--max-tokens", type=int, default=32, help="max_new_tokens of every request")
     p.add_argument("--cache-fraction", type=float, default=None, help="server --cache-fraction")
+    p.add_argument("--gpu-memory", help="server --gpu-memory (the memory plan sizes the expert slots)")
+    p.add_argument("--host-memory", help="server --host-memory (the pinned host tier's cap)")
     p.add_argument("--eviction", default="layer-lru", help="server --eviction (default: the server's, layer-lru)")
     p.add_argument("--engine", default="auto", help="server --engine (auto: the decoder on CUDA)")
     p.add_argument("--max-model-len", type=int, default=1024, help="server --max-model-len")
@@ -88,6 +90,9 @@ def start_server(args, port: int, max_concurrency: int) -> subprocess.Popen:
         command += ["--model", args.model]
     if args.cache_fraction:
         command += ["--cache-fraction", str(args.cache_fraction)]
+    for flag, value in (("--gpu-memory", args.gpu_memory), ("--host-memory", args.host_memory)):
+        if value:
+            command += [flag, value]
     command += ["--eviction", args.eviction, "--engine", args.engine, "--max-model-len", str(args.max_model_len)]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -253,6 +258,26 @@ def reference_round(argv: list[str], round_: int) -> list[dict]:
     return [{"round": round_, **row} for row in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
+MEMORY_GAUGES = {  # /metrics sample -> the name printed
+    'cadre_device_memory_peak_bytes': "GPU peak",
+    'cadre_memory_budget_bytes{memory="device"}': "GPU budget",
+    'cadre_memory_plan_bytes{part="expert_cache"}': "expert slots",
+    'cadre_memory_plan_bytes{part="kv_cache"}': "KV cache",
+    'cadre_host_tier_pinned_peak_bytes': "pinned host peak",
+    'cadre_memory_plan_bytes{part="host_tier"}': "host tier cap",
+}
+
+
+def scrape_memory(url: str) -> dict[str, float]:
+    """The server's peak GPU and pinned host memory beside its plan's budgets."""
+    found = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample in MEMORY_GAUGES:
+            found[MEMORY_GAUGES[sample]] = float(value)
+    return found
+
+
 def fraction(value) -> str:
     return "-" if value is None else f"{value:.1%}"
 
@@ -294,7 +319,7 @@ def main(argv) -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = start_server(args, port, max(levels_wanted))
-    levels, reference = [], []
+    levels, reference, memory = [], [], {}
     with_reference = not (args.no_reference or args.store)
     load_before = os.getloadavg()[0]
     try:
@@ -309,6 +334,7 @@ def main(argv) -> int:
                       f"{levels[-1]['tok_s']:.1f} tok/s", file=sys.stderr)
             if with_reference:  # the server idles meanwhile (it holds no work)
                 reference += reference_round(_provenance.without_outputs(argv), round_ + 1)
+        memory = scrape_memory(url)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -319,11 +345,15 @@ def main(argv) -> int:
     # Other work on the machine changes every figure: say how busy it was.
     description = (f"python -m bench serve: {model} on {args.device} (dtype {args.dtype}), "
                    f"{args.max_tokens} max new tokens, greedy, streaming /generate over loopback, "
-                   f"cache {args.cache_fraction or 1.0:.0%} of experts, eviction {args.eviction}; "
+                   + (f"GPU budget {args.gpu_memory}, host tier {args.host_memory or 'default'}"
+                      if args.gpu_memory else f"cache {args.cache_fraction or 1.0:.0%} of experts")
+                   + f", eviction {args.eviction}; "
                    f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} at the start, "
                    f"{os.getloadavg()[0]:.1f} at the end")
     print_results(levels, reference, description)
+    if memory:
+        print("server memory (from /metrics): " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items()))
     if args.json:
         _provenance.write(args.json, "serve", argv, levels, load_before, reference=reference,
-                          description=description)
+                          description=description, memory=memory)
     return 0 if all(r["errors_5xx"] == 0 for r in levels) else 1

@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/decoding.md and the GPU tests, as stages run on the lent H200:
 #
-#   bash scripts/gpu_h200.sh tests decode8l serve8l fp8     # results and logs under $OUT
+#   bash scripts/gpu_h200.sh decode8l tests serve8l           # results and logs under $OUT
+#   bash scripts/gpu_h200.sh synth full                      # then: serve-full smoke-full breakdown-full
 #
 # The machine has python3 with torch 2.11 and transformers 5.17; cadre is tested on 5.24, carried
-# as a wheel in .whl/ (pip download transformers==5.24.0 --no-deps -d .whl). Stages share
-# /tmp/bw (the 8-layer Qwen3-30B-A3B slice and its store), so run them on one warm machine.
+# as a wheel in .whl/ (pip download transformers==5.24.0 --no-deps -d .whl) and put first on
+# PYTHONPATH; the transformers reference rows run in child processes on the machine's own 5.17
+# (stock, as a user of that machine has it; each row names its version). Stages share /tmp/bw
+# (the 8-layer slice) and /tmp/s48 (the full-depth synthetic store), so run them on one warm
+# machine; the disk (64 GiB) holds one of the two, so the full-depth stages delete /tmp/bw.
 # CADRE_COMMIT names the commit measured (the machine receives a copy of the working tree).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-deps .whl/transformers-*.whl 2>&1 | grep -v WARNING
+[ -d /tmp/site/transformers ] || python3 -m pip install -q --no-deps --target /tmp/site .whl/transformers-*.whl 2>&1 | grep -v WARNING
+export PYTHONPATH=/tmp/site
+STOCK=(--isolate --reference-pythonpath "")
+FULL=/tmp/s48
 quiet() { grep -v "Loading\|Writing\|^W1\|^  File\|^    \|UserWarning\|warnings.warn\|_warn_once"; }
 MODEL=(--model qwen3-30b-a3b-8l --device cuda --workdir /tmp/bw)
 
@@ -19,10 +26,40 @@ for stage in "$@"; do
   case "$stage" in
     tests)  # every GPU test: the captured decode path, the runtime, families, host tier
       timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
-    decode8l)  # batch 1: references (eager, gpt-fast compiled), cadre graphs +- prefetch, compiled leaves
-      timeout 420 python3 -m bench decode "${MODEL[@]}" --budgets 1.0,0.25 --prefetch 0,1 --cadre-compile \
-        --impls batched_mm --compile --compile-modes gpt-fast --compile-impls batched_mm --tokens 64 --repeats 3 \
-        --json "$OUT/decode_h200_8l_b1_ref.json" 2>&1 | tee "$OUT/decode_h200_8l_b1_ref.log" | quiet | tail -16 ;;
+    decode8l)  # batch 1: references (eager, compiled two ways), cadre graphs +- prefetch
+      timeout 300 python3 -m bench decode "${MODEL[@]}" "${STOCK[@]}" --budgets 1.0,0.25 --prefetch 0,1 \
+        --impls batched_mm --compile --compile-modes gpt-fast,compiled --compile-impls batched_mm,grouped_mm \
+        --tokens 64 --repeats 3 --json "$OUT/decode_h200_8l_b1.json" 2>&1 | tee "$OUT/decode_h200_8l_b1.log" \
+        | quiet | tail -14 ;;
+    decode8l-b16)  # batch 16: cadre 100% / 25% beside transformers' compiled batch
+      timeout 200 python3 -m bench decode "${MODEL[@]}" "${STOCK[@]}" --batch 16 --budgets 1.0,0.25 \
+        --impls batched_mm --compile --compile-modes gpt-fast --compile-impls batched_mm --tokens 32 --repeats 2 \
+        --json "$OUT/decode_h200_8l_b16.json" 2>&1 | tee "$OUT/decode_h200_8l_b16.log" | quiet | tail -8 ;;
+    breakdown8l)  # per-token compute / copies / GPU idle at 25%, graphs and eager
+      timeout 120 python3 -m bench breakdown --model qwen3-30b-a3b-8l --workdir /tmp/bw --budget 0.25 \
+        --json "$OUT/breakdown_h200_8l.json" 2>&1 | tee "$OUT/breakdown_h200_8l.log" | quiet | tail -4 ;;
+    synth)  # the full-depth Qwen3-30B-A3B store (48 layers, 61 GB; 46 if the disk is short)
+      rm -rf /tmp/bw
+      if [ ! -f $FULL/manifest.json ]; then
+        rm -rf $FULL; free=$(df --output=avail -B1G /tmp | tail -1); layers=$([ "$free" -ge 63 ] && echo 48 || echo 46)
+        echo "disk free ${free} GiB: $layers layers"
+        timeout 300 python3 -m bench synth-store --config qwen3-30b-a3b --out $FULL --layers $layers --device cuda \
+          2>&1 | tee "$OUT/synth_store.log" | tail -3
+      fi ;;
+    full)  # full depth, batch 1: transformers resident (eager, compiled) vs cadre at 100% and under caps
+      timeout 420 python3 -m bench decode --store $FULL --device cuda "${STOCK[@]}" --sequential --impls batched_mm \
+        --compile --compile-modes gpt-fast --compile-impls batched_mm --budgets 1.0 --gpu-memory 24GiB,16GiB \
+        --host-memory 32GiB,8GiB --tokens 32 --repeats 2 --json "$OUT/decode_h200_full.json" 2>&1 \
+        | tee "$OUT/decode_h200_full.log" | quiet | tail -12 ;;
+    serve-full)  # the server on the full-depth store at 24 GiB GPU / 32 GiB host, 1/4/16 streaming clients
+      timeout 300 python3 -m bench serve --store $FULL --device cuda --dtype bfloat16 --gpu-memory 24GiB \
+        --host-memory 32GiB --clients 1,4,16 --requests 32 --duration 60 --max-tokens 32 --rounds 1 \
+        --json "$OUT/serve_h200_full.json" 2>&1 | tee "$OUT/serve_h200_full.log" | quiet | tail -10 ;;
+    smoke-full)  # python -m server --store --gpu-memory 24GiB: /generate with trace, a chat request, the plan
+      bash scripts/smoke_full_depth.sh $FULL 2>&1 | tee "$OUT/smoke_full.log" | tail -12 ;;
+    breakdown-full)  # per-token compute / copies / GPU idle per MoE layer at full depth, 24 GiB
+      timeout 150 python3 -m bench breakdown --store $FULL --gpu-memory 24GiB --host-memory 32GiB --no-eager \
+        --tokens 16 --json "$OUT/breakdown_h200_full.json" 2>&1 | tee "$OUT/breakdown_h200_full.log" | quiet | tail -3 ;;
     serve-demo)  # the server's decoder engine (CUDA graphs) on the demo model: real routing, 25% and 100%
       for fraction in 0.25 1.0; do
         timeout 150 python3 -m bench serve --device cuda --dtype bfloat16 --cache-fraction "$fraction" \
@@ -31,14 +68,15 @@ for stage in "$@"; do
       done ;;
     serve8l)  # the server's decoder engine at 25% and 100% of experts, 1/4/16 streaming clients
       for fraction in 0.25 1.0; do
-        timeout 240 python3 -m bench serve --model /tmp/bw/qwen3-30b-a3b-8l --device cuda --dtype bfloat16 \
-          --cache-fraction "$fraction" --clients 1,4,16 --requests 32 --max-tokens 64 --rounds 1 --no-reference \
+        timeout 150 python3 -m bench serve --store /tmp/bw/store --device cuda --dtype bfloat16 \
+          --cache-fraction "$fraction" --clients 1,4,16 --requests 32 --duration 30 --max-tokens 64 --rounds 1 --no-reference \
           --json "$OUT/serve_h200_8l_${fraction}.json" 2>&1 | tee "$OUT/serve_h200_8l_${fraction}.log" | quiet | tail -8
       done ;;
     fp8)  # FP8 vs bf16 experts at 25%: tok/s, loads and bytes per token (issue 13)
       timeout 300 python3 -m bench decode "${MODEL[@]}" --budgets 0.25 --expert-formats bf16,fp8 --impls grouped_mm \
         --tokens 64 --repeats 3 --json "$OUT/decode_h200_8l_fp8.json" 2>&1 | tee "$OUT/decode_h200_8l_fp8.log" \
         | quiet | tail -8 ;;
-    *) echo "unknown stage $stage (tests, decode8l, serve-demo, serve8l, fp8)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (tests decode8l decode8l-b16 breakdown8l serve-demo serve8l fp8 synth full" \
+         "serve-full smoke-full breakdown-full)" >&2; exit 2 ;;
   esac
 done

@@ -124,6 +124,21 @@ class ExpertCollector:
                                     value=tier.pinned_bytes)
             yield GaugeMetricFamily("cadre_host_tier_pinned_peak_bytes", "Most pinned host memory the tier held.",
                                     value=tier.peak_pinned_bytes)
+        yield from _device_memory()
+
+
+def _device_memory():
+    """The CUDA caching allocator's figures (what the plan's device budget must bound)."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return
+    yield GaugeMetricFamily("cadre_device_memory_allocated_bytes", "Device memory the server's tensors hold.",
+                            value=torch.cuda.memory_allocated())
+    yield GaugeMetricFamily("cadre_device_memory_peak_bytes", "Most device memory the server's tensors held.",
+                            value=torch.cuda.max_memory_allocated())
+    yield GaugeMetricFamily("cadre_device_memory_reserved_bytes", "Device memory the allocator holds "
+                            "(allocated plus its cached free blocks).", value=torch.cuda.memory_reserved())
 
 
 class PlanCollector:
