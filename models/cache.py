@@ -86,6 +86,11 @@ class Lease:
     def complete(self) -> bool:
         return not self.missing
 
+    @property
+    def empty(self) -> bool:
+        """Nothing to compute: every slot unused (a lossy policy dropped them all)."""
+        return not self.slots and not self.missing
+
     def slot_range(self) -> tuple[int, int]:
         """[first, end) spanning the pinned slots."""
         return min(self.slots.values()), max(self.slots.values()) + 1

@@ -103,6 +103,7 @@ class _WholeBuffer:
 
     range: tuple[int, int]
     complete: bool = True
+    empty: bool = False  # the captured piece computes whatever the replay routes
 
     def slot_range(self) -> tuple[int, int]:
         return self.range

@@ -114,7 +114,7 @@ class ExpertLayer:
         """Make the chosen experts resident, then compute. When the budget cannot pin them
         all at once, they stream through it: each lease computes only its own rows."""
         lease = self.hooks.resident(self, top_k_index, hidden)
-        if lease.complete and not lease.slots:  # every slot unused (a lossy policy dropped them all)
+        if lease.empty:
             self.hooks.release(self, lease)
             return torch.zeros_like(hidden)  # [T,H]
         if lease.complete:
