@@ -623,27 +623,28 @@ def cadre_factories(checkpoint: Path, store: Path, workdir: Path, device, dtype_
 
 def measure_all(checkpoint, store, workdir, device, dtype, dtype_name, ids, argv, args) -> list[dict]:
     """Every row. By default every system is loaded first and the rounds interleaved; with
-    --sequential each is loaded, timed and freed in turn; with --isolate the transformers
-    rows are timed in child processes first, before cadre takes any GPU memory."""
+    --sequential each is loaded, timed and freed in turn (cadre first, each row printed as it
+    is measured, so a run cut short keeps what it measured); with --isolate the transformers
+    rows are timed in child processes, while cadre holds no GPU memory."""
     factories = cadre_factories(checkpoint, store, workdir, device, dtype_name, ids, args)
-    if args.isolate:
-        rows = isolated_reference_rows(checkpoint, argv, args)
-    elif args.sequential:
-        rows = [row for impl in reference_variants(args)
-                for row in reference_rows(checkpoint, device, dtype, ids, args, impl)]
     if args.sequential:
+        rows = []
         for factory in factories:
             contender = factory()
             rate = timed_rounds([contender], ids, args.tokens, args.repeats, device)[contender.system]
             rows.append({"system": contender.system, "tok_s": rate, **contender.finish()})
+            print(f"  {contender.system}: {rate:.1f} tok/s", file=sys.stderr, flush=True)
             del contender
             free_memory()
-        return rows
+        if args.isolate:
+            return rows + isolated_reference_rows(checkpoint, argv, args)
+        return rows + [row for impl in reference_variants(args)
+                       for row in reference_rows(checkpoint, device, dtype, ids, args, impl)]
+    rows = isolated_reference_rows(checkpoint, argv, args) if args.isolate else []
     contenders, errors = ([], []) if args.isolate else transformers_contenders(checkpoint, device, dtype, ids, args)
     contenders += [factory() for factory in factories]
     rates = timed_rounds(contenders, ids, args.tokens, args.repeats, device)
-    measured = [{"system": c.system, "tok_s": rates[c.system], **c.finish()} for c in contenders]
-    return (rows if args.isolate else []) + measured + errors
+    return rows + [{"system": c.system, "tok_s": rates[c.system], **c.finish()} for c in contenders] + errors
 
 
 def main(argv) -> int:

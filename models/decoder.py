@@ -42,6 +42,10 @@ log = logging.getLogger("cadre.decoder")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 LENGTH_STEP = 256  # attended lengths are rounded up to this: few shapes, few captures
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward
+# A captured step's first replay and the eager step run the same kernels, so they agree to
+# rounding (cuBLAS may pick another algorithm inside a capture); stale host state captured
+# into a graph shows as whole different logits.
+VERIFY_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
 def unsupported_reason(model) -> str | None:
@@ -73,6 +77,7 @@ class _CapturedStep:
     logits: torch.Tensor  # [B,V] static output
     routing: tuple[list[int], torch.Tensor, torch.Tensor] | None  # MoE layers, [L,B,K] experts, weights
     outcomes: list = field(default_factory=list)
+    verified: bool = False  # its first replay matched an eager step (see Decoder._verify)
 
 
 class _CaptureHooks(StepHooks):
@@ -190,12 +195,40 @@ class Decoder:
     def _step(self, batch: int, attend: int, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         step = self._steps.get((batch, attend))
         if step is not None:
-            return self._replay(step, input_ids, positions)
+            logits = self._replay(step, input_ids, positions)
+            return logits if step.verified else self._verify(step, batch, attend, input_ids, positions, logits)
         input_ids, positions = input_ids.to(self.device), positions.to(self.device)
         logits = self._forward(input_ids, self._arange[:batch], positions, slice(0, batch), attend)
         if self.use_graphs and self._capturable(batch):
-            self._steps[(batch, attend)] = self._capture(batch, attend)
+            step = self._capture(batch, attend)
+            if step is not None:
+                self._steps[(batch, attend)] = step
         return logits
+
+    def _verify(self, step: _CapturedStep, batch: int, attend: int, input_ids, positions, replayed) -> torch.Tensor:
+        """A captured step's first replay against the same step run eagerly (it rewrites the
+        same keys and values). A model whose forward reads host state at capture time (a
+        Python int, a CPU tensor copied once) would replay stale values silently; a mismatch
+        turns capture off for this decoder, logged. The eager step's routing is not emitted
+        again, and its cache traffic is counted (one extra step per captured shape)."""
+        replayed = replayed.clone()
+        with self.runtime.routing_muted():
+            eager = self._forward(input_ids.to(self.device), self._arange[:batch], positions.to(self.device),
+                                  slice(0, batch), attend)
+        tolerance = VERIFY_TOLERANCE.get(replayed.dtype, 2e-2)
+        if torch.allclose(replayed.float(), eager.float(), rtol=tolerance, atol=tolerance):
+            step.verified = True
+            return replayed
+        diff = float((replayed.float() - eager.float()).abs().max())
+        self._disable_graphs(f"the captured step (batch {batch}, {attend} positions) differs from the eager "
+                             f"step by up to {diff:.3g} in the logits")
+        return eager
+
+    def _disable_graphs(self, reason: str) -> None:
+        log.warning("decode steps run eagerly from now on (no CUDA graphs) for %s: %s",
+                    type(self.model).__name__, reason)
+        self.use_graphs = False
+        self._steps.clear()
 
     @torch.inference_mode()
     def capture_all(self) -> int:
@@ -221,7 +254,7 @@ class Decoder:
         return min(store.num_experts, batch * store.top_k) <= self.runtime.cache.num_slots
 
     # --- capture and replay -------------------------------------------------------------------------
-    def _capture(self, batch: int, attend: int) -> _CapturedStep:
+    def _capture(self, batch: int, attend: int) -> _CapturedStep | None:
         input_ids = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
         positions = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
         pieces = [torch.cuda.CUDAGraph()]
@@ -232,9 +265,15 @@ class Decoder:
         try:
             with torch.cuda.stream(stream):
                 pieces[0].capture_begin(pool=self.pool)
-                logits = self._forward(input_ids, self._arange[:batch], positions, slice(0, batch), attend)
-                routing = _stack_routing(hooks.routes)
-                pieces[-1].capture_end()
+                try:
+                    logits = self._forward(input_ids, self._arange[:batch], positions, slice(0, batch), attend)
+                    routing = _stack_routing(hooks.routes)
+                finally:
+                    pieces[-1].capture_end()  # also on failure: a stream left capturing breaks every later call
+        except RuntimeError as exc:  # the model's forward does something a graph cannot hold
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self._disable_graphs(f"capture failed: {str(exc).splitlines()[0][:200]}")
+            return None
         finally:
             self._set_hooks(EAGER)
         torch.cuda.current_stream(self.device).wait_stream(stream)

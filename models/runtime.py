@@ -10,6 +10,8 @@ and the routing decision are cadre's.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -159,6 +161,15 @@ class Runtime:
 
     def remove_routing_listener(self, fn: Callable[[RoutingEvent], None]) -> None:
         self._listeners.remove(fn)
+
+    @contextlib.contextmanager
+    def routing_muted(self):
+        """No routing events inside (a forward recomputed to check another: its tokens were reported)."""
+        listeners, self._listeners = self._listeners, []
+        try:
+            yield
+        finally:
+            self._listeners = listeners
 
     @property
     def has_routing_listeners(self) -> bool:

@@ -27,7 +27,7 @@ MODEL=(--model qwen3-30b-a3b-8l --device cuda --workdir /tmp/bw)
 for stage in "$@"; do
   case "$stage" in
     tests)  # every GPU test: the captured decode path, the runtime, families, host tier
-      timeout 140 python3 -m pytest -m gpu -q -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) 2>&1 \
+      timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) 2>&1 \
         | tee "$OUT/pytest_gpu.log" | tail -15 ;;
     decode8l)  # batch 1: references (eager, compiled two ways), cadre graphs +- prefetch
       timeout 230 python3 -m bench decode "${MODEL[@]}" "${STOCK[@]}" --budgets 1.0,0.25 --prefetch 0,1 \
@@ -46,11 +46,11 @@ for stage in "$@"; do
       if [ ! -f $FULL/manifest.json ]; then
         rm -rf $FULL; free=$(df --output=avail -B1G /tmp | tail -1); layers=$([ "$free" -ge 63 ] && echo 48 || echo 46)
         echo "disk free ${free} GiB: $layers layers"
-        timeout 300 python3 -m bench synth-store --config qwen3-30b-a3b --out $FULL --layers $layers --device cuda \
+        timeout 200 python3 -m bench synth-store --config qwen3-30b-a3b --out $FULL --layers $layers --device cuda \
           2>&1 | tee "$OUT/synth_store.log" | tail -3
       fi ;;
     full)  # full depth, batch 1: transformers resident (eager, compiled) vs cadre at 100% and under caps
-      timeout 420 python3 -m bench decode --store $FULL --device cuda "${STOCK[@]}" --sequential --impls batched_mm \
+      timeout 330 python3 -m bench decode --store $FULL --device cuda "${STOCK[@]}" --sequential --impls batched_mm \
         --compile --compile-modes gpt-fast --compile-impls batched_mm --budgets 1.0 --gpu-memory 24GiB,16GiB \
         --host-memory 32GiB,8GiB --tokens 32 --repeats 2 --json "$OUT/decode_h200_full.json" 2>&1 \
         | tee "$OUT/decode_h200_full.log" | quiet | tail -12 ;;
