@@ -27,6 +27,7 @@ log = logging.getLogger("cadre.kernels")
 # is cheaper than a grouped matmul (measured in bench/decode.py); on CPU the grouped
 # kernel wins (transformers grouped_mm 36 tok/s vs batched_mm 15 on the demo model).
 GATHER_ROWS = 32
+MAX_GROUPS = 1024  # torch's grouped matmul takes at most this many groups in one call
 
 _grouped_support: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -72,6 +73,8 @@ def _module_layout(module, proj: torch.Tensor) -> torch.Tensor:
 
 def _grouped(module, hidden, slots, weights, top_k, gate_up, down, biases=None) -> torch.Tensor:
     groups = gate_up.shape[0]
+    if groups > MAX_GROUPS:
+        return _grouped_in_chunks(module, hidden, slots, weights, top_k, gate_up, down, biases)
     order = torch.argsort(slots, stable=True)  # [S] rows sorted by slot
     histc_input = slots.float() if slots.device.type == "cpu" else slots.int()
     counts = torch.histc(histc_input, bins=groups, min=0, max=groups - 1)  # [G]
@@ -85,6 +88,23 @@ def _grouped(module, hidden, slots, weights, top_k, gate_up, down, biases=None) 
         y = y + biases[1][slots[order]]  # [S,H]
     rows = torch.empty_like(y, dtype=torch.promote_types(y.dtype, weights.dtype))
     rows[order] = y * weights[order]
+    return rows
+
+
+def _grouped_in_chunks(module, hidden, slots, weights, top_k, gate_up, down, biases) -> torch.Tensor:
+    """More slots than one grouped call takes (a real-size budget holds thousands): one call
+    per MAX_GROUPS slots, each over every row, the rows of other chunks sent to its first
+    slot and dropped. No host synchronisation, so a captured step can hold it; the extra
+    compute is paid by prefill and large batches only (small batches gather)."""
+    groups = gate_up.shape[0]
+    rows = None
+    for first in range(0, groups, MAX_GROUPS):
+        end = min(first + MAX_GROUPS, groups)
+        inside = (slots >= first) & (slots < end)  # [S]
+        local = torch.where(inside, slots - first, torch.zeros_like(slots))
+        chunk_biases = (biases[0][first:end], biases[1][first:end]) if biases is not None else None
+        part = _grouped(module, hidden, local, weights, top_k, gate_up[first:end], down[first:end], chunk_biases)
+        rows = torch.where(inside.unsqueeze(-1), part, torch.zeros_like(part) if rows is None else rows)
     return rows
 
 
