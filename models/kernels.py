@@ -27,7 +27,7 @@ log = logging.getLogger("cadre.kernels")
 # is cheaper than a grouped matmul (measured in bench/decode.py); on CPU the grouped
 # kernel wins (transformers grouped_mm 36 tok/s vs batched_mm 15 on the demo model).
 GATHER_ROWS = 32
-MAX_GROUPS = 1024  # torch's grouped matmul takes at most this many groups in one call
+MAX_GROUPS = 512  # torch 2.11 refuses 1024 groups on an H200 ("more than 1024"); half is safe
 
 _grouped_support: dict[tuple[str, torch.dtype], bool] = {}
 

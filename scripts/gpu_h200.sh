@@ -50,16 +50,16 @@ for stage in "$@"; do
           2>&1 | tee "$OUT/synth_store.log" | tail -3
       fi ;;
     full)  # full depth, batch 1: transformers resident (eager, compiled) vs cadre at 100% and under caps
-      timeout 280 python3 -m bench decode --store $FULL --device cuda "${STOCK[@]}" --sequential --impls batched_mm \
+      timeout 215 python3 -m bench decode --store $FULL --device cuda "${STOCK[@]}" --sequential --impls batched_mm \
         --compile --compile-modes gpt-fast --compile-impls batched_mm --budgets 1.0 --gpu-memory 24GiB,16GiB \
-        --host-memory 32GiB,8GiB --tokens 32 --repeats 2 --json "$OUT/decode_h200_full.json" 2>&1 \
+        --host-memory 32GiB --tokens 32 --repeats 2 --json "$OUT/decode_h200_full.json" 2>&1 \
         | tee "$OUT/decode_h200_full.log" | quiet | tail -12 ;;
     serve-full)  # the server on the full-depth store at 24 GiB GPU / 32 GiB host, 1/4/16 streaming clients
       timeout 110 python3 -m bench serve --store $FULL --device cuda --dtype bfloat16 --gpu-memory 24GiB \
         --host-memory 32GiB --clients 1,4,16 --requests 16 --duration 25 --max-tokens 32 --rounds 1 \
         --json "$OUT/serve_h200_full.json" 2>&1 | tee "$OUT/serve_h200_full.log" | quiet | tail -10 ;;
     smoke-full)  # python -m server --store --gpu-memory 24GiB: /generate with trace, a chat request, the plan
-      timeout 120 bash scripts/smoke_full_depth.sh $FULL 2>&1 | tee "$OUT/smoke_full.log" | tail -12 ;;
+      timeout 75 bash scripts/smoke_full_depth.sh $FULL 2>&1 | tee "$OUT/smoke_full.log" | tail -12 ;;
     breakdown-full)  # per-token compute / copies / GPU idle per MoE layer at full depth, 24 GiB
       timeout 150 python3 -m bench breakdown --store $FULL --gpu-memory 24GiB --host-memory 32GiB --no-eager \
         --tokens 16 --json "$OUT/breakdown_h200_full.json" 2>&1 | tee "$OUT/breakdown_h200_full.log" | quiet | tail -3 ;;
