@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shlex
 import os
 import platform
 import subprocess
@@ -75,7 +76,7 @@ def without_outputs(argv: list[str]) -> list[str]:
 
 def command(name: str, argv: list[str]) -> str:
     """The command line that reproduces the run (output paths left out)."""
-    return " ".join(["python -m bench", name, *without_outputs(argv)])
+    return " ".join(["python -m bench", name, *map(shlex.quote, without_outputs(argv))])
 
 
 def write(path: Path, name: str, argv: list[str], rows: list[dict], load_before: float, **extra) -> None:

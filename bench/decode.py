@@ -474,8 +474,9 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
             "experts_fraction": runtime.cache.num_slots / len(all_experts(runtime.store)),
             "routing_entropy": routing_entropy(runtime, generate, ids, args.tokens),
         }
-        if on_gpu:
-            row["gpu_peak_gib"] = max(peak, torch.cuda.max_memory_allocated() - allocated) / 2**30
+        if on_gpu:  # alone on the GPU (--sequential), the entropy pass counts too; else other systems would
+            row["gpu_peak_gib"] = (max(peak, torch.cuda.max_memory_allocated() - allocated)
+                                   if args.sequential else peak) / 2**30
         if runtime.cache.host is not None:
             host = runtime.cache.host.stats()
             row["host_cap_gib"] = host.capacity_bytes / 2**30 if host.capacity_bytes else None

@@ -102,7 +102,7 @@ def decode_gpu_table(name: str, results: Path) -> str:
                                       "GPU peak GiB"], body) + "\n\n" + source(name, record))
 
 
-for _name in ("decode_h200_8l_b1", "decode_h200_8l_b1_nocompile", "decode_h200_8l_b1_compiled", "decode_h200_8l_b16"):
+for _name in ("decode_h200_8l_b1",):
     renderer(_name.replace("_", "-"))(lambda results, _name=_name: decode_gpu_table(_name, results))
 
 
