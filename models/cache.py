@@ -21,6 +21,7 @@ among unpinned slots. A pinned slot is never evicted.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -109,7 +110,7 @@ class ExpertCache:
     def __init__(self, store: ExpertStore, *, device: str | torch.device = "cpu",
                  capacity_bytes: int, dtype: torch.dtype | None = None,
                  host_capacity_bytes: int | None = None, policy=None,
-                 on_load: Callable[[Key, str, float], None] | None = None):
+                 on_load: Callable[[Key, str, float], None] | None = None, load_workers: int | None = None):
         self.store = store
         self.device = torch.device(device)
         self.dtype = dtype or store.dtype
@@ -139,10 +140,13 @@ class ExpertCache:
         self._slots: OrderedDict[Key, _Slot] = OrderedDict()  # LRU order: oldest first
         self._by_layer: dict[int, OrderedDict[int, _Slot]] = {}  # the same, per layer (per-layer policies)
         self._lock = threading.Condition()
-        # One OpenMP thread for the loader: a second long-lived thread with a torch thread
+        # Loader threads of one OpenMP thread each: a long-lived thread with a torch thread
         # team of its own makes every team sleep between parallel regions on a small CPU
-        # (see server.app.in_passing_thread), and its copies are memory-bound anyway.
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cadre-loader",
+        # (see server.app.in_passing_thread), and its copies are memory-bound anyway. On a
+        # GPU several read store files at once (reading and copying release the GIL): with a
+        # host tier smaller than the store, misses are file reads, one after another otherwise.
+        self.load_workers = load_workers or default_load_workers(self.device)
+        self._loader = ThreadPoolExecutor(max_workers=self.load_workers, thread_name_prefix="cadre-loader",
                                           initializer=torch.set_num_threads, initargs=(1,))
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # Pinned host tier (GPU only): capped, LRU, refused below one layer's working set (models.host_tier)
@@ -548,6 +552,11 @@ def _check_shapes(store, key, parts, inter, hidden) -> None:
     if gate.shape != (inter, hidden) or up.shape != (inter, hidden) or down.shape != (hidden, inter):
         raise StoreError(f"{store.expert_path(*key)}: expert shapes {tuple(gate.shape)}, {tuple(up.shape)}, "
                          f"{tuple(down.shape)} do not match the store's ({inter}, {hidden})")
+
+
+def default_load_workers(device: torch.device) -> int:
+    """One loader on CPU (loads compete with the compute's cores), up to 8 on a GPU."""
+    return 1 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def _load_error(key: Key, exc: BaseException) -> StoreError:
