@@ -94,6 +94,8 @@ def parse_args(argv):
     p.add_argument("--host-memory", default="",
                    help="with --gpu-memory: pinned host tier caps (comma-separated, e.g. 32GiB,8GiB); misses "
                         "beyond the tier read the store's files")
+    p.add_argument("--load-workers", type=int, help="cadre's loader threads (RuntimeConfig.load_workers; default: "
+                   "one on CPU, up to 8 on a GPU)")
     p.add_argument("--sequential", action="store_true",
                    help="load, time and free one system at a time (a full-depth model twice does not fit)")
     p.add_argument("--isolate", action="store_true",
@@ -448,7 +450,7 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
     budget = dict(cache_fraction=fraction) if caps is None else \
         dict(gpu_memory=caps[0], host_memory=caps[1] or None, max_model_len=max_len, max_concurrency=ids.shape[0])
     runtime = Runtime.from_store(store, RuntimeConfig(device=device, dtype=dtype_name, prefetch_layers=prefetch,
-                                                      compile=compiled, **budget))
+                                                      compile=compiled, load_workers=args.load_workers, **budget))
     if runtime.cache.host is not None and caps is None and fraction < 1:
         runtime.cache.host.warm(runtime.store, all_experts(runtime.store), runtime.cache.dtype)  # misses from RAM
     if graphs:
