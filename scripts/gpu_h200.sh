@@ -54,6 +54,13 @@ for stage in "$@"; do
         --compile --compile-modes gpt-fast --compile-impls batched_mm --budgets 1.0 --gpu-memory 24GiB,16GiB \
         --host-memory 32GiB --tokens 32 --repeats 2 --json "$OUT/decode_h200_full.json" 2>&1 \
         | tee "$OUT/decode_h200_full.log" | quiet | tail -12 ;;
+    full-loaders)  # the 24 GiB row with one loader thread, then eight: what parallel store reads buy
+      for workers in 1 8; do
+        timeout 150 python3 -m bench decode --store $FULL --device cuda --sequential --impls "" --budgets "" \
+          --gpu-memory 24GiB --host-memory 32GiB --load-workers $workers --tokens 32 --repeats 2 \
+          --json "$OUT/decode_h200_full_loaders_$workers.json" 2>&1 | tee "$OUT/decode_h200_full_loaders_$workers.log" \
+          | quiet | tail -4
+      done ;;
     serve-full)  # the server on the full-depth store at 24 GiB GPU / 32 GiB host, 1/4/16 streaming clients
       timeout 110 python3 -m bench serve --store $FULL --device cuda --dtype bfloat16 --gpu-memory 24GiB \
         --host-memory 32GiB --clients 1,4,16 --requests 16 --duration 25 --max-tokens 32 --rounds 1 \
@@ -80,6 +87,6 @@ for stage in "$@"; do
         --tokens 64 --repeats 3 --json "$OUT/decode_h200_8l_fp8.json" 2>&1 | tee "$OUT/decode_h200_8l_fp8.log" \
         | quiet | tail -8 ;;
     *) echo "unknown stage $stage (tests decode8l decode8l-b16 breakdown8l serve-demo serve8l fp8 synth full" \
-         "serve-full smoke-full breakdown-full)" >&2; exit 2 ;;
+         "full-loaders serve-full smoke-full breakdown-full)" >&2; exit 2 ;;
   esac
 done
