@@ -52,6 +52,7 @@ TINY = dict(
     norm_topk_prob=True, vocab_size=512,
 )
 PROMPT_LEN = 16
+WARMUP_TOKENS = 8  # tokens of each reference warm-up run (the static cache holds at least this many)
 
 
 def parse_args(argv):
@@ -227,10 +228,10 @@ def load_reference(source: Path, device, dtype, impl: str, args):
 
 def reference_generate(model, mode: str, ids, args):
     """The mode's generate(ids, tokens), warmed up (kernels, allocator, compile and graph recording)."""
-    generate = gptfast_generate(model, ids.shape[1] + args.tokens) if mode == "gpt-fast" else \
+    generate = gptfast_generate(model, ids.shape[1] + max(args.tokens, WARMUP_TOKENS)) if mode == "gpt-fast" else \
         hf_generate(model, **_compile_kwargs(model, mode))
     for _ in range(2 if mode != "eager" else 1):
-        generate(ids, 8)
+        generate(ids, WARMUP_TOKENS)
     return generate
 
 
