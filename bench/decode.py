@@ -84,6 +84,9 @@ def parse_args(argv):
     p.add_argument("--cadre-eager", action="store_true", help="also cadre through transformers' generate()")
     p.add_argument("--cadre-compile", action="store_true",
                    help="also cadre with RuntimeConfig(compile=True): its norms, gates and experts compiled")
+    p.add_argument("--cadre-compile-step", action="store_true",
+                   help="also cadre at 100%% with RuntimeConfig(compile_step=True): each decode step's forward "
+                        "compiled, then captured")
     p.add_argument("--impls", default="grouped_mm,batched_mm,eager", help="transformers experts implementations")
     p.add_argument("--accelerate", action="store_true", help="also transformers + accelerate offload (GPU)")
     p.add_argument("--expert-formats", default="store",
@@ -438,7 +441,8 @@ def _compile_kwargs(model, mode: str) -> dict:
 
 
 def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool, prefetch: int,
-                    args, compiled: bool = False, label: str = "", caps: tuple[str, str] | None = None) -> Contender:
+                    args, compiled: bool = False, label: str = "", caps: tuple[str, str] | None = None,
+                    compile_step: bool = False) -> Contender:
     """cadre at a budget: `fraction` of all experts, or (caps) the memory plan's slots under a
     device budget and a pinned host tier cap (GPU, host), as a smaller machine would have."""
     from models import Runtime, RuntimeConfig
@@ -451,7 +455,8 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
     budget = dict(cache_fraction=fraction) if caps is None else \
         dict(gpu_memory=caps[0], host_memory=caps[1] or None, max_model_len=max_len, max_concurrency=ids.shape[0])
     runtime = Runtime.from_store(store, RuntimeConfig(device=device, dtype=dtype_name, prefetch_layers=prefetch,
-                                                      compile=compiled, load_workers=args.load_workers, **budget))
+                                                      compile=compiled, compile_step=compile_step,
+                                                      load_workers=args.load_workers, **budget))
     if runtime.cache.host is not None and caps is None and fraction < 1:
         runtime.cache.host.warm(runtime.store, all_experts(runtime.store), runtime.cache.dtype)  # misses from RAM
     if graphs:
@@ -499,6 +504,8 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
         name += f", prefetch {prefetch} layer" + ("s" if prefetch > 1 else "")
     if compiled:
         name += ", compiled leaves"
+    if compile_step:
+        name += ", compiled step"
     return Contender(name, generate, finish)
 
 
@@ -622,6 +629,8 @@ def cadre_factories(checkpoint: Path, store: Path, workdir: Path, device, dtype_
     factories += [build(store, None, True, depth, caps=cap) for cap in caps for depth in depths]
     if args.cadre_compile:
         factories += [build(store, fraction, True, 0, compiled=True) for fraction in budgets]
+    if args.cadre_compile_step:  # only a budget holding every expert compiles its step
+        factories += [build(store, 1.0, True, 0, compile_step=True)]
     return factories
 
 

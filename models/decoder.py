@@ -139,14 +139,53 @@ class Decoder:
         self._arange = torch.arange(max_batch, device=self.device)
         self._steps: dict[tuple[int, int], _CapturedStep] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._step_logits = self._compiled_step() if runtime.config.compile_step else self._logits
+
+    def _compiled_step(self):
+        """The one-token step's forward compiled (RuntimeConfig(compile_step=True)): inductor
+        fuses the norms, RoPE, routing and activations that the eager forward launches as
+        separate small kernels, and the decoder captures the compiled kernels in its graphs.
+        Only where every layer's experts are resident for good: a layer that can miss does
+        host work inside the forward. One compile per (batch, attended length) shape, done
+        by the eager first step of that shape, before its capture."""
+        if not self.runtime.cache.holds_everything:
+            log.warning("compile_step: the budget does not hold every expert (layers can miss): not compiled")
+            return self._logits
+        shapes = len([b for b in BATCH_SIZES if b <= self.max_batch]) * -(-self.max_len // LENGTH_STEP)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, shapes + 8)
+        top_k = self.runtime.store.top_k
+        self._route_buffers = {
+            number: (torch.zeros((self.max_batch, top_k), dtype=torch.long, device=self.device),
+                     torch.zeros((self.max_batch, top_k), dtype=torch.float32, device=self.device))
+            for number in self.layers}
+        compiled = torch.compile(self._logits, dynamic=False)
+
+        def step(input_ids, positions, mask):  # [B,1], [B,1], [B,1,1,N] -> logits [B,V]
+            for number, layer in self.layers.items():
+                layer.route_buffers = self._route_buffers[number]
+            try:
+                logits = compiled(input_ids, positions, mask)
+            finally:
+                for layer in self.layers.values():
+                    layer.route_buffers = None
+            rows = input_ids.shape[0]
+            for number, layer in self.layers.items():  # the hooks hear the step's routing, as uncompiled
+                index, weights = self._route_buffers[number]
+                layer.hooks.route(layer, index[:rows], weights[:rows], layer.outcomes, layer.stall)
+            return logits
+        return step
 
     # --- the forward ----------------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, write_rows: torch.Tensor, positions: torch.Tensor,
                  read_rows: slice, attend_len: int) -> torch.Tensor:
         """input_ids [B,Q] at positions [B,Q] of rows write_rows [B] -> last-token logits [B,V]."""
         self.kv.prepare(write_rows, positions, read_rows, attend_len)
-        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=self.kv.attention_mask(),
-                         use_cache=True, logits_to_keep=1, **{self._cache_kwarg: self.kv})
+        forward = self._step_logits if input_ids.shape[1] == 1 else self._logits  # prefill stays eager
+        return forward(input_ids, positions, self.kv.attention_mask())
+
+    def _logits(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                         logits_to_keep=1, **{self._cache_kwarg: self.kv})
         return out.logits[:, -1]
 
     # --- prefill ----------------------------------------------------------------------------------

@@ -72,6 +72,14 @@ class StepHooks:
 EAGER = StepHooks()
 
 
+@torch.compiler.disable
+def _report_route(layer: "ExpertLayer", index: torch.Tensor, weights: torch.Tensor) -> None:
+    """The hooks' routing report, outside any compiled region: a compiled decode step
+    (RuntimeConfig(compile_step=True)) breaks its graph here, so the hooks (eager, or a
+    capture's) are Python the compiler neither traces nor guards on."""
+    layer.hooks.route(layer, index, weights, layer.outcomes, layer.stall)
+
+
 class ExpertLayer:
     """One MoE layer's experts, computed from the expert cache."""
 
@@ -85,6 +93,10 @@ class ExpertLayer:
         self.mlp = expert_mlp  # the experts' compute (models/compile.py may swap in a compiled one)
         self.outcomes: dict[int, str] | None = None  # of the last forward (None: resident for good)
         self.stall = 0.0  # seconds the last forward waited for experts to become resident
+        # Set by a compiled decode step (models/decoder.py): the routing goes into these static
+        # buffers (index [B,K], weights [B,K]) instead of to the hooks, so the compiled forward
+        # has no Python call to break at; the decoder reports them after the step.
+        self.route_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def bind(self, cache: "ExpertCache", on_route=None, on_miss=None, before=None) -> None:
         self.cache, self.on_route, self.on_miss, self.before = cache, on_route, on_miss, before
@@ -99,7 +111,12 @@ class ExpertLayer:
         else:
             self.outcomes, self.stall = {}, 0.0
             out = self._compute_resident(module, hidden, top_k_index, top_k_weights)
-        self.hooks.route(self, top_k_index, top_k_weights, self.outcomes, self.stall)
+        if self.route_buffers is None:
+            _report_route(self, top_k_index, top_k_weights)
+        else:
+            rows = top_k_index.shape[0]
+            self.route_buffers[0][:rows].copy_(top_k_index)
+            self.route_buffers[1][:rows].copy_(top_k_weights)
         return out
 
     def _compute(self, module, hidden, top_k_index, top_k_weights, slot_range, reduce=True) -> torch.Tensor:

@@ -56,6 +56,7 @@ class RuntimeConfig:
     prefetch_layers: int = 0  # > 0: predict the next N MoE layers' experts and load them ahead
     decoder: str = "auto"  # greedy generate() through models/decoder.py: auto (on CUDA) | on | off
     compile: bool = False  # torch.compile the norms, gates and experts' compute (models/compile.py)
+    compile_step: bool = False  # torch.compile each decode step's forward (a budget holding every expert)
     load_workers: int | None = None  # threads reading misses from the store; None: 1 on CPU, up to 8 on a GPU
 
     def __post_init__(self):

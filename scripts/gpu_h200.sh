@@ -30,7 +30,7 @@ for stage in "$@"; do
       timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) 2>&1 \
         | tee "$OUT/pytest_gpu.log" | tail -15 ;;
     decode8l)  # batch 1: references (eager, compiled two ways), cadre graphs +- prefetch
-      timeout 230 python3 -m bench decode "${MODEL[@]}" "${STOCK[@]}" --budgets 1.0,0.25 --prefetch 0,1 \
+      timeout 300 python3 -m bench decode "${MODEL[@]}" "${STOCK[@]}" --budgets 1.0,0.25 --prefetch 0,1 --cadre-compile-step \
         --impls batched_mm --compile --compile-modes gpt-fast --compile-impls batched_mm,grouped_mm \
         --tokens 64 --repeats 3 --json "$OUT/decode_h200_8l_b1.json" 2>&1 | tee "$OUT/decode_h200_8l_b1.log" \
         | quiet | tail -14 ;;
@@ -50,9 +50,9 @@ for stage in "$@"; do
           2>&1 | tee "$OUT/synth_store.log" | tail -3
       fi ;;
     full)  # full depth, batch 1: transformers resident (eager, compiled) vs cadre at 100% and under caps
-      timeout 215 python3 -m bench decode --store $FULL --device cuda "${STOCK[@]}" --sequential --impls batched_mm \
-        --compile --compile-modes gpt-fast --compile-impls batched_mm --budgets 1.0 --gpu-memory 24GiB,16GiB \
-        --host-memory 32GiB --tokens 32 --repeats 2 --json "$OUT/decode_h200_full.json" 2>&1 \
+      timeout 450 python3 -m bench decode --store $FULL --device cuda "${STOCK[@]}" --sequential --impls batched_mm \
+        --compile --compile-modes gpt-fast --compile-impls batched_mm --budgets 1.0 --cadre-compile-step --gpu-memory 24GiB,16GiB \
+        --host-memory 32GiB,8GiB --tokens 32 --repeats 2 --json "$OUT/decode_h200_full.json" 2>&1 \
         | tee "$OUT/decode_h200_full.log" | quiet | tail -12 ;;
     full-loaders)  # the 24 GiB row with one loader thread, then eight: what parallel store reads buy
       for workers in 1 8; do
