@@ -4,6 +4,14 @@
 #   bash scripts/gpu_h200.sh decode8l tests serve8l           # results and logs under $OUT
 #   bash scripts/gpu_h200.sh synth full                      # then: serve-full smoke-full breakdown-full
 #
+# A session's 30 device minutes hold three calls, each sent the moment the last returns (the
+# machine stays warm 30 s; a cold one starts in ~35 s and loses /tmp). Times seen 2026-11-30:
+#   1. tests decode8l serve8l breakdown8l       ~ 550 s (8-layer slice built in ~15 s)
+#   2. synth full                               ~ 500 s (store 26-49 s; 48-layer compiles take minutes)
+#   3. full-loaders serve-full smoke-full breakdown-full    ~ 450 s
+# End each command with `cd $OUT && tar czf /tmp/r.tgz * && rm -rf $OUT/* && mv /tmp/r.tgz $OUT/`:
+# $OUT returns at most 8 files.
+#
 # The machine has python3 with torch 2.11 and transformers 5.17; cadre is tested on 5.24, carried
 # as a wheel in .whl/ (pip download transformers==5.24.0 --no-deps -d .whl) and put first on
 # PYTHONPATH; the transformers reference rows run in child processes on the machine's own 5.17
