@@ -341,10 +341,12 @@ class Decoder:
 
     # --- generation ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_ids=(), pad_token_id=None) -> torch.Tensor:
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_ids=(), pad_token_id=None,
+                 min_new_tokens: int = 0) -> torch.Tensor:
         """Greedy continuation of equal-length prompts ids [B,T] -> [B,T+n], the tokens of
         transformers' generate(do_sample=False): a row that emits an EOS of `eos_token_ids`
-        is done and padded (pad_token_id, else its EOS) until every row is, as there."""
+        is done and padded (pad_token_id, else its EOS) until every row is, as there; and,
+        as its min_new_tokens processor does, no EOS can be chosen before `min_new_tokens`."""
         batch = ids.shape[0]
         if batch > self.max_batch:
             raise ValueError(f"{batch} prompts > max_batch {self.max_batch}")
@@ -353,7 +355,10 @@ class Decoder:
         try:
             logits = torch.stack([self.prefill(row, prompt) for row, prompt in enumerate(ids.tolist())])  # [B,V]
             generated, done = [], [False] * batch
+            banned = torch.tensor(sorted(eos), dtype=torch.long, device=logits.device)
             for step in range(max_new_tokens):
+                if step < min_new_tokens and len(banned):
+                    logits = logits.index_fill(-1, banned, float("-inf"))  # out of place: may be a graph's output
                 tokens = logits.argmax(dim=-1).tolist()  # the step's one host synchronisation
                 tokens = [pad if finished else token for token, finished in zip(tokens, done)]
                 generated.append(tokens)

@@ -219,10 +219,10 @@ class Runtime:
             prompt = self.tokenizer(prompt, return_tensors="pt").input_ids
         generate_kwargs.setdefault("do_sample", False)
         if self._decodes_itself(generate_kwargs):
-            stop_at_eos = generate_kwargs.get("min_new_tokens", 0) < max_new_tokens
-            eos = self._eos_token_ids() if stop_at_eos else []
             return self._decoder_for(prompt.shape[0], prompt.shape[1] + max_new_tokens).generate(
-                prompt, max_new_tokens, eos_token_ids=eos, pad_token_id=self.model.generation_config.pad_token_id)
+                prompt, max_new_tokens, eos_token_ids=self._eos_token_ids(),
+                pad_token_id=self.model.generation_config.pad_token_id,
+                min_new_tokens=generate_kwargs.get("min_new_tokens") or 0)
         return self.model.generate(prompt.to(self.device), max_new_tokens=max_new_tokens, **generate_kwargs)
 
     def _decodes_itself(self, generate_kwargs: dict) -> bool:

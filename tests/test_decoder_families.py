@@ -25,6 +25,23 @@ def test_decoder_matches_transformers_or_refuses(family, store_factory):
             runtime.decoder(max_batch=2, max_len=64)
     else:
         want = reference.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-        got = runtime.decoder(max_batch=2, max_len=64).generate(ids, NEW_TOKENS)
+        got = runtime.decoder(max_batch=2, max_len=64).generate(ids, NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                                                eos_token_ids=runtime._eos_token_ids())
         assert torch.equal(got, want), family
+    runtime.close()
+
+
+@pytest.mark.parametrize("min_new_tokens", [24, 0])
+def test_runtime_generate_through_the_decoder_keeps_min_new_tokens(store_factory, min_new_tokens):
+    """Runtime.generate on the decoder (the GPU default) bans EOS before min_new_tokens, as
+    transformers' generate does: with this prompt the tiny DeepSeek-V2's third greedy token is
+    its EOS (id 2), which the decoder used to emit where transformers took the runner-up."""
+    checkpoint, store = store_factory("deepseek_v2")
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    ids = torch.randint(3, 120, (1, 10), generator=torch.Generator().manual_seed(7))
+    kwargs = dict(max_new_tokens=24, min_new_tokens=min_new_tokens)
+    want = reference.generate(ids, do_sample=False, **kwargs)
+    runtime = Runtime.from_store(store, RuntimeConfig(cache_fraction=1.0, decoder="on"))
+    got = runtime.generate(ids, **kwargs)
+    assert torch.equal(got[:, : want.shape[1]], want)
     runtime.close()
