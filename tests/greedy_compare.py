@@ -1,8 +1,8 @@
 """Greedy tokens compared the way vLLM's tests compare them (check_logprobs_close): equal, or,
 from the first position where they part, the two choices were a tie to float tolerance by the
-reference's own logits. A different GPU attention kernel (transformers' generate() picks its
-SDPA backend without a mask; the slot cache passes one) can flip a near-tie in a tiny random
-model; a real error makes a choice the reference scores clearly lower, and still fails."""
+reference's own logits. For compiled paths only: inductor rounds fused ops once, which can
+flip a near-tie of a tiny random model; a real error makes a choice the reference scores
+clearly lower, and still fails. Eager paths ask for identical tokens."""
 
 import torch
 
