@@ -88,7 +88,9 @@ def parse_args(argv):
                    help="also cadre at 100%% with RuntimeConfig(compile_step=True): each decode step's forward "
                         "compiled, then captured")
     p.add_argument("--impls", default="grouped_mm,batched_mm,eager", help="transformers experts implementations")
-    p.add_argument("--accelerate", action="store_true", help="also transformers + accelerate offload (GPU)")
+    p.add_argument("--accelerate", action="store_true",
+                   help="also transformers + accelerate offload (GPU) at the first --gpu-memory, else at the GPU "
+                        "memory cadre's smallest budget used")
     p.add_argument("--expert-formats", default="store",
                    help="cadre's expert stores: store (as extracted), or a list of bf16,fp8 (FP8 e4m3, 128x128 "
                         "block scales, dequantised on the device after each load)")
@@ -572,17 +574,38 @@ def h2d_bandwidth(nbytes: int = 1 << 30) -> float:
     return nbytes / sorted(times[1:])[2]
 
 
-def bench_accelerate(checkpoint: Path, dtype, ids, gpu_bytes: int, args) -> dict:
+def bench_accelerate(source: Path, dtype, ids, gpu_bytes: int, args) -> dict:
+    """transformers + accelerate offload with `gpu_bytes` of the GPU, the rest in host RAM
+    (its hooks move each offloaded module's weights in for every forward): a checkpoint
+    through from_pretrained(device_map="auto"), a store through bench.store_reference."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, device_map="auto",
-                                                 max_memory={0: gpu_bytes, "cpu": 200 * 2**30})
+    max_memory = {0: gpu_bytes, "cpu": 200 * 2**30}
+    if args.store:
+        from bench.store_reference import offloaded_from_store
+
+        model = offloaded_from_store(source, dtype, max_memory)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map="auto", max_memory=max_memory)
     generate = hf_generate(model)
     generate(ids, 2)
-    rate = timed_rounds([Contender("accelerate", generate)], ids, min(args.tokens, 16), 1, "cuda")["accelerate"]
+    tokens = min(args.tokens, 16)
+    rate = timed_rounds([Contender("accelerate", generate)], ids, tokens, 1, "cuda")["accelerate"]
     del model
     free_memory()
-    return {"system": f"transformers + accelerate offload, {gpu_bytes / 2**30:.1f} GiB GPU", "tok_s": rate}
+    return {"system": f"transformers + accelerate offload, {gpu_bytes / 2**30:.1f} GiB GPU", "tok_s": rate,
+            "tokens_timed": tokens}
+
+
+def accelerate_budget(rows: list[dict], args) -> int:
+    """The GPU bytes the offload reference gets: the first --gpu-memory, else the GPU peak of
+    cadre's smallest fraction row."""
+    if args.gpu_memory:
+        from models.memory_plan import device_memory, parse_budget
+
+        return parse_budget(args.gpu_memory.split(",")[0], device_memory("cuda").free, "--gpu-memory")[0]
+    smallest = min(float(f) for f in args.budgets.split(",") if f)
+    return int(max(r["gpu_peak_gib"] for r in rows if r["system"].startswith(f"cadre {smallest:.0%}")) * 2**30)
 
 
 def add_floors(rows: list[dict], bandwidth: float) -> None:
@@ -692,10 +715,8 @@ def main(argv) -> int:
     if on_gpu:
         bandwidth = h2d_bandwidth()
         add_floors(rows, bandwidth)
-    if args.accelerate and on_gpu and not args.store:  # at the GPU memory of cadre's smallest budget
-        smallest = min(float(f) for f in args.budgets.split(","))
-        peak = max(r["gpu_peak_gib"] for r in rows if r["system"].startswith(f"cadre {smallest:.0%}"))
-        rows.append(bench_accelerate(checkpoint, dtype, ids, int(peak * 2**30), args))
+    if args.accelerate and on_gpu:  # at cadre's GPU budget
+        rows.append(bench_accelerate(checkpoint, dtype, ids, accelerate_budget(rows, args), args))
 
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
     model_name = str(args.store) if args.store else args.model

@@ -62,3 +62,13 @@ def _rebuild_rotary(model, config, device: str) -> None:
     rotary = model.model.rotary_emb
     with torch.device(device):
         model.model.rotary_emb = type(rotary)(config=config)
+
+
+def offloaded_from_store(root, dtype: torch.dtype, max_memory: dict):
+    """The same model built in host RAM, then dispatched by accelerate under `max_memory`
+    (e.g. {0: 24 GiB, "cpu": ...}): what `from_pretrained(device_map="auto")` does, from a store."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    model = reference_from_store(root, "cpu", dtype, "batched_mm")
+    device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=model._no_split_modules)
+    return dispatch_model(model, device_map=device_map)

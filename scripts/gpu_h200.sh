@@ -69,6 +69,10 @@ for stage in "$@"; do
           --json "$OUT/decode_h200_full_loaders_$workers.json" 2>&1 | tee "$OUT/decode_h200_full_loaders_$workers.log" \
           | quiet | tail -4
       done ;;
+    full-accelerate)  # transformers + accelerate offload at 24 GiB beside cadre at 24 GiB (the model built in RAM)
+      timeout 400 python3 -m bench decode --store $FULL --device cuda --sequential --impls "" --budgets "" \
+        --gpu-memory 24GiB --host-memory 32GiB --accelerate --tokens 16 --repeats 1 \
+        --json "$OUT/decode_h200_full_accelerate.json" 2>&1 | tee "$OUT/decode_h200_full_accelerate.log" | quiet | tail -4 ;;
     serve-full)  # the server on the full-depth store at 24 GiB GPU / 32 GiB host, 1/4/16 streaming clients
       timeout 110 python3 -m bench serve --store $FULL --device cuda --dtype bfloat16 --gpu-memory 24GiB \
         --host-memory 32GiB --clients 1,4,16 --requests 16 --duration 25 --max-tokens 32 --rounds 1 \
@@ -95,6 +99,6 @@ for stage in "$@"; do
         --tokens 64 --repeats 3 --json "$OUT/decode_h200_8l_fp8.json" 2>&1 | tee "$OUT/decode_h200_8l_fp8.log" \
         | quiet | tail -8 ;;
     *) echo "unknown stage $stage (tests decode8l decode8l-b16 breakdown8l serve-demo serve8l fp8 synth full" \
-         "full-loaders serve-full smoke-full breakdown-full)" >&2; exit 2 ;;
+         "full-loaders full-accelerate serve-full smoke-full breakdown-full)" >&2; exit 2 ;;
   esac
 done
