@@ -52,6 +52,7 @@ def parse_args(argv):
     p.add_argument("--max-tokens", type=int, default=32, help="max_new_tokens of every request")
     p.add_argument("--cache-fraction", type=float, default=None, help="server --cache-fraction")
     p.add_argument("--gpu-memory", help="server --gpu-memory (the memory plan sizes the expert slots)")
+    p.add_argument("--compile-step", action="store_true", help="server --compile-step")
     p.add_argument("--host-memory", help="server --host-memory (the pinned host tier's cap)")
     p.add_argument("--eviction", default="layer-lru", help="server --eviction (default: the server's, layer-lru)")
     p.add_argument("--engine", default="auto", help="server --engine (auto: the decoder on CUDA)")
@@ -93,6 +94,8 @@ def start_server(args, port: int, max_concurrency: int) -> subprocess.Popen:
     for flag, value in (("--gpu-memory", args.gpu_memory), ("--host-memory", args.host_memory)):
         if value:
             command += [flag, value]
+    if args.compile_step:
+        command.append("--compile-step")
     command += ["--eviction", args.eviction, "--engine", args.engine, "--max-model-len", str(args.max_model_len)]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 

@@ -68,7 +68,8 @@ def runtime_config(config: ServerConfig, plan=None):
     return RuntimeConfig(device=config.device, cache_bytes=config.cache_bytes, cache_fraction=config.cache_fraction,
                          dtype=resolved_dtype(config), routing=config.routing, eviction=config.eviction,
                          gpu_memory=config.gpu_memory, host_memory=config.host_memory,
-                         max_model_len=config.max_model_len, max_concurrency=config.max_concurrency, plan=plan)
+                         max_model_len=config.max_model_len, max_concurrency=config.max_concurrency, plan=plan,
+                         compile_step=config.compile_step)
 
 
 def memory_plan(config: ServerConfig, runtime=None):

@@ -87,6 +87,9 @@ def build_parser(prog: str = PROG) -> OneLineParser:
                    help="decoder: cadre's slot-cache decoder, decode steps replayed as CUDA graphs on a GPU; "
                         "continuous-batching: transformers' manager; auto (default): decoder on CUDA where "
                         "the model's attention allows it, continuous batching otherwise")
+    p.add_argument("--compile-step", action="store_true",
+                   help="decoder engine, budgets holding every expert: torch.compile each decode step's forward "
+                        "before capturing it (inductor's fused kernels; compiles once per batch size at start)")
     p.add_argument("--max-concurrency", type=positive_int,
                    help="requests decoded together in one batch (default 16; they share the KV tokens of the "
                         "memory plan)")

@@ -22,6 +22,7 @@ class ServerConfig:
     gpu_memory: str | None = None  # device budget: bytes, 24GiB, or a fraction of free memory (models.memory_plan)
     host_memory: str | None = None  # pinned host tier budget on a GPU: bytes, 32GiB, or a fraction of available RAM
     engine: str = "auto"  # auto | decoder | continuous-batching (server.app.engine_class)
+    compile_step: bool = False  # decoder engine: torch.compile each decode step (models.decoder)
     max_concurrency: int | None = None  # requests decoded together; None = DEFAULT_MAX_CONCURRENCY
     batching: str = "auto"  # auto | continuous | static (server.engine.EngineConfig)
     max_queue: int = 64  # requests waiting for a slot; beyond this: 503 + Retry-After
