@@ -4,6 +4,8 @@
     python -m bench decode --model qwen3-30b-a3b-8l --device cuda --budgets 1.0,0.25 --compile --accelerate
     python -m bench decode --model qwen3-30b-a3b-8l --device cuda --batch 16 --compile
     python -m bench decode --model qwen3-30b-a3b-8l --device cuda --budgets 0.25 --expert-formats bf16,fp8
+    python -m bench decode --store STORE --device cuda --sequential --isolate --compile --compile-modes gpt-fast \
+        --budgets 1.0 --gpu-memory 24GiB,16GiB --host-memory 32GiB,8GiB     # a real-size synthetic store
 
 Prints tokens/s (greedy, a fixed number of new tokens per prompt, after a warm-up, batch
 of --batch prompts decoded together), cache hit rate and expert loads per token for each
@@ -19,7 +21,14 @@ cadre row the copy-bound floor: loads per token x bytes per expert / that bandwi
 
 Every system is loaded first and the timed runs are interleaved (round r times each
 system once), so a machine whose speed drifts (a shared VM, a GPU warming up) shifts every
-system alike; the median of the rounds is reported.
+system alike; the median of the rounds is reported. Where two copies of the model do not
+fit (full depth), --sequential loads, times and frees one system at a time. --isolate times
+the transformers rows in child processes (each names its transformers version): a crash in
+the compiler becomes an error row, and no CUDA-graph pool or allocator state leaks between
+systems. --gpu-memory/--host-memory add cadre rows under the memory plan's caps, as a
+smaller machine would run it; each cadre row prints hit rate, loads (and those read from
+the store's files) per token, MB moved and the H2D rate that achieved, peak GPU and pinned
+host memory, and the routing entropy it saw.
 """
 
 from __future__ import annotations
