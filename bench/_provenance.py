@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import datetime
 import json
-import shlex
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.decode import PROMPT_LEN, all_experts, build_checkpoint, prompt_ids
+from bench.decode import PROMPT_LEN, all_experts, build_checkpoint, cadre_runtime, prompt_ids
 from bench import _provenance
 
 
@@ -78,7 +78,6 @@ def main(argv) -> int:
     args = parse_args(argv)
     load_before = _provenance.load_average()
     from extractor import extract_store
-    from models import Runtime, RuntimeConfig
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cadre-bench-"))
     if args.store:
@@ -90,11 +89,8 @@ def main(argv) -> int:
     config = json.loads((checkpoint / "config.json").read_text())
     ids = prompt_ids(config.get("vocab_size", 512), 1)
     max_len = PROMPT_LEN + args.tokens + 8
-    budget = dict(cache_fraction=args.budget) if not args.gpu_memory else \
-        dict(gpu_memory=args.gpu_memory, host_memory=args.host_memory, max_model_len=max_len, max_concurrency=1)
-    runtime = Runtime.from_store(store, RuntimeConfig(device=args.device, dtype="bfloat16", **budget))
-    if not args.gpu_memory and args.budget < 1:
-        runtime.cache.host.warm(runtime.store, all_experts(runtime.store), runtime.cache.dtype)
+    caps = (args.gpu_memory, args.host_memory) if args.gpu_memory else None
+    runtime = cadre_runtime(store, args.device, "bfloat16", args.budget, caps, max_len, batch=1)
     decoder = runtime.decoder(max_batch=1, max_len=max_len)
     eager = lambda ids, tokens: runtime.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens)
     share = runtime.cache.num_slots / len(all_experts(runtime.store))

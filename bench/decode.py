@@ -282,7 +282,8 @@ def reference_rows(source: Path, device, dtype, ids, args, impl: str, on_row=lam
     try:
         model = load_reference(source, device, dtype, impl, args)
     except Exception as exc:
-        rows = [error_row(reference_name(impl, mode), exc) for mode in modes]
+        rows = [{**error_row(reference_name(impl, mode), exc), "transformers": _transformers_version()}
+                for mode in modes]
         for row in rows:
             on_row(row)
         return rows
@@ -340,18 +341,7 @@ def _run_child(source: Path, argv: list[str], args, impl: str, pythonpath: str |
                    "--child-json", str(out)] + ([] if args.store else ["--model", str(source)])
         child = subprocess.run(command, env=env, cwd=Path(__file__).parent.parent)  # its output: this one's
         written = json.loads(out.read_text()) if out.exists() else []
-    version = _child_version(env)
-    for row in written:
-        row.setdefault("transformers", version)
     return written, (_child_failure(child) if child.returncode else "")
-
-
-def _child_version(env: dict) -> str:
-    import subprocess
-
-    done = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
-                          capture_output=True, text=True, env=env)
-    return done.stdout.strip() or "?"
 
 
 def _without_outputs(argv: list[str]) -> list[str]:
@@ -451,25 +441,33 @@ def _compile_kwargs(model, mode: str) -> dict:
     return {"cache_implementation": "static"}  # transformers compiles the forward itself
 
 
+def cadre_runtime(store: Path, device, dtype_name, fraction, caps: tuple[str, str | None] | None, max_len: int,
+                  batch: int, **config):
+    """A runtime at `fraction` of all experts, every expert warmed into the pinned host tier
+    (misses come from RAM); or under caps (GPU, host): the memory plan sizes the slots for
+    `batch` sequences of `max_len`, and the host tier fills as misses read the store."""
+    from models import Runtime, RuntimeConfig
+
+    budget = dict(cache_fraction=fraction) if caps is None else \
+        dict(gpu_memory=caps[0], host_memory=caps[1] or None, max_model_len=max_len, max_concurrency=batch)
+    runtime = Runtime.from_store(store, RuntimeConfig(device=device, dtype=dtype_name, **budget, **config))
+    if runtime.cache.host is not None and caps is None and fraction < 1:
+        runtime.cache.host.warm(runtime.store, all_experts(runtime.store), runtime.cache.dtype)
+    return runtime
+
+
 def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool, prefetch: int,
                     args, compiled: bool = False, label: str = "", caps: tuple[str, str] | None = None,
                     compile_step: bool = False) -> Contender:
     """cadre at a budget: `fraction` of all experts, or (caps) the memory plan's slots under a
     device budget and a pinned host tier cap (GPU, host), as a smaller machine would have."""
-    from models import Runtime, RuntimeConfig
-
     on_gpu = torch.device(device).type == "cuda"
     allocated = torch.cuda.memory_allocated() if on_gpu else 0
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     max_len = PROMPT_LEN + args.tokens + 8
-    budget = dict(cache_fraction=fraction) if caps is None else \
-        dict(gpu_memory=caps[0], host_memory=caps[1] or None, max_model_len=max_len, max_concurrency=ids.shape[0])
-    runtime = Runtime.from_store(store, RuntimeConfig(device=device, dtype=dtype_name, prefetch_layers=prefetch,
-                                                      compile=compiled, compile_step=compile_step,
-                                                      load_workers=args.load_workers, **budget))
-    if runtime.cache.host is not None and caps is None and fraction < 1:
-        runtime.cache.host.warm(runtime.store, all_experts(runtime.store), runtime.cache.dtype)  # misses from RAM
+    runtime = cadre_runtime(store, device, dtype_name, fraction, caps, max_len, ids.shape[0], prefetch_layers=prefetch,
+                            compile=compiled, compile_step=compile_step, load_workers=args.load_workers)
     if graphs:
         decoder = runtime.decoder(max_batch=ids.shape[0], max_len=max_len)
         generate = decoder.generate

@@ -72,14 +72,6 @@ class StepHooks:
 EAGER = StepHooks()
 
 
-@torch.compiler.disable
-def _report_route(layer: "ExpertLayer", index: torch.Tensor, weights: torch.Tensor) -> None:
-    """The hooks' routing report, outside any compiled region: a compiled decode step
-    (RuntimeConfig(compile_step=True)) breaks its graph here, so the hooks (eager, or a
-    capture's) are Python the compiler neither traces nor guards on."""
-    layer.hooks.route(layer, index, weights, layer.outcomes, layer.stall)
-
-
 class ExpertLayer:
     """One MoE layer's experts, computed from the expert cache."""
 
@@ -112,7 +104,7 @@ class ExpertLayer:
             self.outcomes, self.stall = {}, 0.0
             out = self._compute_resident(module, hidden, top_k_index, top_k_weights)
         if self.route_buffers is None:
-            _report_route(self, top_k_index, top_k_weights)
+            self.hooks.route(self, top_k_index, top_k_weights, self.outcomes, self.stall)
         else:
             rows = top_k_index.shape[0]
             self.route_buffers[0][:rows].copy_(top_k_index)

@@ -11,7 +11,6 @@ and the routing decision are cadre's.
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
