@@ -120,6 +120,9 @@ def parse_args(argv):
                    help="with --isolate: run the children with this PYTHONPATH ('' = none: the interpreter's "
                         "own packages), e.g. to time another transformers version; repeatable, each row "
                         "names its version")
+    p.add_argument("--reference-timeout", type=float, metavar="SECONDS",
+                   help="with --isolate: end a reference child after this long (its unwritten rows become "
+                        "error rows), so a slow compile cannot use up a run's time")
     p.add_argument("--reference-child", help=argparse.SUPPRESS)  # IMPL: this process times transformers' rows
     p.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -339,9 +342,13 @@ def _run_child(source: Path, argv: list[str], args, impl: str, pythonpath: str |
         out = Path(tmp) / "rows.json"
         command = [sys.executable, "-m", "bench", "decode", *_without_outputs(argv), "--reference-child", impl,
                    "--child-json", str(out)] + ([] if args.store else ["--model", str(source)])
-        child = subprocess.run(command, env=env, cwd=Path(__file__).parent.parent)  # its output: this one's
+        try:  # its output: this one's
+            child = subprocess.run(command, env=env, cwd=Path(__file__).parent.parent, timeout=args.reference_timeout)
+            failure = _child_failure(child) if child.returncode else ""
+        except subprocess.TimeoutExpired:
+            failure = f"child process timed out after {args.reference_timeout:g} s (--reference-timeout)"
         written = json.loads(out.read_text()) if out.exists() else []
-    return written, (_child_failure(child) if child.returncode else "")
+    return written, failure
 
 
 def _without_outputs(argv: list[str]) -> list[str]:
@@ -350,10 +357,10 @@ def _without_outputs(argv: list[str]) -> list[str]:
     for token in _provenance.without_outputs(argv):
         if skip:
             skip = False
-        elif token in ("--workdir", "--model", "--reference-pythonpath"):
+        elif token in ("--workdir", "--model", "--reference-pythonpath", "--reference-timeout"):
             skip = True
         elif token not in ("--isolate", "--sequential") and \
-                not token.startswith(("--workdir=", "--model=", "--reference-pythonpath=")):
+                not token.startswith(("--workdir=", "--model=", "--reference-pythonpath=", "--reference-timeout=")):
             out.append(token)
     return out
 
@@ -485,6 +492,7 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
             "hit_rate": (after.hits - before.hits) / queries if queries else 0.0,
             "loads_per_token": (sum(after.loads.values()) - sum(before.loads.values())) / tokens,
             "disk_loads_per_token": (after.loads["disk"] - before.loads["disk"]) / tokens,
+            "writebacks_per_token": (after.writebacks - before.writebacks) / tokens,  # exclusive host tier
             "bytes_per_token": (after.bytes_loaded - before.bytes_loaded) / tokens,  # as moved: quantised stays so
             "expert_bytes": runtime.cache.slot_bytes,
             "cache_gib": after.capacity_bytes / 2**30,
@@ -666,12 +674,12 @@ def cadre_factories(checkpoint: Path, store: Path, workdir: Path, device, dtype_
 
 def measure_all(checkpoint, store, workdir, device, dtype, dtype_name, ids, argv, args) -> list[dict]:
     """Every row. By default every system is loaded first and the rounds interleaved; with
-    --sequential each is loaded, timed and freed in turn (cadre first, each row printed as it
-    is measured, so a run cut short keeps what it measured); with --isolate the transformers
-    rows are timed in child processes, while cadre holds no GPU memory."""
+    --sequential each is loaded, timed and freed in turn (each row printed as it is measured,
+    so a run cut short keeps what it measured); with --isolate the transformers rows are timed
+    first, in child processes (bounded by --reference-timeout), while cadre holds no GPU memory."""
     factories = cadre_factories(checkpoint, store, workdir, device, dtype_name, ids, args)
     if args.sequential:
-        rows = []
+        rows = isolated_reference_rows(checkpoint, argv, args) if args.isolate else []
         for factory in factories:
             contender = factory()
             rate = timed_rounds([contender], ids, args.tokens, args.repeats, device)[contender.system]
@@ -680,7 +688,7 @@ def measure_all(checkpoint, store, workdir, device, dtype, dtype_name, ids, argv
             del contender
             free_memory()
         if args.isolate:
-            return rows + isolated_reference_rows(checkpoint, argv, args)
+            return rows
         return rows + [row for impl in reference_variants(args)
                        for row in reference_rows(checkpoint, device, dtype, ids, args, impl)]
     rows = isolated_reference_rows(checkpoint, argv, args) if args.isolate else []

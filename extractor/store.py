@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +137,23 @@ class ExpertStore:
             raise StoreError(f"{path}: cannot load expert shard: {exc}") from exc
         return tensors
 
+    def read_expert_into(self, layer: int, expert: int, out: dict[str, "torch.Tensor"]) -> None:
+        """Read the shard's tensors straight into `out` ({name: contiguous CPU tensor} of the
+        stored dtypes and shapes, e.g. a pinned host-tier entry) with one pread each: a
+        page-cache or disk read straight into the destination, no memory map to fault in and
+        no intermediate copy (what load_expert + a copy cost). StoreError names the shard
+        and what does not match."""
+        path = self.expert_path(layer, expert)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                header_len = int.from_bytes(_pread_exact(f.fileno(), 8, 0), "little")
+                header = json.loads(_pread_exact(f.fileno(), header_len, 8))
+                for name, tensor in out.items():
+                    begin, end = _matching_span(header, name, tensor)
+                    _preadinto(f.fileno(), tensor, 8 + header_len + begin)
+        except (OSError, ValueError, KeyError) as exc:
+            raise StoreError(f"{path}: cannot read expert shard: {exc}") from exc
+
     def verify(self) -> list[str]:
         """Re-hash every file the manifest vouches for; one message per mismatch."""
         problems = []
@@ -148,3 +166,39 @@ class ExpertStore:
             elif sha256_file(path) != entry["sha256"]:
                 problems.append(f"{path}: sha256 mismatch")
         return problems
+
+
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F8_E4M3": "float8_e4m3fn",
+                       "U8": "uint8"}
+
+
+def _matching_span(header: dict, name: str, tensor: "torch.Tensor") -> tuple[int, int]:
+    """(begin, end) of `name` in the shard's data, checked against the destination tensor."""
+    info = header[name]
+    begin, end = info["data_offsets"]
+    dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+    if dtype != str(tensor.dtype).removeprefix("torch.") or tuple(info["shape"]) != tuple(tensor.shape) \
+            or end - begin != tensor.nbytes:
+        raise ValueError(f"{name} is {info['dtype']} {info['shape']}, the destination "
+                         f"{tensor.dtype} {list(tensor.shape)}")
+    return begin, end
+
+
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise ValueError(f"truncated: {len(data)} of {n} bytes at offset {offset}")
+    return data
+
+
+def _preadinto(fd: int, tensor: "torch.Tensor", offset: int) -> None:
+    """Fill a contiguous CPU tensor from the file at `offset` (preadv releases the GIL)."""
+    import torch  # only where tensors are made (see TYPE_CHECKING above)
+
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise ValueError(f"truncated: {done} of {len(view)} bytes at offset {offset}")
+        done += got

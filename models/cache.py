@@ -35,7 +35,7 @@ from extractor.formats import DENSE
 from extractor.store import ExpertStore, StoreError
 
 from .expert_format import dense_weights
-from .host_tier import HostTier
+from .host_tier import HostTier, entries_within
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -51,11 +51,12 @@ class CacheStats:
     load_seconds: float = 0.0
     prefetch: Counter = field(default_factory=Counter)  # issued / used / wasted
     bytes_loaded: int = 0  # bytes a load moved into a slot, in the store's format (quantised stays so)
+    writebacks: int = 0  # evicted experts copied down into an exclusive host tier
 
     def copy(self) -> "CacheStats":
         return CacheStats(self.queries, self.hits, self.misses, Counter(self.loads), self.evictions,
                           self.bytes, self.capacity_bytes, self.load_seconds, Counter(self.prefetch),
-                          self.bytes_loaded)
+                          self.bytes_loaded, self.writebacks)
 
     @property
     def hit_rate(self) -> float:
@@ -110,7 +111,8 @@ class ExpertCache:
     def __init__(self, store: ExpertStore, *, device: str | torch.device = "cpu",
                  capacity_bytes: int, dtype: torch.dtype | None = None,
                  host_capacity_bytes: int | None = None, policy=None,
-                 on_load: Callable[[Key, str, float], None] | None = None, load_workers: int | None = None):
+                 on_load: Callable[[Key, str, float], None] | None = None, load_workers: int | None = None,
+                 host_tier: bool | None = None):
         self.store = store
         self.device = torch.device(device)
         self.dtype = dtype or store.dtype
@@ -149,14 +151,17 @@ class ExpertCache:
         self._loader = ThreadPoolExecutor(max_workers=self.load_workers, thread_name_prefix="cadre-loader",
                                           initializer=torch.set_num_threads, initargs=(1,))
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        # Pinned host tier (GPU only): capped, LRU, refused below one layer's working set (models.host_tier)
+        # Pinned host tier (GPU only; host_tier=True builds an unpinned one on the CPU, for tests):
+        # capped, LRU, refused below one layer's working set (models.host_tier)
         self.host = None
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" if host_tier is None else host_tier:
             self.host = HostTier(host_capacity_bytes, entry_bytes=host_entry_bytes(store, self.dtype),
                                  min_entries=store.top_k, copy_stream=self._copy_stream)
+        total = sum(len(store.experts_present(layer)) for layer in store.moe_layers)
+        self.exclusive = self._host_is_exclusive(host_capacity_bytes, total)
+        self._taken: dict[Key, dict[str, torch.Tensor]] = {}  # exclusive: taken up ahead of a write-back
         self._stats = CacheStats(capacity_bytes=self.capacity_bytes)
         self._last_use: dict[int, "torch.cuda.Event"] = {}  # slot index -> last compute reading it
-        total = sum(len(store.experts_present(layer)) for layer in store.moe_layers)
         # When the budget holds every expert nothing is ever evicted: a layer whose experts
         # are all resident then needs no host work at all (layer_is_complete).
         self.holds_everything = self.num_slots >= total
@@ -171,6 +176,25 @@ class ExpertCache:
             # distinct experts per forward and layer, read when stats() is asked for.
             self._table_queries = torch.zeros(store.num_layers, dtype=torch.long, device=self.device)
         self._counted_table_queries = 0
+
+    def _host_is_exclusive(self, host_capacity_bytes: int | None, total: int) -> bool:
+        """A capped host tier smaller than the store holds what the device does not (victim
+        tier, see models.host_tier): device slots + host entries distinct experts, against the
+        host tier alone when it keeps a copy of every expert it passes up (at 24 GiB GPU and
+        32 GiB host for Qwen3-30B-A3B: ~96% of experts in memory, not ~58%). Dense experts
+        only: a quantised entry cannot be rebuilt from a dequantised slot. A tier that holds
+        the whole store keeps its copies: nothing then needs writing back."""
+        if self.host is None or host_capacity_bytes is None or self.format["weights"] != DENSE:
+            return False
+        if entries_within(host_capacity_bytes, host_entry_bytes(self.store, self.dtype)) >= total:
+            return False
+        i, h = self.intermediate, self.hidden
+        shapes = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
+                  "gate_proj_bias": (i,), "up_proj_bias": (i,), "down_proj_bias": (h,)}
+        self.host.define_layout({name: torch.empty(shapes[name], dtype=self.dtype, device="meta")
+                                 for name in self.format["tensors"]})
+        self.host.keep_spares(self.load_workers + 1)  # staged reads in flight, and the take behind a write-back
+        return True
 
     # --- queries -------------------------------------------------------------
     def stats(self) -> CacheStats:
@@ -385,6 +409,13 @@ class ExpertCache:
         slot = self._slots.pop(victim)
         del self._by_layer[victim[0]][victim[1]]
         self._set_table(victim, -1)
+        if self.exclusive:
+            # the incoming expert leaves the host tier before the victim enters it: with the
+            # tier full, the write-back would otherwise evict a cached entry to make room
+            taken = self.host.take(incoming)
+            if taken is not None:
+                self._taken[incoming] = taken
+            self._write_back(victim, slot.index)
         if slot.prefetched:
             self._stats.prefetch["wasted"] += 1
         self._stats.evictions += 1
@@ -392,7 +423,7 @@ class ExpertCache:
         return True
 
     def _start_load(self, key: Key, slot: _Slot) -> None:
-        if self.host is not None and self.host.get(key) is not None:
+        if self.host is not None and (key in self.host or key in self._taken):
             # pinned host -> device: the copy is queued on the side stream at once, so a
             # hand-off to the loader thread would only add latency
             self._load(key, slot)
@@ -425,6 +456,8 @@ class ExpertCache:
     def _fetch(self, key: Key) -> tuple[str, dict[str, torch.Tensor]]:
         """The shard's tensors from the host tier or the store: dense ones already in the
         compute dtype, quantised ones as stored (a miss then moves the quantised bytes)."""
+        if self.exclusive:
+            return self._fetch_exclusive(key)
         if self.host is not None:
             cached = self.host.get(key)
             if cached is not None:
@@ -435,6 +468,47 @@ class ExpertCache:
         if self.host is not None:
             parts = self.host.put(key, parts)
         return "disk", parts
+
+    def _fetch_exclusive(self, key: Key) -> tuple[str, dict[str, torch.Tensor]]:
+        """From the host tier, taking the entry out (the device now holds it); or read from the
+        store straight into a staged host slot, which is free again once the copy is queued."""
+        with self._lock:
+            taken = self._taken.pop(key, None)
+        taken = taken or self.host.take(key)
+        if taken is not None:
+            return "host", taken
+        staged = self.host.stage()
+        if staged is None:  # every slot lent: read as the inclusive path does
+            return "disk", host_parts(self.store.load_expert(*key), self.format, self.dtype)
+        if self.store.dtype == self.dtype:
+            self.store.read_expert_into(*key, staged)
+        else:  # a cast on the way: read, cast, copy
+            for name, part in host_parts(self.store.load_expert(*key), self.format, self.dtype).items():
+                staged[name].copy_(part)
+        return "disk", staged
+
+    def _write_back(self, key: Key, index: int) -> None:
+        """Copy an evicted expert down into the exclusive host tier (cache lock held). Queued on
+        the copy stream: behind the copy that filled the slot, ahead of the one that refills it."""
+        if key in self.host:
+            return
+        views = self.host.adopt(key)
+        if views is None:  # the tier is full of lent entries: the store still has it
+            return
+        i = self.intermediate
+        sources = {"gate_proj": self.gate_up[index, :i], "up_proj": self.gate_up[index, i:], "down_proj": self.down[index]}
+        if self.gate_up_bias is not None:
+            sources |= {"gate_proj_bias": self.gate_up_bias[index, :i], "up_proj_bias": self.gate_up_bias[index, i:],
+                        "down_proj_bias": self.down_bias[index]}
+        if self._copy_stream is None:
+            for name, view in views.items():
+                view.copy_(sources[name])
+        else:
+            with torch.cuda.stream(self._copy_stream):
+                for name, view in views.items():
+                    view.copy_(sources[name], non_blocking=True)
+        self._stats.writebacks += 1
+        del views  # given back after the copy is queued: the slot's event is recorded behind it
 
     def _copy_into(self, key: Key, slot: _Slot, parts: dict[str, torch.Tensor]) -> None:
         if self._copy_stream is None:

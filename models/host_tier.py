@@ -16,6 +16,12 @@ may still be queued on a CUDA stream. A lent entry is never evicted, and its slo
 rewritten until the copy queued from it has finished: when the borrower drops the views
 (after queuing its copy), an event is recorded on the copy stream, and the next writer
 of that slot waits on it.
+
+Exclusive use (models.cache, when the cap is smaller than the store): the tier then holds
+what the device does *not* — take() hands an entry to the device and drops it, adopt()
+receives the device's evicted experts (a device-to-host copy queued on the copy stream),
+and stage() lends a slot outside the LRU for a disk read on its way to the device — so
+device slots plus host entries hold that many distinct experts, not the larger of the two.
 """
 
 from __future__ import annotations
@@ -92,6 +98,7 @@ class _Slot:
     chunk: torch.Tensor  # uint8 [chunk bytes]
     offset: int
     lent: int = 0  # live views handed out
+    detached: bool = False  # lent outside the LRU (taken, or a staging read): freed when given back
     copied: "torch.cuda.Event | None" = None  # recorded after the last borrower queued its copy
 
 
@@ -111,6 +118,7 @@ class HostTier:
         self._entries: OrderedDict[Key, _Slot] = OrderedDict()  # LRU order: oldest first
         self._free: list[_Slot] = []
         self._pinned = self._peak = self._evictions = 0
+        self.max_entries: int | None = None  # exclusive use: entries kept below the slots (see keep_spares)
         self._lock = threading.RLock()  # re-entrant: a view's finalizer may run while this thread holds it
         if entry_bytes is not None:
             self._set_entry_bytes(entry_bytes)
@@ -151,9 +159,7 @@ class HostTier:
             slot = self._take_slot()
         if slot is None:
             return parts
-        if slot.copied is not None:
-            slot.copied.synchronize()  # the last copy queued from this slot has read it
-            slot.copied = None
+        self._wait_copied(slot)  # the last copy queued from this slot has read it
         views = self._views(slot)
         for name, view in views.items():
             view.copy_(parts[name])
@@ -164,6 +170,70 @@ class HostTier:
                 return self._lend(winner)
             self._entries[key] = slot
             return self._lend(slot, views)
+
+    # --- exclusive use (see the module docstring) ---------------------------------------
+    def define_layout(self, parts: dict[str, torch.Tensor]) -> None:
+        """Fix the entry layout up front from example parts (meta tensors do): stage() and
+        adopt() hand out views before any put() has shown one."""
+        self._learn_layout(parts)
+
+    def keep_spares(self, spares: int) -> None:
+        """Exclusive use: keep `spares` slots out of the LRU (as many as its cap allows while
+        one layer's working set stays cached), for the copies a load has in flight. A write-back
+        precedes the take or the staged read of the same load (the incoming expert refills the
+        evicted one's device slot), so without spares each would evict a cached entry, and that
+        entry's next use would read the store, and evict another: a cascade of disk reads."""
+        if self.capacity_bytes is None or self._entry_bytes is None:
+            raise HostTierError("spares need a capped tier of a known entry size")
+        held = entries_within(self.capacity_bytes, self._entry_bytes)
+        self.max_entries = max(self.min_entries, held - spares)
+
+    def take(self, key: Key) -> dict[str, torch.Tensor] | None:
+        """The entry's views, and the entry leaves the tier: its slot is free again once the
+        borrower has dropped the views (after queuing its copy)."""
+        with self._lock:
+            slot = self._entries.pop(key, None)
+            if slot is None:
+                return None
+            slot.detached = True
+            return self._lend(slot)
+
+    def stage(self) -> dict[str, torch.Tensor] | None:
+        """Views of a slot outside the LRU to read a shard into (it is free again when the views
+        are dropped), or None when every slot is lent (the caller reads into pageable memory)."""
+        with self._lock:
+            slot = self._take_slot()
+            if slot is None:
+                return None
+            slot.detached = True
+        self._wait_copied(slot)  # the CPU is about to write it
+        return self._lend(slot)
+
+    def adopt(self, key: Key) -> dict[str, torch.Tensor] | None:
+        """Views of a new entry for `key` to copy the device's evicted expert into, or None when
+        the tier is full of lent entries (the expert is then dropped: the store still has it).
+        The entry is registered at once: whoever reads it queues its copy on the same copy
+        stream, behind the one that fills it; a CPU writer of the slot after its eviction
+        waits on the event recorded when these views are dropped."""
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return None
+            while self.max_entries is not None and len(self._entries) >= self.max_entries:
+                slot = self._evict_one()
+                if slot is None:
+                    return None
+                self._free.append(slot)
+            slot = self._take_slot()
+            if slot is None:
+                return None
+            self._entries[key] = slot
+            return self._lend(slot)
+
+    def _wait_copied(self, slot: _Slot) -> None:
+        if slot.copied is not None:
+            slot.copied.synchronize()  # the last copy queued from (or into) this slot is done
+            slot.copied = None
 
     def warm(self, store, keys: Iterable[Key], dtype: torch.dtype) -> None:
         """Read `keys` from the store into the tier (bench: every expert in host RAM up front)."""
@@ -224,6 +294,9 @@ class HostTier:
                 # completes after that copy, so whoever rewrites the slot waits on it
                 slot.copied = torch.cuda.Event()
                 slot.copied.record(self.copy_stream)
+            if slot.lent == 0 and slot.detached:
+                slot.detached = False
+                self._free.append(slot)
 
     def _views(self, slot: _Slot) -> dict[str, torch.Tensor]:
         return {name: slot.chunk[slot.offset + start: slot.offset + start + _nbytes(dtype, shape)]

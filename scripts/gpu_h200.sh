@@ -7,7 +7,7 @@
 # A session's 30 device minutes hold three calls, each sent the moment the last returns (the
 # machine stays warm 30 s; a cold one starts in ~35 s and loses /tmp). Times seen 2026-11-30:
 #   1. tests decode8l serve8l breakdown8l       ~ 550 s (8-layer slice built in ~15 s)
-#   2. synth full                               ~ 500 s (store 26-49 s; 48-layer compiles take minutes)
+#   2. synth full                               ~ 500 s (store 26-49 s; references first, 200 s at most)
 #   3. full-loaders serve-full smoke-full breakdown-full    ~ 450 s
 # End each command with `cd $OUT && tar czf /tmp/r.tgz * && rm -rf $OUT/* && mv /tmp/r.tgz $OUT/`:
 # $OUT returns at most 8 files.
@@ -37,6 +37,9 @@ for stage in "$@"; do
     tests)  # every GPU test: the captured decode path, the runtime, families, host tier
       timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) 2>&1 \
         | tee "$OUT/pytest_gpu.log" | tail -15 ;;
+    tests-quick)  # only the tests of what changed last (the compiled step, the exclusive host tier)
+      timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider -k "compiled_step or exclusive" \
+        tests/test_decoder_gpu.py tests/test_host_tier_gpu.py 2>&1 | tee "$OUT/pytest_gpu_quick.log" | tail -5 ;;
     decode8l)  # batch 1: references (eager, compiled two ways), cadre graphs +- prefetch
       timeout 300 python3 -m bench decode "${MODEL[@]}" "${STOCK[@]}" --budgets 1.0,0.25 --prefetch 0,1 --cadre-compile-step \
         --impls batched_mm --compile --compile-modes gpt-fast --compile-impls batched_mm,grouped_mm \
@@ -57,10 +60,10 @@ for stage in "$@"; do
         timeout 200 python3 -m bench synth-store --config qwen3-30b-a3b --out $FULL --layers $layers --device cuda \
           2>&1 | tee "$OUT/synth_store.log" | tail -3
       fi ;;
-    full)  # full depth, batch 1: transformers resident (eager, compiled) vs cadre at 100% and under caps
-      timeout 450 python3 -m bench decode --store $FULL --device cuda "${STOCK[@]}" --sequential --impls batched_mm \
-        --compile --compile-modes gpt-fast --compile-impls batched_mm --budgets 1.0 --cadre-compile-step --gpu-memory 24GiB,16GiB \
-        --host-memory 32GiB,8GiB --tokens 32 --repeats 2 --json "$OUT/decode_h200_full.json" 2>&1 \
+    full)  # full depth, batch 1: transformers resident (eager, compiled; first, 200 s at most) vs cadre under caps
+      timeout 420 python3 -m bench decode --store $FULL --device cuda "${STOCK[@]}" --sequential --reference-timeout 200 \
+        --impls batched_mm --compile --compile-modes gpt-fast --compile-impls batched_mm --budgets "" --cadre-compile-step \
+        --gpu-memory 24GiB,16GiB --host-memory 32GiB --tokens 32 --repeats 2 --json "$OUT/decode_h200_full.json" 2>&1 \
         | tee "$OUT/decode_h200_full.log" | quiet | tail -12 ;;
     full-loaders)  # the 24 GiB row with one loader thread, then eight: what parallel store reads buy
       for workers in 1 8; do
@@ -98,7 +101,7 @@ for stage in "$@"; do
       timeout 300 python3 -m bench decode "${MODEL[@]}" --budgets 0.25 --expert-formats bf16,fp8 --impls grouped_mm \
         --tokens 64 --repeats 3 --json "$OUT/decode_h200_8l_fp8.json" 2>&1 | tee "$OUT/decode_h200_8l_fp8.log" \
         | quiet | tail -8 ;;
-    *) echo "unknown stage $stage (tests decode8l decode8l-b16 breakdown8l serve-demo serve8l fp8 synth full" \
+    *) echo "unknown stage $stage (tests tests-quick decode8l decode8l-b16 breakdown8l serve-demo serve8l fp8 synth full" \
          "full-loaders full-accelerate serve-full smoke-full breakdown-full)" >&2; exit 2 ;;
   esac
 done

@@ -13,6 +13,7 @@ TIE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 6e-2, torch.float16: 1e-2}
 def assert_greedy_matches(reference, got: torch.Tensor, want: torch.Tensor, prompt_len: int) -> None:
     """got/want [B,T] greedy sequences from the same prompts; reference: the transformers model."""
     assert got.shape == want.shape, (got.shape, want.shape)
+    got = got.to(want.device)  # the decoder's tokens may live on the GPU, the reference's on the host
     if torch.equal(got, want):
         return
     with torch.no_grad():

@@ -23,3 +23,13 @@ def test_children_inherit_the_run_but_not_its_outputs():
     argv = ["--model", "tiny", "--json", "x.json", "--workdir", "/w", "--isolate", "--sequential",
             "--reference-pythonpath", "", "--tokens", "4"]
     assert decode._without_outputs(argv) == ["--tokens", "4"]
+    assert decode._without_outputs(["--reference-timeout", "9", "--tokens", "4"]) == ["--tokens", "4"]
+
+
+def test_a_reference_child_past_its_timeout_becomes_an_error_row(tmp_path):
+    out = tmp_path / "rows.json"
+    assert decode.main(["--model", "tiny", "--budgets", "", "--impls", "eager", "--tokens", "4", "--repeats", "1",
+                        "--isolate", "--sequential", "--reference-timeout", "0.5", "--workdir", str(tmp_path / "work"),
+                        "--json", str(out)]) == 0
+    rows = {row["system"]: row for row in json.loads(out.read_text())["rows"]}
+    assert "timed out after 0.5 s" in rows["transformers eager, eager"]["error"]

@@ -72,3 +72,32 @@ def test_generation_with_a_tiny_host_tier_matches_the_full_cache(store_factory):
         assert tier.peak_pinned_bytes <= small.plan.host_tier_bytes and tier.evictions > 0
     finally:
         small.close()
+
+
+def test_an_exclusive_tier_on_the_gpu_loads_the_stores_weights(store_factory):
+    """Write-backs (device -> pinned, on the copy stream) and takes racing the refills of the same
+    device slots: every acquired slot must hold the store's expert, in bfloat16 as served."""
+    import random
+
+    from extractor.store import ExpertStore
+    from models.cache import ExpertCache, host_entry_bytes
+
+    store = ExpertStore.open(store_factory("qwen3_moe")[1])
+    entry = host_entry_bytes(store, torch.bfloat16)
+    cache = ExpertCache(store, device="cuda", dtype=torch.bfloat16, capacity_bytes=store.top_k * entry,
+                        host_capacity_bytes=8 * entry)
+    assert cache.exclusive
+    rng = random.Random(0)
+    layers = store.moe_layers
+    for _ in range(200):
+        layer = rng.choice(layers)
+        lease = cache.acquire(layer, rng.sample(store.experts_present(layer), store.top_k))
+        for expert, slot in lease.slots.items():
+            want = store.load_expert(layer, expert)
+            gate_up, down = (w.cpu() for w in cache.weights(slot))
+            assert torch.equal(gate_up, torch.cat([want["gate_proj"], want["up_proj"]]).bfloat16()), (layer, expert)
+            assert torch.equal(down, want["down_proj"].bfloat16()), (layer, expert)
+        cache.release(lease)
+    stats = cache.stats()
+    assert stats.writebacks > 0 and stats.loads["host"] > 0 and stats.loads["disk"] > 0
+    cache.close()
