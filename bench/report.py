@@ -102,7 +102,7 @@ def decode_gpu_table(name: str, results: Path) -> str:
                                       "GPU peak GiB"], body) + "\n\n" + source(name, record))
 
 
-for _name in ("decode_h200_8l_b1",):
+for _name in ("decode_h200_8l_b1", "decode_h200_full"):
     renderer(_name.replace("_", "-"))(lambda results, _name=_name: decode_gpu_table(_name, results))
 
 
@@ -128,6 +128,22 @@ def serve_levels(record: dict) -> dict[int, dict]:
         by_clients[clients]["loads_per_token"] = median(
             r["loads"] / max(1, r["tokens_per_request"] * r["requests"]) for r in runs)
     return by_clients
+
+
+@renderer("serve-h200-8l")
+def serve_h200_8l(results: Path) -> str:
+    """The server on the GPU at 25% and 100% of experts: aggregate tok/s per concurrency level."""
+    body, sources = [], []
+    for name, budget in (("serve_h200_8l_25pct", "25%"), ("serve_h200_8l_100pct", "100%")):
+        record = load(name, results)
+        levels = serve_levels(record)
+        one = levels[min(levels)]["tok_s"]
+        body += [[budget, clients, num(level["tok_s"], 1), f"{level['tok_s'] / one:.2f}×", num(level["ttft_p50"], 3),
+                  num(level["latency_p50"], 2), pct(level["hit_rate"]), num(level["loads_per_token"]), level["errors"]]
+                 for clients, level in levels.items()]
+        sources.append(source(name, record))
+    return (table(["experts on GPU", "clients", "tok/s (aggregate)", "vs 1 client", "TTFT p50 s", "latency p50 s",
+                   "hit rate", "loads / token", "errors"], body) + "\n\n" + "\n\n".join(sources))
 
 
 @renderer("serve-cpu")
