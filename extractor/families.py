@@ -76,6 +76,12 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3_next"),
         Family("jamba", renormalize=False),  # its logits are in the hidden dtype: "logits" is "hidden"
         Family("lfm2_moe", routing="sigmoid_topk", keep_fp32=("expert_bias",)),
+        # routers textually identical to a family above (read in transformers 5.24, parity-tested)
+        Family("flex_olmo"),  # OLMoE's
+        Family("granitemoeshared", routing="topk_softmax", renormalize=False, weights_dtype="hidden"),  # Granite's
+        Family("granitemoehybrid", routing="topk_softmax", renormalize=False, weights_dtype="hidden"),  # Granite's
+        Family("glm4_moe_lite", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # GLM-4-MoE's
+        Family("exaone_moe", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # GLM-4-MoE's
     )
 }
 

@@ -79,7 +79,7 @@ def hf_config(config: dict):
     """transformers' config object for a config.json dict."""
     from transformers import AutoConfig
 
-    fields = dict(config)
+    fields = decode_special_floats(dict(config))
     model_type = fields.pop("model_type", None)
     if model_type is None:
         raise FootprintError("config.json has no model_type")
@@ -87,6 +87,19 @@ def hf_config(config: dict):
         return AutoConfig.for_model(model_type, **fields)
     except (KeyError, ValueError) as exc:
         raise FootprintError(f"transformers does not know model_type {model_type!r}: {exc}") from None
+
+
+def decode_special_floats(value):
+    """config.json as transformers writes it holds infinities and NaN as {"__float__": "Infinity"}
+    (JSON has no such numbers; Granite-MoE-hybrid's time_step_limit is (0, inf)): back to floats,
+    as transformers' own from_pretrained reads them."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"}:
+            return float(value["__float__"])
+        return {key: decode_special_floats(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [decode_special_floats(item) for item in value]
+    return value
 
 
 def facts_from_config(config: dict, dtype: torch.dtype) -> ModelFacts:

@@ -80,6 +80,29 @@ NEW_FAMILY_CONFIGS: dict[str, dict] = {
     "lfm2_moe": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, num_experts=16, num_experts_per_tok=4, num_dense_layers=1,
         vocab_size=128, layer_types=["conv", "full_attention", "conv"]),
+    # Routers shared with a family above; what each keeps of its own: FlexOlmo's OLMoE-style layers,
+    # Granite's shared expert (and the hybrid's Mamba layers, whose time_step_limit holds an infinity
+    # in config.json), GLM-4.7-Flash's MLA attention and dense first layer, EXAONE's sliding layers.
+    "flex_olmo": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=16, num_experts_per_tok=4, vocab_size=128, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2),
+    "granitemoeshared": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=4, shared_intermediate_size=32,
+        vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "granitemoehybrid": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=4, shared_intermediate_size=32,
+        vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, mamba_n_heads=4, mamba_d_state=16,
+        mamba_chunk_size=16, layer_types=["mamba", "attention", "mamba", "attention"]),
+    "glm4_moe_lite": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+        kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=4,
+        topk_group=2, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        mlp_layer_types=["dense", "sparse", "sparse"]),
+    "exaone_moe": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+        first_k_dense_replace=1, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"]),
 }
 FAMILY_CONFIGS.update(NEW_FAMILY_CONFIGS)
 
