@@ -15,6 +15,7 @@ Routing kinds:
   topk_softmax        top-k of the logits (router bias included), softmax over those k
   sigmoid_topk        LFM2-MoE: sigmoid, top-k of sigmoid + expert bias, renorm, scaling
   sparsemixer         PhiMoE: top-2 by sparsemixer's masked softmax (inference form)
+  softmax_bias_topk   ERNIE 4.5: softmax, top-k of probabilities + correction bias, renorm
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 STORE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ROUTING_KINDS = ("softmax_topk", "sigmoid_group_topk", "softmax_group_topk", "topk_softmax", "sigmoid_topk",
-                 "sparsemixer")
+                 "sparsemixer", "softmax_bias_topk")
 
 
 class FamilyError(ValueError):
@@ -82,6 +83,9 @@ FAMILIES: dict[str, Family] = {
         Family("granitemoehybrid", routing="topk_softmax", renormalize=False, weights_dtype="hidden"),  # Granite's
         Family("glm4_moe_lite", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # GLM-4-MoE's
         Family("exaone_moe", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # GLM-4-MoE's
+        # ERNIE 4.5: its config names the experts moe_num_experts / moe_k; the bias sits in gate.moe_statics
+        Family("ernie4_5_moe", routing="softmax_bias_topk", renormalize=True, weights_dtype="hidden",
+               keep_fp32=("e_score_correction_bias",), num_experts_keys=("moe_num_experts",), top_k_key="moe_k"),
     )
 }
 

@@ -101,6 +101,7 @@ def routing_spec(store: ExpertStore, hf_config) -> RoutingSpec:
         topk_method=getattr(hf_config, "topk_method", None) or "greedy",
         weights_in_hidden_dtype=family.weights_dtype == "hidden",
         jitter_eps=getattr(hf_config, "router_jitter_noise", 0.0) or 0.0,
+        norm_min=getattr(hf_config, "moe_norm_min", 1e-12) or 1e-12,
     )
 
 
@@ -170,7 +171,7 @@ def install_router(block: torch.nn.Module, route_fn, spec: RoutingSpec) -> None:
 
 
 def _logits_fn(spec: RoutingSpec):
-    in_float32 = spec.kind in ("sigmoid_group_topk", "softmax_group_topk")
+    in_float32 = spec.kind in ("sigmoid_group_topk", "softmax_group_topk", "softmax_bias_topk")
     float_after = spec.kind == "topk_softmax" and spec.weights_in_hidden_dtype  # Granite: F.linear(...).float()
 
     def logits_of(router, hidden_states):  # [T,H] -> [T,E]

@@ -39,6 +39,7 @@ class RoutingSpec:
     topk_method: str = "greedy"  # DeepSeek-V2: "greedy" | "group_limited_greedy"
     weights_in_hidden_dtype: bool = False  # Granite: weights cast to the hidden states' dtype
     jitter_eps: float = 0.0  # PhiMoE's router_jitter_noise (sparsemixer's threshold, used at inference too)
+    norm_min: float = 1e-12  # ERNIE 4.5's moe_norm_min: the renormalisation divides by max(sum, norm_min)
 
 
 def route(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
@@ -46,7 +47,7 @@ def route(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
           hidden_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T,K], indices [T,K]) for router logits [T,E]; absent: bool [E] or None.
 
-    correction_bias: DeepSeek-V3's / GLM's e_score_correction_bias, LFM2's expert_bias."""
+    correction_bias: DeepSeek-V3's / GLM's / ERNIE's e_score_correction_bias, LFM2's expert_bias."""
     if spec.kind == "softmax_topk":
         return softmax_topk(spec, logits, absent)
     if spec.kind == "sigmoid_group_topk":
@@ -59,6 +60,8 @@ def route(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
         return sigmoid_topk(spec, logits, absent, correction_bias)
     if spec.kind == "sparsemixer":
         return sparsemixer_top2(spec, logits, absent)
+    if spec.kind == "softmax_bias_topk":
+        return softmax_bias_topk(spec, logits, absent, correction_bias, hidden_dtype)
     raise ValueError(f"unknown routing kind {spec.kind!r}")
 
 
@@ -148,6 +151,26 @@ def sigmoid_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor |
     if spec.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-6)
     return _drop_absent(weights * spec.routed_scaling_factor, indices, absent)
+
+
+def softmax_bias_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
+                      correction_bias: torch.Tensor | None, hidden_dtype: torch.dtype | None):
+    """ERNIE 4.5: float32 softmax, top-k of the probabilities + the correction bias ([1,E]),
+    the chosen probabilities renormalised by max(sum, norm_min), weights in the hidden dtype.
+    Both the logits (so the present experts' probabilities renormalise among themselves) and
+    the choice (0 + bias could still be chosen) are masked."""
+    if absent is not None:
+        logits = logits.masked_fill(absent, float("-inf"))  # [T,E]
+    probs = F.softmax(logits, dim=1, dtype=torch.float)  # [T,E] float32
+    choice = probs + correction_bias.squeeze() if correction_bias is not None else probs
+    if absent is not None:
+        choice = choice.masked_fill(absent, float("-inf"))
+    indices = torch.topk(choice, spec.top_k, dim=-1)[1]  # [T,K]
+    weights = torch.gather(probs, dim=-1, index=indices)
+    weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=spec.norm_min)
+    if spec.weights_in_hidden_dtype and hidden_dtype is not None:
+        weights = weights.to(hidden_dtype)
+    return _drop_absent(weights, indices, absent)
 
 
 def sparsemixer_top2(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None):

@@ -87,8 +87,8 @@ class ExactPolicy:
     def route(self, layer: int, logits: torch.Tensor, gate, hidden_dtype: torch.dtype | None = None,
               bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """bias: a choice bias the family hands its router (LFM2's expert_bias); else the
-        gate's own correction bias (DeepSeek-V3, GLM), if any."""
-        bias = bias if bias is not None else getattr(gate, "e_score_correction_bias", None)
+        gate's own correction bias (DeepSeek-V3, GLM; ERNIE keeps it in gate.moe_statics), if any."""
+        bias = bias if bias is not None else correction_bias(gate)
         weights, indices = route(self.spec, logits, self.absent[layer], bias, hidden_dtype)
         if self.prefetch_layers and self.widen:
             self._observe_shift(layer, logits)
@@ -176,6 +176,13 @@ class DynamicKPolicy(ExactPolicy):
             return weights, indices
         indices = indices.masked_fill(drop, UNUSED)
         return reweight(self.spec, logits, self.absent[layer], indices, weights.dtype), indices
+
+
+def correction_bias(gate) -> torch.Tensor | None:
+    bias = getattr(gate, "e_score_correction_bias", None)
+    if bias is None:
+        bias = getattr(getattr(gate, "moe_statics", None), "e_score_correction_bias", None)
+    return bias
 
 
 def router_probs(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None) -> torch.Tensor:

@@ -31,7 +31,7 @@ TESTS = {
     "glm4_moe": PARITY, "gpt_oss": PARITY, "deepseek_v2": PARITY, "phimoe": PARITY, "granitemoe": PARITY,
     "minimax": PARITY, "qwen3_next": PARITY, "jamba": PARITY, "lfm2_moe": PARITY,
     "flex_olmo": PARITY, "granitemoeshared": PARITY, "granitemoehybrid": PARITY, "glm4_moe_lite": PARITY,
-    "exaone_moe": PARITY,
+    "exaone_moe": PARITY, "ernie4_5_moe": PARITY,
 }
 EXTRACTION_ONLY = {"qwen3_omni_moe": "its thinker extracts (tests/test_extract_families.py); not served: "
                                     "transformers has no causal-LM class for it"}

@@ -103,6 +103,10 @@ NEW_FAMILY_CONFIGS: dict[str, dict] = {
         first_k_dense_replace=1, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
         mlp_layer_types=["dense", "sparse", "sparse", "sparse"]),
+    # ERNIE 4.5: its own routing kind (softmax_bias_topk), a dense first layer, moe_* config keys
+    "ernie4_5_moe": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, moe_num_experts=16, moe_k=4, vocab_size=128, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2),
 }
 FAMILY_CONFIGS.update(NEW_FAMILY_CONFIGS)
 
