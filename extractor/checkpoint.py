@@ -93,6 +93,7 @@ class Checkpoint:
     weights: str  # formats.DENSE | FP8 | MXFP4
     bias: bool  # the experts have biases
     fp8_block: list[int] | None  # FP8 checkpoints: [rows, cols] per scale
+    keep_fp32: tuple[str, ...] = ()  # trunk name patterns transformers keeps in float32 (Layout.keep_fp32)
 
     @property
     def moe_layers(self) -> list[int]:
@@ -119,7 +120,7 @@ def open_checkpoint(model_dir: str | Path) -> Checkpoint:
     return Checkpoint(
         root=root, config=config, config_sha256=hashlib.sha256(raw).hexdigest(), family=family,
         num_layers=n_layers, num_experts=n_experts, top_k=k, files=files, experts=experts,
-        trunk=trunk, fused=fused, weights=weights, bias=bias, fp8_block=block,
+        trunk=trunk, fused=fused, weights=weights, bias=bias, fp8_block=block, keep_fp32=layout.keep_fp32,
     )
 
 

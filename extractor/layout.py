@@ -71,6 +71,9 @@ class Layout:
     _converters: tuple
     _base_prefix: str
     _params: dict  # every parameter/buffer name of the meta model (transformers' prefix test reads it)
+    # the model's `_keep_in_fp32_modules_strict` (its submodules' included): name patterns whose
+    # tensors transformers loads in float32 whatever dtype is asked for (DeepSeek's gate.weight)
+    keep_fp32: tuple[str, ...] = ()
 
     def role(self, key: str) -> Role | None:
         """The key's role among the routed experts, None for a trunk key; ExtractError for a
@@ -154,6 +157,7 @@ def describe(config) -> Layout:
         _converters=tuple(t for t in transforms if isinstance(t, WeightConverter)),
         _base_prefix=model.base_model_prefix,
         _params=dict.fromkeys((name for name, _ in [*model.named_parameters(), *model.named_buffers()]), True),
+        keep_fp32=tuple(sorted(getattr(model, "_keep_in_fp32_modules_strict", None) or ())),
     )
 
 
