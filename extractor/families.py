@@ -83,6 +83,11 @@ FAMILIES: dict[str, Family] = {
         Family("granitemoehybrid", routing="topk_softmax", renormalize=False, weights_dtype="hidden"),  # Granite's
         Family("glm4_moe_lite", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # GLM-4-MoE's
         Family("exaone_moe", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # GLM-4-MoE's
+        Family("deepseek_v32", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # V3's
+        Family("dots1", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # DeepSeek-V3's
+        Family("kimi_linear", routing="sigmoid_group_topk", renormalize="moe_renormalize",  # DeepSeek-V3's
+               top_k_key="num_experts_per_token", keep_fp32=("e_score_correction_bias",)),
+        Family("qwen3_5_moe_text", renormalize=True),  # Qwen3.5-MoE's text model: always renormalised
         # ERNIE 4.5: its config names the experts moe_num_experts / moe_k; the bias sits in gate.moe_statics
         Family("ernie4_5_moe", routing="softmax_bias_topk", renormalize=True, weights_dtype="hidden",
                keep_fp32=("e_score_correction_bias",), num_experts_keys=("moe_num_experts",), top_k_key="moe_k"),

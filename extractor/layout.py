@@ -111,7 +111,9 @@ def _role(site: Site, param: str, key: str, converter, pattern: str | None, suff
     if pattern is not None and "*" in pattern:
         if ops[:1] != ["MergeModulelist"] or any(op not in ("MergeModulelist", "Concatenate", "Transpose") for op in ops):
             raise ExtractError(f"'{key}': transformers builds '{param}' with {ops}, a layout cadre does not know")
-        expert = int(re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)[1])
+        # the source pattern is a regex to transformers (Kimi-Linear's are written as ones:
+        # r"\.experts.*.w1.weight"), its "*" the expert index
+        expert = int(re.search(pattern.replace("*", r"(\d+)"), key)[1])
         many = len(converter.source_patterns) > 1
         part = converter.source_patterns.index(pattern) if many else None
         if many and (ops[1:2] != ["Concatenate"] or len(converter.source_patterns) != 2):
