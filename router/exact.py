@@ -89,7 +89,14 @@ def sigmoid_group_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Te
     if absent is not None:
         choice = choice.masked_fill(absent, float("-inf"))
     per_group = spec.num_experts // spec.n_group
-    group_scores = choice.view(-1, spec.n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)  # [T,G]
+    top2 = choice.view(-1, spec.n_group, per_group).topk(2, dim=-1)[0]  # [T,G,2]
+    if absent is not None:
+        # a group holding one present expert scores it alone, one holding none stays at -inf
+        # (summed as they are, a group of one would score -inf too, and a store with at most
+        # one expert per group would route every token to no expert at all)
+        empty = absent.view(1, spec.n_group, per_group).all(dim=-1, keepdim=True)  # [1,G,1]
+        top2 = top2.masked_fill(top2 == float("-inf"), 0.0).masked_fill(empty, float("-inf"))  # no host sync
+    group_scores = top2.sum(dim=-1)  # [T,G]
     group_idx = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False)[1]
     group_mask = torch.zeros_like(group_scores)
     group_mask.scatter_(1, group_idx, 1)
