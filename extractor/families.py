@@ -16,6 +16,9 @@ Routing kinds:
   sigmoid_topk        LFM2-MoE: sigmoid, top-k of sigmoid + expert bias, renorm, scaling
   sparsemixer         PhiMoE: top-2 by sparsemixer's masked softmax (inference form)
   softmax_bias_topk   ERNIE 4.5: softmax, top-k of probabilities + correction bias, renorm
+  sigmoid_bias_topk   MiniMax-M2: sigmoid, top-k of scores + the block's correction bias, renorm
+  topk_sigmoid        top-k of the logits, sigmoid over those k (Cohere2-MoE's sigmoid selection;
+                      its rows say topk_softmax and config.json's expert_selection_fn switches)
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 STORE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ROUTING_KINDS = ("softmax_topk", "sigmoid_group_topk", "softmax_group_topk", "topk_softmax", "sigmoid_topk",
-                 "sparsemixer", "softmax_bias_topk")
+                 "sparsemixer", "softmax_bias_topk", "sigmoid_bias_topk", "topk_sigmoid")
 
 
 class FamilyError(ValueError):
@@ -88,6 +91,8 @@ FAMILIES: dict[str, Family] = {
         Family("kimi_linear", routing="sigmoid_group_topk", renormalize="moe_renormalize",  # DeepSeek-V3's
                top_k_key="num_experts_per_token", keep_fp32=("e_score_correction_bias",)),
         Family("qwen3_5_moe_text", renormalize=True),  # Qwen3.5-MoE's text model: always renormalised
+        Family("minimax_m2", routing="sigmoid_bias_topk", renormalize=True),  # the bias is the block's
+        Family("cohere2_moe", routing="topk_softmax", weights_dtype="hidden"),  # or topk_sigmoid, by its config
         # ERNIE 4.5: its config names the experts moe_num_experts / moe_k; the bias sits in gate.moe_statics
         Family("ernie4_5_moe", routing="softmax_bias_topk", renormalize=True, weights_dtype="hidden",
                keep_fp32=("e_score_correction_bias",), num_experts_keys=("moe_num_experts",), top_k_key="moe_k"),

@@ -89,8 +89,11 @@ def strip_expert_weights(experts: torch.nn.Module) -> None:
 
 def routing_spec(store: ExpertStore, hf_config) -> RoutingSpec:
     family = store.family
+    kind = family.routing
+    if kind == "topk_softmax" and getattr(hf_config, "expert_selection_fn", "softmax") == "sigmoid":
+        kind = "topk_sigmoid"  # Cohere2-MoE: the config picks how the top-k logits become weights
     return RoutingSpec(
-        kind=family.routing,
+        kind=kind,
         top_k=store.top_k,
         num_experts=store.num_experts,
         renormalize=renormalizes(store.config, family),
@@ -153,7 +156,10 @@ def install_router(block: torch.nn.Module, route_fn, spec: RoutingSpec) -> None:
     logits_of = _logits_fn(spec)
     hidden = router.weight.shape[-1]
     probe = torch.zeros(2, hidden, dtype=router.weight.dtype, device=router.weight.device)  # [2,H]
-    bias = getattr(block, "expert_bias", None)  # LFM2 passes it to its router
+    # a bias the block hands its router: LFM2's expert_bias, MiniMax-M2's e_score_correction_bias
+    bias = getattr(block, "expert_bias", None)
+    if bias is None:
+        bias = getattr(block, "e_score_correction_bias", None)
     with torch.no_grad():
         probed = router(probe, bias) if bias is not None else router(probe)
     if torch.is_tensor(probed):  # a plain linear router: the block routes its logits

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 UNUSED = -1  # index of a top-k slot that selects nothing
-SIGMOID_KINDS = ("sigmoid_group_topk", "sigmoid_topk")  # the rest softmax their logits
+SIGMOID_KINDS = ("sigmoid_group_topk", "sigmoid_topk", "sigmoid_bias_topk", "topk_sigmoid")  # the rest: softmax
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,10 @@ def route(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
         return sparsemixer_top2(spec, logits, absent)
     if spec.kind == "softmax_bias_topk":
         return softmax_bias_topk(spec, logits, absent, correction_bias, hidden_dtype)
+    if spec.kind == "sigmoid_bias_topk":
+        return sigmoid_bias_topk(spec, logits, absent, correction_bias)
+    if spec.kind == "topk_sigmoid":
+        return topk_sigmoid(spec, logits, absent, hidden_dtype)
     raise ValueError(f"unknown routing kind {spec.kind!r}")
 
 
@@ -178,6 +182,46 @@ def softmax_bias_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Ten
     if spec.weights_in_hidden_dtype and hidden_dtype is not None:
         weights = weights.to(hidden_dtype)
     return _drop_absent(weights, indices, absent)
+
+
+def sigmoid_bias_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
+                      correction_bias: torch.Tensor | None):
+    """MiniMax-M2: logits in the model dtype, sigmoid in float32, unsorted top-k of the scores
+    + the block's correction bias, the chosen scores renormalised (no epsilon), no scaling.
+    The choice is masked, not the logits (sigmoid(-inf) + bias could still be chosen)."""
+    scores = logits.float().sigmoid()  # [T,E] float32
+    choice = scores + correction_bias if correction_bias is not None else scores
+    if absent is not None:
+        choice = choice.masked_fill(absent, float("-inf"))
+    indices = torch.topk(choice, spec.top_k, dim=-1, sorted=False)[1]  # [T,K]
+    weights = scores.gather(1, indices)
+    if absent is not None:
+        weights = weights.masked_fill(absent[indices], 0.0)
+    if spec.renormalize:
+        weights /= _row_sums(weights, absent)
+    return _drop_absent(weights, indices, absent)
+
+
+def topk_sigmoid(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
+                 hidden_dtype: torch.dtype | None):
+    """Cohere2-MoE with expert_selection_fn "sigmoid": top-k of the logits, sigmoid of those k
+    (in the logits' dtype), renormalised per norm_topk_prob, in the hidden states' dtype."""
+    if absent is not None:
+        logits = logits.masked_fill(absent, float("-inf"))  # [T,E]: sigmoid(-inf) = 0
+    top, indices = torch.topk(logits, spec.top_k, dim=-1)  # [T,K]
+    weights = torch.sigmoid(top)
+    if spec.renormalize:
+        weights = weights / _row_sums(weights, absent)
+    if hidden_dtype is not None:
+        weights = weights.to(hidden_dtype)
+    return _drop_absent(weights, indices, absent)
+
+
+def _row_sums(weights: torch.Tensor, absent: torch.Tensor | None) -> torch.Tensor:
+    """[T,1] sums for a renormalisation without an epsilon: as they are with every expert present,
+    kept above 0 when masking could leave a row with nothing (0/0 would be NaN)."""
+    sums = weights.sum(dim=-1, keepdim=True)
+    return sums if absent is None else sums.clamp_min(torch.finfo(sums.dtype).tiny)
 
 
 def sparsemixer_top2(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None):

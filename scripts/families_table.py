@@ -32,6 +32,7 @@ TESTS = {
     "minimax": PARITY, "qwen3_next": PARITY, "jamba": PARITY, "lfm2_moe": PARITY,
     "flex_olmo": PARITY, "granitemoeshared": PARITY, "granitemoehybrid": PARITY, "glm4_moe_lite": PARITY,
     "exaone_moe": PARITY, "ernie4_5_moe": PARITY, "deepseek_v32": PARITY, "dots1": PARITY, "kimi_linear": PARITY,
+    "minimax_m2": PARITY, "cohere2_moe": PARITY + ", tests/test_routing_selection_fn.py",
 }
 TEXT_MODEL_ONLY = {"qwen3_5_moe": "its text model `qwen3_5_moe_text` (what transformers saves from a text-only "
                                  "config) is supported, tests/test_runtime_parity.py; the multimodal checkpoint is not"}

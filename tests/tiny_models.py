@@ -127,6 +127,16 @@ NEW_FAMILY_CONFIGS: dict[str, dict] = {
         num_experts_per_tok=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
         linear_num_value_heads=4, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"]),
+    # MiniMax-M2: sigmoid routing with the block's correction bias (its own kind); Cohere2-MoE as the real
+    # checkpoints configure it: sigmoid selection, renormalised (tests/test_routing_selection_fn.py: softmax)
+    "minimax_m2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=16, num_experts_per_tok=4, vocab_size=128,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "cohere2_moe": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts=16, num_experts_per_tok=4, vocab_size=128, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, expert_selection_fn="sigmoid", norm_topk_prob=True,
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        mlp_layer_types=["sparse"] * 4),
     # ERNIE 4.5: its own routing kind (softmax_bias_topk), a dense first layer, moe_* config keys
     "ernie4_5_moe": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, moe_num_experts=16, moe_k=4, vocab_size=128, pad_token_id=0,
