@@ -57,6 +57,9 @@ class Family:
     config_path: tuple[str, ...] = ()
     text_model_type: str | None = None
     key_prefix: str = ""
+    # key prefixes of a multimodal checkpoint's other towers: kept in the store's trunk, not loaded
+    # into the text model cadre serves
+    other_towers: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,6 +94,9 @@ FAMILIES: dict[str, Family] = {
         Family("kimi_linear", routing="sigmoid_group_topk", renormalize="moe_renormalize",  # DeepSeek-V3's
                top_k_key="num_experts_per_token", keep_fp32=("e_score_correction_bias",)),
         Family("qwen3_5_moe_text", renormalize=True),  # Qwen3.5-MoE's text model: always renormalised
+        # Qwen3.5-MoE as published: a vision-language checkpoint; its text model is what cadre serves
+        Family("qwen3_5_moe", renormalize=True, config_path=("text_config",), text_model_type="qwen3_5_moe_text",
+               other_towers=("model.visual.",)),
         Family("minimax_m2", routing="sigmoid_bias_topk", renormalize=True),  # the bias is the block's
         Family("cohere2_moe", routing="topk_softmax", weights_dtype="hidden"),  # or topk_sigmoid, by its config
         # ERNIE 4.5: its config names the experts moe_num_experts / moe_k; the bias sits in gate.moe_statics

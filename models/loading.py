@@ -111,6 +111,8 @@ def routing_spec(store: ExpertStore, hf_config) -> RoutingSpec:
 def load_model(store: ExpertStore, *, dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu") -> PreTrainedModel:
     config = AutoConfig.from_pretrained(store.root)
+    if store.family.config_path:  # a multimodal checkpoint (Qwen3.5-MoE): cadre serves its text model
+        config = config.get_text_config()
     base = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     if base is None:
         raise StoreError(f"{store.root}: transformers has no causal-LM class for {type(config).__name__}")
@@ -118,6 +120,8 @@ def load_model(store: ExpertStore, *, dtype: torch.dtype | None = None,
         trunk = load_file(store.trunk_path)
     except Exception as exc:
         raise StoreError(f"{store.trunk_path}: cannot load trunk: {exc}") from exc
+    if store.family.other_towers:  # a vision tower: the served text model has no place for it
+        trunk = {key: value for key, value in trunk.items() if not key.startswith(store.family.other_towers)}
     dequantize_trunk(config, trunk, dtype or store.dtype)
     model = selective_class(base).from_pretrained(None, config=config, state_dict=trunk, dtype=dtype or store.dtype,
                                                   experts_implementation=EXPERTS_IMPLEMENTATION)

@@ -33,9 +33,8 @@ TESTS = {
     "flex_olmo": PARITY, "granitemoeshared": PARITY, "granitemoehybrid": PARITY, "glm4_moe_lite": PARITY,
     "exaone_moe": PARITY, "ernie4_5_moe": PARITY, "deepseek_v32": PARITY, "dots1": PARITY, "kimi_linear": PARITY,
     "minimax_m2": PARITY, "cohere2_moe": PARITY + ", tests/test_routing_selection_fn.py",
+    "qwen3_5_moe": "tests/test_multimodal_text_model.py (its text model; qwen3_5_moe_text: " + PARITY + ")",
 }
-TEXT_MODEL_ONLY = {"qwen3_5_moe": "its text model `qwen3_5_moe_text` (what transformers saves from a text-only "
-                                 "config) is supported, tests/test_runtime_parity.py; the multimodal checkpoint is not"}
 EXTRACTION_ONLY = {"qwen3_omni_moe": "its thinker extracts (tests/test_extract_families.py); not served: "
                                     "transformers has no causal-LM class for it"}
 
@@ -60,8 +59,6 @@ def decorated_families() -> list[str]:
 def row(model_type: str) -> str:
     if model_type in EXTRACTION_ONLY:
         return f"| {model_type} | extraction only | {EXTRACTION_ONLY[model_type]} |"
-    if model_type in TEXT_MODEL_ONLY:
-        return f"| {model_type} | text model only | {TEXT_MODEL_ONLY[model_type]} |"
     try:
         config = tiny_or_default_config(model_type)
     except ValueError:  # a model directory without a model_type of its own (e.g. inkling's text tower)

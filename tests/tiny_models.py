@@ -190,3 +190,21 @@ def make_checkpoint(
         kwargs["save_original_format"] = False
     model.save_pretrained(path, **kwargs)
     return Path(path)
+
+
+def make_multimodal_checkpoint(path: Path, family: str = "qwen3_5_moe", seed: int = 0) -> Path:
+    """A tiny vision-language checkpoint as published (Qwen3.5-MoE: model.language_model.* beside
+    model.visual.*), its text model the tiny `<family>_text` one."""
+    from transformers import AutoModelForImageTextToText
+
+    config = AutoConfig.for_model(family, text_config=dict(FAMILY_CONFIGS[f"{family}_text"]),
+                                  vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                                                     out_hidden_size=32))
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config).float()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    model.eval().save_pretrained(path)
+    return Path(path)
+
