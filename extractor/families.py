@@ -98,6 +98,8 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3_5_moe", renormalize=True, config_path=("text_config",), text_model_type="qwen3_5_moe_text",
                other_towers=("model.visual.",)),
         Family("minimax_m2", routing="sigmoid_bias_topk", renormalize=True),  # the bias is the block's
+        # HunYuan-MoE: Qwen's routing in float32 (its router is gate.wg), top-k per layer in moe_topk
+        Family("hunyuan_v1_moe", renormalize=True, top_k_key="moe_topk", keep_fp32=("gate.wg.weight",)),
         Family("cohere2_moe", routing="topk_softmax", weights_dtype="hidden"),  # or topk_sigmoid, by its config
         # ERNIE 4.5: its config names the experts moe_num_experts / moe_k; the bias sits in gate.moe_statics
         Family("ernie4_5_moe", routing="softmax_bias_topk", renormalize=True, weights_dtype="hidden",
@@ -138,9 +140,17 @@ def num_experts(config: dict, family: Family) -> int:
 
 
 def top_k(config: dict, family: Family) -> int:
-    value = text_config(config, family).get(family.top_k_key)
+    value = per_layer_value(text_config(config, family).get(family.top_k_key))
     if not isinstance(value, int) or value <= 0:
         raise FamilyError(f"config is not an MoE model: '{family.top_k_key}' is missing or not positive")
+    return value
+
+
+def per_layer_value(value):
+    """A config value given per layer (HunYuan's moe_topk: [8] * 32) as the one value all layers
+    share; a list whose entries differ stays a list (and is refused by the caller)."""
+    if isinstance(value, list) and value and all(item == value[0] for item in value):
+        return value[0]
     return value
 
 

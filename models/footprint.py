@@ -24,6 +24,8 @@ from functools import lru_cache
 
 import torch
 
+from extractor.families import per_layer_value
+
 logger = logging.getLogger("cadre.plan")
 
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -219,7 +221,7 @@ def _kv_formula(text) -> int:
 
 def _top_k(text) -> int:
     for key in TOP_K_KEYS:
-        value = getattr(text, key, None)
+        value = per_layer_value(getattr(text, key, None))
         if isinstance(value, int) and value > 0:
             return value
     raise FootprintError(f"{text.model_type}: config names no experts-per-token count ({', '.join(TOP_K_KEYS)})")

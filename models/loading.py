@@ -48,6 +48,10 @@ def moe_blocks(model: PreTrainedModel) -> dict[int, torch.nn.Module]:
 def router_of(block: torch.nn.Module) -> torch.nn.Module:
     """The block's router: `gate` in most families, `router` in gpt-oss, PhiMoE, Granite, Jamba."""
     router = getattr(block, "gate", None)
+    if router is not None and not hasattr(router, "weight") and hasattr(getattr(router, "wg", None), "weight"):
+        # HunYuan keeps its router's linear in gate.wg: its weight is named where cadre reads a
+        # router's (a plain reference: no second parameter, the gate's own call unchanged)
+        object.__setattr__(router, "weight", router.wg.weight)
     if not hasattr(router, "weight"):
         router = getattr(block, "router", None)
     if not hasattr(router, "weight"):
@@ -187,7 +191,8 @@ def _logits_fn(spec: RoutingSpec):
     def logits_of(router, hidden_states):  # [T,H] -> [T,E]
         if in_float32:
             return F.linear(hidden_states.type(torch.float32), router.weight.type(torch.float32))
-        logits = F.linear(hidden_states, router.weight, getattr(router, "bias", None))
+        # in the weight's dtype (a no-op but for HunYuan's float32 router under a bf16 model)
+        logits = F.linear(hidden_states.to(router.weight.dtype), router.weight, getattr(router, "bias", None))
         return logits.float() if float_after else logits
 
     return logits_of

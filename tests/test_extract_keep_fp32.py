@@ -14,14 +14,15 @@ from extractor import extract_store
 from tiny_models import make_checkpoint
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2", "glm4_moe", "ernie4_5_moe", "kimi_linear"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2", "glm4_moe", "ernie4_5_moe", "kimi_linear",
+                                    "hunyuan_v1_moe"])
 def test_bf16_store_keeps_transformers_fp32_tensors(family, tmp_path):
     checkpoint = make_checkpoint(tmp_path / "checkpoint", family)  # float32
     extract_store(checkpoint, tmp_path / "store", dtype="bfloat16", quiet=True)
     with safe_open(tmp_path / "store" / "trunk.safetensors", "pt") as f:
         kept = {key for key in f.keys() if f.get_slice(key).get_dtype() == "F32"}
         cast = {key for key in f.keys() if f.get_slice(key).get_dtype() == "BF16"}
-    assert any(key.endswith(".gate.weight") for key in kept), sorted(kept)  # the router's weight
+    assert any(key.endswith((".gate.weight", ".gate.wg.weight")) for key in kept), sorted(kept)  # the router's
     assert any(key.endswith("o_proj.weight") for key in cast), sorted(cast)  # the rest is cast
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
     runtime = Runtime.from_store(tmp_path / "store", RuntimeConfig(cache_fraction=1.0, dtype="bfloat16"))

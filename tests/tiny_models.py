@@ -137,6 +137,10 @@ NEW_FAMILY_CONFIGS: dict[str, dict] = {
         bos_token_id=1, eos_token_id=2, expert_selection_fn="sigmoid", norm_topk_prob=True,
         layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
         mlp_layer_types=["sparse"] * 4),
+    # HunYuan-MoE: a float32 router in gate.wg, top-k given per layer as the published configs give it
+    "hunyuan_v1_moe": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts=16, moe_topk=[4, 4, 4], vocab_size=128, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2),
     # ERNIE 4.5: its own routing kind (softmax_bias_topk), a dense first layer, moe_* config keys
     "ernie4_5_moe": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, moe_num_experts=16, moe_k=4, vocab_size=128, pad_token_id=0,
