@@ -3,7 +3,6 @@ before anything is written."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
