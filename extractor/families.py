@@ -93,6 +93,9 @@ FAMILIES: dict[str, Family] = {
         Family("dots1", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # DeepSeek-V3's
         Family("kimi_linear", routing="sigmoid_group_topk", renormalize="moe_renormalize",  # DeepSeek-V3's
                top_k_key="num_experts_per_token", keep_fp32=("e_score_correction_bias",)),
+        Family("axk1", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # DeepSeek-V3's
+        Family("bailing_hybrid", routing="sigmoid_group_topk", renormalize="moe_renormalize",  # as Kimi's
+               top_k_key="num_experts_per_token", keep_fp32=("e_score_correction_bias",)),
         Family("qwen3_5_moe_text", renormalize=True),  # Qwen3.5-MoE's text model: always renormalised
         # Qwen3.5-MoE as published: a vision-language checkpoint; its text model is what cadre serves
         Family("qwen3_5_moe", renormalize=True, config_path=("text_config",), text_model_type="qwen3_5_moe_text",
