@@ -72,6 +72,7 @@ class Piece:
 class TrunkTensor:
     file: int
     info: TensorInfo
+    keep_fp32: bool = False  # transformers loads it in float32 at any dtype (Layout.keeps_fp32)
 
 
 Expert = dict[str, Piece]  # shard tensor name ("gate_proj", "gate_proj_scale_inv", ...) -> piece
@@ -93,7 +94,6 @@ class Checkpoint:
     weights: str  # formats.DENSE | FP8 | MXFP4
     bias: bool  # the experts have biases
     fp8_block: list[int] | None  # FP8 checkpoints: [rows, cols] per scale
-    keep_fp32: tuple[str, ...] = ()  # trunk name patterns transformers keeps in float32 (Layout.keep_fp32)
 
     @property
     def moe_layers(self) -> list[int]:
@@ -120,7 +120,7 @@ def open_checkpoint(model_dir: str | Path) -> Checkpoint:
     return Checkpoint(
         root=root, config=config, config_sha256=hashlib.sha256(raw).hexdigest(), family=family,
         num_layers=n_layers, num_experts=n_experts, top_k=k, files=files, experts=experts,
-        trunk=trunk, fused=fused, weights=weights, bias=bias, fp8_block=block, keep_fp32=layout.keep_fp32,
+        trunk=trunk, fused=fused, weights=weights, bias=bias, fp8_block=block,
     )
 
 
@@ -237,7 +237,7 @@ def _classify(located, family: Family, layout: Layout, files: list[Path]) -> tup
             except ExtractError as exc:
                 raise ExtractError(f"{files[file]}: {exc}") from None
         if role is None:
-            trunk.append(TrunkTensor(file, info))
+            trunk.append(TrunkTensor(file, info, layout.keeps_fp32(info.name[len(family.key_prefix):])))
         elif role.expert is not None:
             for name, piece in _expert_pieces(role, Piece(file, info.begin, info.nbytes, info.dtype, info.shape)):
                 experts.setdefault((role.site.layer, role.expert), {})[name] = piece

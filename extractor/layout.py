@@ -88,6 +88,15 @@ class Layout:
             raise ExtractError(f"'{key}' sits in the routed experts as '{param}', which cadre does not know")
         return _role(site, param, key, converter, pattern, suffix)
 
+    def keeps_fp32(self, key: str) -> bool:
+        """Whether transformers loads this trunk key in float32 whatever dtype is asked for: one of
+        the model's strict fp32 patterns in the key as renamed (where transformers matches it) or
+        as stored."""
+        if not self.keep_fp32:
+            return False
+        target = self._rename(key)[0]
+        return any(pattern in target or pattern in key for pattern in self.keep_fp32)
+
     def _rename(self, key: str):
         from transformers.core_model_loading import rename_source_key
 

@@ -197,16 +197,12 @@ def _shard_dtype(ckpt: Checkpoint, chosen: list[tuple[int, int]], request: str) 
 
 def _trunk_dtype(ckpt: Checkpoint, tensor: TrunkTensor, request: str) -> str:
     info = tensor.info
-    keep = request == "auto" or info.dtype not in CASTABLE or _kept_in_fp32(ckpt, info.name)
+    # what transformers loads in float32 at any dtype (the family row's suffixes, the model's strict
+    # fp32 patterns) stays so: cast to bf16 in the store and upcast again at load, it would differ
+    # from transformers' own load of the checkpoint (a float32 router weight: logits ~4e-3 off)
+    kept_fp32 = tensor.keep_fp32 or info.name.endswith(ckpt.family.keep_fp32)
+    keep = request == "auto" or info.dtype not in CASTABLE or kept_fp32
     return info.dtype if keep else TORCH_NAMES[request]
-
-
-def _kept_in_fp32(ckpt: Checkpoint, name: str) -> bool:
-    """transformers loads these in float32 at any dtype: the family row's suffixes, and the model's
-    strict fp32 patterns, matched as transformers matches them (anywhere in the name). Cast to
-    bf16 in the store and upcast again at load, they would differ from transformers' own load of
-    the checkpoint (a float32 router weight rounded to bf16 moves logits by ~4e-3)."""
-    return name.endswith(ckpt.family.keep_fp32) or any(pattern in name for pattern in ckpt.keep_fp32)
 
 
 def _fingerprint(ckpt: Checkpoint, request: str) -> str:
