@@ -50,6 +50,8 @@ class Family:
     keep_fp32: tuple[str, ...] = ()
     num_experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
     top_k_key: str = "num_experts_per_tok"
+    # config key of the factor the router scales its weights by (HY-V3: router_scaling_factor)
+    scaling_key: str = "routed_scaling_factor"
     # exceptions for a text model nested in a larger checkpoint (a multimodal "thinker"):
     # keys into config.json leading to the text config, the model_type to build it as, and
     # the key prefix of its tensors (stripped before transformers' renaming; other keys,
@@ -96,6 +98,12 @@ FAMILIES: dict[str, Family] = {
         Family("axk1", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # DeepSeek-V3's
         Family("bailing_hybrid", routing="sigmoid_group_topk", renormalize="moe_renormalize",  # as Kimi's
                top_k_key="num_experts_per_token", keep_fp32=("e_score_correction_bias",)),
+        Family("glm_moe_dsa", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # V3's
+        Family("hy_v4", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias", "learnable_sink_param")),
+        # HY-V3: DeepSeek-V3's routing without groups, its bias on the block, its own name for the scale
+        Family("hy_v3", routing="sigmoid_group_topk", renormalize=True, keep_fp32=("expert_bias",),
+               scaling_key="router_scaling_factor"),
+        Family("granitemoe_swa", routing="topk_softmax", renormalize=False, weights_dtype="hidden"),  # Granite's
         Family("qwen3_5_moe_text", renormalize=True),  # Qwen3.5-MoE's text model: always renormalised
         # Qwen3.5-MoE as published: a vision-language checkpoint; its text model is what cadre serves
         Family("qwen3_5_moe", renormalize=True, config_path=("text_config",), text_model_type="qwen3_5_moe_text",

@@ -104,7 +104,7 @@ def routing_spec(store: ExpertStore, hf_config) -> RoutingSpec:
         weights_in_logits_dtype=family.weights_dtype != "float32",
         n_group=getattr(hf_config, "n_group", 1) or 1,
         topk_group=getattr(hf_config, "topk_group", 1) or 1,
-        routed_scaling_factor=getattr(hf_config, "routed_scaling_factor", 1.0) or 1.0,
+        routed_scaling_factor=getattr(hf_config, family.scaling_key, 1.0) or 1.0,
         topk_method=getattr(hf_config, "topk_method", None) or "greedy",
         weights_in_hidden_dtype=family.weights_dtype == "hidden",
         jitter_eps=getattr(hf_config, "router_jitter_noise", 0.0) or 0.0,
