@@ -19,6 +19,7 @@ Routing kinds:
   sigmoid_bias_topk   MiniMax-M2: sigmoid, top-k of scores + the block's correction bias, renorm
   topk_sigmoid        top-k of the logits, sigmoid over those k (Cohere2-MoE's sigmoid selection;
                       its rows say topk_softmax and config.json's expert_selection_fn switches)
+  sigmoid_sorted_topk Flint, Laguna: sigmoid, sorted top-k (+ correction bias), renorm, optional soft-cap
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Any
 
 STORE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ROUTING_KINDS = ("softmax_topk", "sigmoid_group_topk", "softmax_group_topk", "topk_softmax", "sigmoid_topk",
-                 "sparsemixer", "softmax_bias_topk", "sigmoid_bias_topk", "topk_sigmoid")
+                 "sparsemixer", "softmax_bias_topk", "sigmoid_bias_topk", "topk_sigmoid",
+                 "sigmoid_sorted_topk")
 
 
 class FamilyError(ValueError):
@@ -104,6 +106,8 @@ FAMILIES: dict[str, Family] = {
         Family("hy_v3", routing="sigmoid_group_topk", renormalize=True, keep_fp32=("expert_bias",),
                scaling_key="router_scaling_factor"),
         Family("granitemoe_swa", routing="topk_softmax", renormalize=False, weights_dtype="hidden"),  # Granite's
+        Family("flint", routing="sigmoid_sorted_topk", keep_fp32=("softmax_offset",)),
+        Family("laguna", routing="sigmoid_sorted_topk", renormalize=True, weights_dtype="hidden"),
         Family("qwen3_5_moe_text", renormalize=True),  # Qwen3.5-MoE's text model: always renormalised
         # Qwen3.5-MoE as published: a vision-language checkpoint; its text model is what cadre serves
         Family("qwen3_5_moe", renormalize=True, config_path=("text_config",), text_model_type="qwen3_5_moe_text",

@@ -109,6 +109,7 @@ def routing_spec(store: ExpertStore, hf_config) -> RoutingSpec:
         weights_in_hidden_dtype=family.weights_dtype == "hidden",
         jitter_eps=getattr(hf_config, "router_jitter_noise", 0.0) or 0.0,
         norm_min=getattr(hf_config, "moe_norm_min", 1e-12) or 1e-12,
+        logit_softcap=getattr(hf_config, "moe_router_logit_softcapping", 0.0) or 0.0,
     )
 
 
@@ -186,14 +187,17 @@ def install_router(block: torch.nn.Module, route_fn, spec: RoutingSpec) -> None:
 
 def _logits_fn(spec: RoutingSpec):
     in_float32 = spec.kind in ("sigmoid_group_topk", "softmax_group_topk", "softmax_bias_topk")
-    float_after = spec.kind == "topk_softmax" and spec.weights_in_hidden_dtype  # Granite: F.linear(...).float()
+    # Granite, Flint, Laguna: F.linear(...).float(); Laguna may soft-cap them after
+    float_after = spec.kind == "sigmoid_sorted_topk" or (spec.kind == "topk_softmax" and spec.weights_in_hidden_dtype)
+    cap = spec.logit_softcap
 
     def logits_of(router, hidden_states):  # [T,H] -> [T,E]
         if in_float32:
             return F.linear(hidden_states.type(torch.float32), router.weight.type(torch.float32))
         # in the weight's dtype (a no-op but for HunYuan's float32 router under a bf16 model)
         logits = F.linear(hidden_states.to(router.weight.dtype), router.weight, getattr(router, "bias", None))
-        return logits.float() if float_after else logits
+        logits = logits.float() if float_after else logits
+        return torch.tanh(logits / cap) * cap if cap > 0 else logits
 
     return logits_of
 

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 UNUSED = -1  # index of a top-k slot that selects nothing
-SIGMOID_KINDS = ("sigmoid_group_topk", "sigmoid_topk", "sigmoid_bias_topk", "topk_sigmoid")  # the rest: softmax
+SIGMOID_KINDS = ("sigmoid_group_topk", "sigmoid_topk", "sigmoid_bias_topk", "topk_sigmoid",
+                 "sigmoid_sorted_topk")  # the rest softmax their logits
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class RoutingSpec:
     weights_in_hidden_dtype: bool = False  # Granite: weights cast to the hidden states' dtype
     jitter_eps: float = 0.0  # PhiMoE's router_jitter_noise (sparsemixer's threshold, used at inference too)
     norm_min: float = 1e-12  # ERNIE 4.5's moe_norm_min: the renormalisation divides by max(sum, norm_min)
+    logit_softcap: float = 0.0  # Laguna's moe_router_logit_softcapping: logits = tanh(l / cap) * cap (0: off)
 
 
 def route(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
@@ -66,6 +68,8 @@ def route(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
         return sigmoid_bias_topk(spec, logits, absent, correction_bias)
     if spec.kind == "topk_sigmoid":
         return topk_sigmoid(spec, logits, absent, hidden_dtype)
+    if spec.kind == "sigmoid_sorted_topk":
+        return sigmoid_sorted_topk(spec, logits, absent, correction_bias, hidden_dtype)
     raise ValueError(f"unknown routing kind {spec.kind!r}")
 
 
@@ -213,6 +217,26 @@ def topk_sigmoid(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor |
     if spec.renormalize:
         weights = weights / _row_sums(weights, absent)
     if hidden_dtype is not None:
+        weights = weights.to(hidden_dtype)
+    return _drop_absent(weights, indices, absent)
+
+
+def sigmoid_sorted_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
+                        correction_bias: torch.Tensor | None, hidden_dtype: torch.dtype | None):
+    """Flint, Laguna: float32 sigmoid scores, *sorted* top-k of the scores (+ the gate's correction
+    bias, Laguna), the chosen scores renormalised without an epsilon, weights in the hidden dtype
+    where the row says so (Laguna). The choice is masked, not the logits."""
+    scores = logits.float().sigmoid()  # [T,E] float32
+    choice = scores + correction_bias.to(scores.dtype) if correction_bias is not None else scores
+    if absent is not None:
+        choice = choice.masked_fill(absent, float("-inf"))
+    indices = torch.topk(choice, spec.top_k, dim=-1)[1]  # [T,K], sorted
+    weights = scores.gather(-1, indices)
+    if absent is not None:
+        weights = weights.masked_fill(absent[indices], 0.0)
+    if spec.renormalize:
+        weights = weights / _row_sums(weights, absent)
+    if spec.weights_in_hidden_dtype and hidden_dtype is not None:
         weights = weights.to(hidden_dtype)
     return _drop_absent(weights, indices, absent)
 

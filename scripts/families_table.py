@@ -35,6 +35,7 @@ TESTS = {
     "minimax_m2": PARITY, "cohere2_moe": PARITY + ", tests/test_routing_selection_fn.py",
     "hunyuan_v1_moe": PARITY, "axk1": PARITY, "bailing_hybrid": PARITY,
     "glm_moe_dsa": PARITY, "hy_v4": PARITY, "hy_v3": PARITY, "granitemoe_swa": PARITY,
+    "flint": PARITY, "laguna": PARITY,
     "qwen3_5_moe": "tests/test_multimodal_text_model.py (its text model; qwen3_5_moe_text: " + PARITY + ")",
 }
 EXTRACTION_ONLY = {"qwen3_omni_moe": "its thinker extracts (tests/test_extract_families.py); not served: "
