@@ -108,6 +108,13 @@ FAMILIES: dict[str, Family] = {
         Family("granitemoe_swa", routing="topk_softmax", renormalize=False, weights_dtype="hidden"),  # Granite's
         Family("flint", routing="sigmoid_sorted_topk", keep_fp32=("softmax_offset",)),
         Family("laguna", routing="sigmoid_sorted_topk", renormalize=True, weights_dtype="hidden"),
+        Family("mellum"),  # Qwen3-MoE's router
+        Family("solar_open", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # GLM's
+        Family("mimo_v2_flash", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # V3's
+        Family("lara_mini", weights_dtype="hidden"),  # Qwen's, on float32 logits, weights in the hidden dtype
+        Family("qwen4_exp_text"),  # Qwen3-Next's router
+        Family("qwen4_exp", config_path=("text_config",), text_model_type="qwen4_exp_text",
+               other_towers=("model.visual.",)),
         Family("qwen3_5_moe_text", renormalize=True),  # Qwen3.5-MoE's text model: always renormalised
         # Qwen3.5-MoE as published: a vision-language checkpoint; its text model is what cadre serves
         Family("qwen3_5_moe", renormalize=True, config_path=("text_config",), text_model_type="qwen3_5_moe_text",

@@ -186,7 +186,8 @@ def install_router(block: torch.nn.Module, route_fn, spec: RoutingSpec) -> None:
 
 
 def _logits_fn(spec: RoutingSpec):
-    in_float32 = spec.kind in ("sigmoid_group_topk", "softmax_group_topk", "softmax_bias_topk")
+    in_float32 = spec.kind in ("sigmoid_group_topk", "softmax_group_topk", "softmax_bias_topk") or \
+        (spec.kind == "softmax_topk" and spec.weights_in_hidden_dtype)  # Lara-Mini
     # Granite, Flint, Laguna: F.linear(...).float(); Laguna may soft-cap them after
     float_after = spec.kind == "sigmoid_sorted_topk" or (spec.kind == "topk_softmax" and spec.weights_in_hidden_dtype)
     cap = spec.logit_softcap

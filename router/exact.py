@@ -51,7 +51,7 @@ def route(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
 
     correction_bias: DeepSeek-V3's / GLM's / ERNIE's e_score_correction_bias, LFM2's expert_bias."""
     if spec.kind == "softmax_topk":
-        return softmax_topk(spec, logits, absent)
+        return softmax_topk(spec, logits, absent, hidden_dtype)
     if spec.kind == "sigmoid_group_topk":
         return sigmoid_group_topk(spec, logits, absent, correction_bias)
     if spec.kind == "softmax_group_topk":
@@ -73,14 +73,19 @@ def route(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
     raise ValueError(f"unknown routing kind {spec.kind!r}")
 
 
-def softmax_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None):
+def softmax_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
+                 hidden_dtype: torch.dtype | None = None):
+    """Qwen, OLMoE, Mixtral and most: softmax, top-k, renormalised per the row; weights in the
+    logits' dtype (Mixtral, MiniMax: float32; Lara-Mini: float32 logits, weights in the hidden dtype)."""
     if absent is not None:
         logits = logits.masked_fill(absent, float("-inf"))  # [T,E]
     probs = F.softmax(logits, dtype=torch.float, dim=-1)  # [T,E] float32
     weights, indices = torch.topk(probs, spec.top_k, dim=-1)  # [T,K]
     if spec.renormalize:
         weights /= weights.sum(dim=-1, keepdim=True)
-    if spec.weights_in_logits_dtype:
+    if spec.weights_in_hidden_dtype and hidden_dtype is not None:
+        weights = weights.to(hidden_dtype)
+    elif spec.weights_in_logits_dtype:
         weights = weights.to(logits.dtype)
     return _drop_absent(weights, indices, absent)
 

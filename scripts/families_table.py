@@ -35,7 +35,9 @@ TESTS = {
     "minimax_m2": PARITY, "cohere2_moe": PARITY + ", tests/test_routing_selection_fn.py",
     "hunyuan_v1_moe": PARITY, "axk1": PARITY, "bailing_hybrid": PARITY,
     "glm_moe_dsa": PARITY, "hy_v4": PARITY, "hy_v3": PARITY, "granitemoe_swa": PARITY,
-    "flint": PARITY, "laguna": PARITY,
+    "flint": PARITY, "laguna": PARITY, "mellum": PARITY, "solar_open": PARITY, "mimo_v2_flash": PARITY,
+    "lara_mini": PARITY + ", tests/test_bf16_router_dtypes.py",
+    "qwen4_exp": "tests/test_multimodal_text_model.py (its text model; qwen4_exp_text: " + PARITY + ")",
     "qwen3_5_moe": "tests/test_multimodal_text_model.py (its text model; qwen3_5_moe_text: " + PARITY + ")",
 }
 EXTRACTION_ONLY = {"qwen3_omni_moe": "its thinker extracts (tests/test_extract_families.py); not served: "
@@ -45,9 +47,13 @@ EXTRACTION_ONLY = {"qwen3_omni_moe": "its thinker extracts (tests/test_extract_f
 def tiny_or_default_config(model_type: str):
     """The parity tests' tiny config where there is one (some defaults do not build), else the default."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny_models import FAMILY_CONFIGS, tiny_config
+    from tiny_models import FAMILY_CONFIGS, tiny_config, tiny_multimodal_config
 
-    return tiny_config(model_type) if model_type in FAMILY_CONFIGS else AutoConfig.for_model(model_type)
+    if model_type in FAMILY_CONFIGS:
+        return tiny_config(model_type)
+    if f"{model_type}_text" in FAMILY_CONFIGS:  # a vision-language checkpoint whose text model cadre serves
+        return tiny_multimodal_config(model_type)
+    return AutoConfig.for_model(model_type)
 
 
 def decorated_families() -> list[str]:

@@ -165,6 +165,31 @@ NEW_FAMILY_CONFIGS: dict[str, dict] = {
         moe_routed_scaling_factor=2.5, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         mlp_layer_types=["dense", "sparse", "sparse", "sparse"]),
+    # Qwen3-MoE's, GLM's and DeepSeek-V3's routers under other names; Lara-Mini's float32 router logits;
+    # Qwen4-Exp's text model with its indexed attention (its default config leaves the indexer unset)
+    "mellum": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=16, num_experts_per_tok=4,
+        vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, layer_types=["full_attention"] * 4,
+        mlp_layer_types=["sparse"] * 4),
+    "solar_open": dict(hidden_size=32, moe_intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+        n_group=4, topk_group=2, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "mimo_v2_flash": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, v_head_dim=8, n_routed_experts=16,
+        num_experts_per_tok=4, n_group=4, topk_group=2, vocab_size=128, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, layer_types=["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"]),
+    "lara_mini": dict(hidden_size=32, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts=16, num_experts_per_tok=4, shared_expert_intermediate_size=32,
+        linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+        vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        layer_types=["linear_attention", "sliding_attention", "linear_attention", "full_attention"]),
+    "qwen4_exp_text": dict(hidden_size=32, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts=16, num_experts_per_tok=4, shared_expert_intermediate_size=32,
+        linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+        indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=4,
+        vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "indexed_attention"]),
     "qwen3_5_moe_text": dict(hidden_size=32, moe_intermediate_size=16, shared_expert_intermediate_size=32,
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=16,
         num_experts_per_tok=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
@@ -239,16 +264,20 @@ def make_checkpoint(
     return Path(path)
 
 
+def tiny_multimodal_config(family: str):
+    """A vision-language config whose text model is the tiny `<family>_text` one, its vision tower tiny."""
+    return AutoConfig.for_model(family, text_config=dict(FAMILY_CONFIGS[f"{family}_text"]),
+                                vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                                                   out_hidden_size=32))
+
+
 def make_multimodal_checkpoint(path: Path, family: str = "qwen3_5_moe", seed: int = 0) -> Path:
-    """A tiny vision-language checkpoint as published (Qwen3.5-MoE: model.language_model.* beside
-    model.visual.*), its text model the tiny `<family>_text` one."""
+    """A tiny vision-language checkpoint as published (Qwen3.5-MoE, Qwen4-Exp: model.language_model.*
+    beside model.visual.*), its text model the tiny `<family>_text` one."""
     from transformers import AutoModelForImageTextToText
 
-    config = AutoConfig.for_model(family, text_config=dict(FAMILY_CONFIGS[f"{family}_text"]),
-                                  vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
-                                                     out_hidden_size=32))
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config).float()
+    model = AutoModelForImageTextToText.from_config(tiny_multimodal_config(family)).float()
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.2)
