@@ -6,7 +6,9 @@
 #
 # A session's 30 device minutes hold three calls, each sent the moment the last returns (the
 # machine stays warm 30 s; a cold one starts in ~35 s and loses /tmp). Times seen 2026-11-30:
-#   1. tests decode8l serve8l breakdown8l       ~ 550 s (8-layer slice built in ~15 s)
+#   1. tests decode8l serve8l breakdown8l       ~ 550 s (8-layer slice built in ~15 s; the tests then took under
+#                                               120 s; 2026-11-30 added 26 families to tests/test_families_gpu.py,
+#                                               not yet timed: run `tests` alone first if in doubt)
 #   2. synth full                               ~ 500 s (store 26-49 s; references first, 200 s at most)
 #   3. full-loaders serve-full smoke-full breakdown-full    ~ 450 s
 # End each command with `cd $OUT && tar czf /tmp/r.tgz * && rm -rf $OUT/* && mv /tmp/r.tgz $OUT/`:
@@ -35,7 +37,7 @@ MODEL=(--model qwen3-30b-a3b-8l --device cuda --workdir /tmp/bw)
 for stage in "$@"; do
   case "$stage" in
     tests)  # every GPU test: the captured decode path, the runtime, families, host tier
-      timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) 2>&1 \
+      timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) 2>&1 \
         | tee "$OUT/pytest_gpu.log" | tail -15 ;;
     tests-quick)  # only the tests of what changed last (the compiled step, the exclusive host tier)
       timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider -k "compiled_step or exclusive" \
