@@ -56,6 +56,16 @@ def itemsize(dtype: str) -> int:
     return DTYPES[dtype][1]
 
 
+def pread_into(fd: int, out: memoryview, offset: int) -> None:
+    """Fill `out` from the file at `offset` (preadv releases the GIL: several threads read at
+    once); EOFError saying where, if the file ends first."""
+    while out:
+        n = os.preadv(fd, [out], offset)
+        if n == 0:
+            raise EOFError(f"ended at byte {offset}")
+        out, offset = out[n:], offset + n
+
+
 def read_header(path: Path) -> list[TensorInfo]:
     """Every tensor of `path` in file order; SafetensorsFormatError if the file is truncated,
     has holes or overlaps, or its header does not parse."""

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from .families import Family, detect_family
 from .formats import DENSE, tensor_names
+from .safetensors_format import TORCH_NAMES, TensorInfo, pread_into, read_header
 
 if TYPE_CHECKING:  # imported where tensors are made: the extractor copies bytes without its ~200 MB
     import torch
@@ -145,13 +146,14 @@ class ExpertStore:
         and what does not match."""
         path = self.expert_path(layer, expert)
         try:
-            with open(path, "rb", buffering=0) as f:
-                header_len = int.from_bytes(_pread_exact(f.fileno(), 8, 0), "little")
-                header = json.loads(_pread_exact(f.fileno(), header_len, 8))
+            stored = {info.name: info for info in read_header(path)}
+            fd = os.open(path, os.O_RDONLY)
+            try:
                 for name, tensor in out.items():
-                    begin, end = _matching_span(header, name, tensor)
-                    _preadinto(f.fileno(), tensor, 8 + header_len + begin)
-        except (OSError, ValueError, KeyError) as exc:
+                    pread_into(fd, _bytes_of(tensor), _matching(stored, name, tensor).begin)
+            finally:
+                os.close(fd)
+        except (OSError, ValueError, KeyError, EOFError) as exc:
             raise StoreError(f"{path}: cannot read expert shard: {exc}") from exc
 
     def verify(self) -> list[str]:
@@ -168,37 +170,17 @@ class ExpertStore:
         return problems
 
 
-_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F8_E4M3": "float8_e4m3fn",
-                       "U8": "uint8"}
-
-
-def _matching_span(header: dict, name: str, tensor: "torch.Tensor") -> tuple[int, int]:
-    """(begin, end) of `name` in the shard's data, checked against the destination tensor."""
-    info = header[name]
-    begin, end = info["data_offsets"]
-    dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-    if dtype != str(tensor.dtype).removeprefix("torch.") or tuple(info["shape"]) != tuple(tensor.shape) \
-            or end - begin != tensor.nbytes:
-        raise ValueError(f"{name} is {info['dtype']} {info['shape']}, the destination "
+def _matching(stored: dict[str, TensorInfo], name: str, tensor: "torch.Tensor") -> TensorInfo:
+    """The shard's tensor `name`, checked against the destination it is read into."""
+    info = stored[name]
+    if TORCH_NAMES.get(str(tensor.dtype).removeprefix("torch.")) != info.dtype or info.shape != tuple(tensor.shape):
+        raise ValueError(f"{name} is {info.dtype} {list(info.shape)}, the destination "
                          f"{tensor.dtype} {list(tensor.shape)}")
-    return begin, end
+    return info
 
 
-def _pread_exact(fd: int, n: int, offset: int) -> bytes:
-    data = os.pread(fd, n, offset)
-    if len(data) != n:
-        raise ValueError(f"truncated: {len(data)} of {n} bytes at offset {offset}")
-    return data
-
-
-def _preadinto(fd: int, tensor: "torch.Tensor", offset: int) -> None:
-    """Fill a contiguous CPU tensor from the file at `offset` (preadv releases the GIL)."""
+def _bytes_of(tensor: "torch.Tensor") -> memoryview:
+    """A contiguous CPU tensor's bytes, writable in place."""
     import torch  # only where tensors are made (see TYPE_CHECKING above)
 
-    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise ValueError(f"truncated: {done} of {len(view)} bytes at offset {offset}")
-        done += got
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())

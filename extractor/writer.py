@@ -18,7 +18,7 @@ from pathlib import Path
 from .checkpoint import Piece
 from .errors import ExtractError
 from .plan import ExpertJob, OutTensor, TrunkEntry
-from .safetensors_format import DTYPES, encode_header, itemsize
+from .safetensors_format import DTYPES, encode_header, itemsize, pread_into
 
 CHUNK = 16 << 20  # trunk streaming granularity: large enough for full-speed sequential I/O
 PARTIAL_SUFFIX = ".partial"
@@ -120,12 +120,11 @@ class SourceFiles:
             os.posix_fadvise(self._fds[file], start, min(PREFETCH_STEP, offset + nbytes - start), os.POSIX_FADV_WILLNEED)
 
     def read_into(self, out: memoryview, file: int, offset: int) -> None:
-        while out:
-            n = os.preadv(self._fds[file], [out], offset)
-            if n == 0:
-                raise ExtractError(f"{self.paths[file]}: ended at byte {offset}, shorter than its header says "
-                                   "(was it changed during extraction?)")
-            out, offset = out[n:], offset + n
+        try:
+            pread_into(self._fds[file], out, offset)
+        except EOFError as exc:
+            raise ExtractError(f"{self.paths[file]}: {exc}, shorter than its header says "
+                               "(was it changed during extraction?)") from None
 
 
 class _Buffers(threading.local):
