@@ -21,6 +21,7 @@ among unpinned slots. A pinned slot is never evicted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -188,11 +189,8 @@ class ExpertCache:
             return False
         if entries_within(host_capacity_bytes, host_entry_bytes(self.store, self.dtype)) >= total:
             return False
-        i, h = self.intermediate, self.hidden
-        shapes = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
-                  "gate_proj_bias": (i,), "up_proj_bias": (i,), "down_proj_bias": (h,)}
-        self.host.define_layout({name: torch.empty(shapes[name], dtype=self.dtype, device="meta")
-                                 for name in self.format["tensors"]})
+        slot = self._slot_views(0)  # an entry has a slot's shapes, in the shard's tensor order
+        self.host.define_layout({name: torch.empty_like(slot[name], device="meta") for name in self.format["tensors"]})
         self.host.keep_spares(self.load_workers + 1)  # staged reads in flight, and the take behind a write-back
         return True
 
@@ -495,18 +493,10 @@ class ExpertCache:
         views = self.host.adopt(key)
         if views is None:  # the tier is full of lent entries: the store still has it
             return
-        i = self.intermediate
-        sources = {"gate_proj": self.gate_up[index, :i], "up_proj": self.gate_up[index, i:], "down_proj": self.down[index]}
-        if self.gate_up_bias is not None:
-            sources |= {"gate_proj_bias": self.gate_up_bias[index, :i], "up_proj_bias": self.gate_up_bias[index, i:],
-                        "down_proj_bias": self.down_bias[index]}
-        if self._copy_stream is None:
+        sources = self._slot_views(index)
+        with torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else contextlib.nullcontext():
             for name, view in views.items():
-                view.copy_(sources[name])
-        else:
-            with torch.cuda.stream(self._copy_stream):
-                for name, view in views.items():
-                    view.copy_(sources[name], non_blocking=True)
+                view.copy_(sources[name], non_blocking=self._copy_stream is not None)
         self._stats.writebacks += 1
         del views  # given back after the copy is queued: the slot's event is recorded behind it
 
@@ -530,18 +520,22 @@ class ExpertCache:
     def _fill_slot(self, index: int, parts: dict[str, torch.Tensor], non_blocking: bool) -> None:
         """Fill a slot from a shard's tensors: dense ones straight from the host, quantised ones
         copied to the device as they are, then dequantised there (models/expert_format.py)."""
-        i = self.intermediate
         dense = parts
         if self.format["weights"] != DENSE:
             moved = {name: t.to(self.device, non_blocking=non_blocking) for name, t in parts.items()}
             dense = dense_weights(self.format, moved, self.dtype)  # [O,N] each, on the device
-        self.gate_up[index, :i].copy_(dense["gate_proj"], non_blocking=non_blocking)
-        self.gate_up[index, i:].copy_(dense["up_proj"], non_blocking=non_blocking)
-        self.down[index].copy_(dense["down_proj"], non_blocking=non_blocking)
+        for name, view in self._slot_views(index).items():
+            view.copy_(dense[name], non_blocking=non_blocking)
+
+    def _slot_views(self, index: int) -> dict[str, torch.Tensor]:
+        """A slot's buffers under the shard's tensor names, in their order: gate and up are the
+        two halves of gate_up ([O,N] each), down its own, and the biases where the family has them."""
+        i = self.intermediate
+        views = {"gate_proj": self.gate_up[index, :i], "up_proj": self.gate_up[index, i:], "down_proj": self.down[index]}
         if self.gate_up_bias is not None:
-            self.gate_up_bias[index, :i].copy_(dense["gate_proj_bias"], non_blocking=non_blocking)
-            self.gate_up_bias[index, i:].copy_(dense["up_proj_bias"], non_blocking=non_blocking)
-            self.down_bias[index].copy_(dense["down_proj_bias"], non_blocking=non_blocking)
+            views |= {"gate_proj_bias": self.gate_up_bias[index, :i], "up_proj_bias": self.gate_up_bias[index, i:],
+                      "down_proj_bias": self.down_bias[index]}
+        return views
 
     def _set_table(self, key: Key, slot: int) -> None:
         """On CUDA, queued on the copy stream: behind the copy it publishes, and never
