@@ -195,20 +195,9 @@ def softmax_bias_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Ten
 
 def sigmoid_bias_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
                       correction_bias: torch.Tensor | None):
-    """MiniMax-M2: logits in the model dtype, sigmoid in float32, unsorted top-k of the scores
-    + the block's correction bias, the chosen scores renormalised (no epsilon), no scaling.
-    The choice is masked, not the logits (sigmoid(-inf) + bias could still be chosen)."""
-    scores = logits.float().sigmoid()  # [T,E] float32
-    choice = scores + correction_bias if correction_bias is not None else scores
-    if absent is not None:
-        choice = choice.masked_fill(absent, float("-inf"))
-    indices = torch.topk(choice, spec.top_k, dim=-1, sorted=False)[1]  # [T,K]
-    weights = scores.gather(1, indices)
-    if absent is not None:
-        weights = weights.masked_fill(absent[indices], 0.0)
-    if spec.renormalize:
-        weights /= _row_sums(weights, absent)
-    return _drop_absent(weights, indices, absent)
+    """MiniMax-M2: logits in the model dtype, sigmoid in float32, *unsorted* top-k of the scores
+    + the block's correction bias, the chosen scores renormalised (no epsilon), no scaling."""
+    return _biased_sigmoid_topk(spec, logits, absent, correction_bias, None, sorted_topk=False)
 
 
 def topk_sigmoid(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
@@ -230,12 +219,20 @@ def sigmoid_sorted_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.T
                         correction_bias: torch.Tensor | None, hidden_dtype: torch.dtype | None):
     """Flint, Laguna: float32 sigmoid scores, *sorted* top-k of the scores (+ the gate's correction
     bias, Laguna), the chosen scores renormalised without an epsilon, weights in the hidden dtype
-    where the row says so (Laguna). The choice is masked, not the logits."""
+    where the row says so (Laguna)."""
+    return _biased_sigmoid_topk(spec, logits, absent, correction_bias, hidden_dtype, sorted_topk=True)
+
+
+def _biased_sigmoid_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
+                         correction_bias: torch.Tensor | None, hidden_dtype: torch.dtype | None, sorted_topk: bool):
+    """Top-k of float32 sigmoid scores (+ a correction bias), weights the chosen scores. The order
+    of the top-k (sorted or not) is the family's, so the kernel picks ties as transformers does.
+    The choice is masked, not the logits (sigmoid(-inf) + bias could still be chosen)."""
     scores = logits.float().sigmoid()  # [T,E] float32
     choice = scores + correction_bias.to(scores.dtype) if correction_bias is not None else scores
     if absent is not None:
         choice = choice.masked_fill(absent, float("-inf"))
-    indices = torch.topk(choice, spec.top_k, dim=-1)[1]  # [T,K], sorted
+    indices = torch.topk(choice, spec.top_k, dim=-1, sorted=sorted_topk)[1]  # [T,K]
     weights = scores.gather(-1, indices)
     if absent is not None:
         weights = weights.masked_fill(absent[indices], 0.0)
