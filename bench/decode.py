@@ -353,14 +353,14 @@ def _run_child(source: Path, argv: list[str], args, impl: str, pythonpath: str |
 
 def _without_outputs(argv: list[str]) -> list[str]:
     """argv less what a child must not inherit: outputs, the work dir, the parent's --model."""
+    with_value = ("--workdir", "--model", "--reference-pythonpath", "--reference-timeout")
     out, skip = [], False
     for token in _provenance.without_outputs(argv):
         if skip:
             skip = False
-        elif token in ("--workdir", "--model", "--reference-pythonpath", "--reference-timeout"):
+        elif token in with_value:
             skip = True
-        elif token not in ("--isolate", "--sequential") and \
-                not token.startswith(("--workdir=", "--model=", "--reference-pythonpath=", "--reference-timeout=")):
+        elif token not in ("--isolate", "--sequential") and not token.startswith(tuple(f + "=" for f in with_value)):
             out.append(token)
     return out
 
