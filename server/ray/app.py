@@ -51,7 +51,8 @@ class RayConfig:
                 "initial_replicas": min(max(self.min_replicas, 1), self.max_replicas),
                 "target_ongoing_requests": target, "upscale_delay_s": self.upscale_delay_s,
                 "downscale_delay_s": self.downscale_delay_s, "look_back_period_s": self.look_back_period_s,
-                "metrics_interval_s": min(10.0, self.look_back_period_s)}
+                # Serve wants replicas to report more often than once per window (it warns, and will refuse)
+                "metrics_interval_s": min(10.0, self.look_back_period_s / 2)}
 
 
 def tokenizer_dir(server: ServerConfig) -> str:
