@@ -17,9 +17,10 @@ Routing kinds:
   sparsemixer         PhiMoE: top-2 by sparsemixer's masked softmax (inference form)
   softmax_bias_topk   ERNIE 4.5: softmax, top-k of probabilities + correction bias, renorm
   sigmoid_bias_topk   MiniMax-M2: sigmoid, top-k of scores + the block's correction bias, renorm
-  topk_sigmoid        top-k of the logits, sigmoid over those k (Cohere2-MoE's sigmoid selection;
-                      its rows say topk_softmax and config.json's expert_selection_fn switches)
-  sigmoid_sorted_topk Flint, Laguna: sigmoid, sorted top-k (+ correction bias), renorm, optional soft-cap
+  topk_sigmoid        top-k of the logits (+ correction bias: Kolibri), sigmoid over those k (Cohere2-MoE's
+                      sigmoid selection: its row says topk_softmax and expert_selection_fn switches)
+  sigmoid_sorted_topk Flint, Laguna, AFMoE: sigmoid, sorted top-k (+ correction bias), renorm, optional
+                      soft-cap and scaling
 """
 
 from __future__ import annotations
@@ -52,8 +53,14 @@ class Family:
     keep_fp32: tuple[str, ...] = ()
     num_experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
     top_k_key: str = "num_experts_per_tok"
-    # config key of the factor the router scales its weights by (HY-V3: router_scaling_factor)
-    scaling_key: str = "routed_scaling_factor"
+    # config key of the factor the router scales its weights by (HY-V3: router_scaling_factor);
+    # None where the router does not scale (a block that scales its output does it itself)
+    scaling_key: str | None = "routed_scaling_factor"
+    # details of a routing kind that some families do differently (router/exact.py RoutingSpec)
+    group_fill: float = float("-inf")  # the score of experts outside the chosen groups
+    sorted_topk: bool = False  # group-limited top-ks sorted
+    renorm_epsilon: float = 0.0  # added to the renormalising sum (sigmoid top-k kinds)
+    logits: str = ""  # "" (the kind's dtype) | "float32" | "float32_out" (a bf16 GEMM out in float32 on CUDA)
     # exceptions for a text model nested in a larger checkpoint (a multimodal "thinker"):
     # keys into config.json leading to the text config, the model_type to build it as, and
     # the key prefix of its tensors (stripped before transformers' renaming; other keys,
@@ -106,8 +113,18 @@ FAMILIES: dict[str, Family] = {
         Family("hy_v3", routing="sigmoid_group_topk", renormalize=True, keep_fp32=("expert_bias",),
                scaling_key="router_scaling_factor"),
         Family("granitemoe_swa", routing="topk_softmax", renormalize=False, weights_dtype="hidden"),  # Granite's
-        Family("flint", routing="sigmoid_sorted_topk", keep_fp32=("softmax_offset",)),
-        Family("laguna", routing="sigmoid_sorted_topk", renormalize=True, weights_dtype="hidden"),
+        Family("flint", routing="sigmoid_sorted_topk", keep_fp32=("softmax_offset",), scaling_key=None),
+        # Laguna's block scales its output by moe_routed_scaling_factor, not its router
+        Family("laguna", routing="sigmoid_sorted_topk", renormalize=True, weights_dtype="hidden", scaling_key=None),
+        # AFMoE: Flint's kind on the block's expert bias, + 1e-20 in the renormalisation, times route_scale
+        Family("afmoe", routing="sigmoid_sorted_topk", renormalize=True, renorm_epsilon=1e-20,
+               scaling_key="route_scale"),
+        # A.X-K2: DeepSeek-V3's, but the experts of unchosen groups score 0.0 (and no groups in its Light form)
+        Family("axk2", routing="sigmoid_group_topk", group_fill=0.0),
+        # Beam: DeepSeek-V3's with sorted top-ks; its block, not its router, scales by routed_scaling_factor
+        Family("beam", routing="sigmoid_group_topk", sorted_topk=True, scaling_key=None),
+        # Kolibri: top-k of float32 logits + correction bias, sigmoid of the chosen logits
+        Family("kolibri1", routing="topk_sigmoid", logits="float32_out"),
         Family("mellum"),  # Qwen3-MoE's router
         Family("solar_open", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # GLM's
         Family("mimo_v2_flash", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # V3's
@@ -119,7 +136,7 @@ FAMILIES: dict[str, Family] = {
         # Qwen3.5-MoE as published: a vision-language checkpoint; its text model is what cadre serves
         Family("qwen3_5_moe", renormalize=True, config_path=("text_config",), text_model_type="qwen3_5_moe_text",
                other_towers=("model.visual.",)),
-        Family("minimax_m2", routing="sigmoid_bias_topk", renormalize=True),  # the bias is the block's
+        Family("minimax_m2", routing="sigmoid_bias_topk", renormalize=True, scaling_key=None),  # bias: the block's
         # HunYuan-MoE: Qwen's routing in float32 (its router is gate.wg), top-k per layer in moe_topk
         Family("hunyuan_v1_moe", renormalize=True, top_k_key="moe_topk", keep_fp32=("gate.wg.weight",)),
         Family("cohere2_moe", routing="topk_softmax", weights_dtype="hidden"),  # or topk_sigmoid, by its config

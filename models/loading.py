@@ -47,16 +47,16 @@ def moe_blocks(model: PreTrainedModel) -> dict[int, torch.nn.Module]:
 
 def router_of(block: torch.nn.Module) -> torch.nn.Module:
     """The block's router: `gate` in most families, `router` in gpt-oss, PhiMoE, Granite, Jamba."""
-    router = getattr(block, "gate", None)
-    if router is not None and not hasattr(router, "weight") and hasattr(getattr(router, "wg", None), "weight"):
-        # HunYuan keeps its router's linear in gate.wg: its weight is named where cadre reads a
-        # router's (a plain reference: no second parameter, the gate's own call unchanged)
-        object.__setattr__(router, "weight", router.wg.weight)
-    if not hasattr(router, "weight"):
-        router = getattr(block, "router", None)
-    if not hasattr(router, "weight"):
-        raise StoreError(f"{type(block).__name__} has no router (gate/router) with a weight")
-    return router
+    for router_name, linear_name in (("gate", "wg"), ("router", "gate")):
+        router = getattr(block, router_name, None)
+        if router is not None and not hasattr(router, "weight") and hasattr(getattr(router, linear_name, None),
+                                                                             "weight"):
+            # HunYuan keeps its router's linear in gate.wg, AFMoE in router.gate: its weight is named
+            # where cadre reads a router's (a plain reference: no second parameter, the call unchanged)
+            object.__setattr__(router, "weight", getattr(router, linear_name).weight)
+        if hasattr(router, "weight"):
+            return router
+    raise StoreError(f"{type(block).__name__} has no router (gate/router) with a weight")
 
 
 def expert_layers(model: PreTrainedModel) -> dict[int, ExpertLayer]:
@@ -104,12 +104,16 @@ def routing_spec(store: ExpertStore, hf_config) -> RoutingSpec:
         weights_in_logits_dtype=family.weights_dtype != "float32",
         n_group=getattr(hf_config, "n_group", 1) or 1,
         topk_group=getattr(hf_config, "topk_group", 1) or 1,
-        routed_scaling_factor=getattr(hf_config, family.scaling_key, 1.0) or 1.0,
+        routed_scaling_factor=(getattr(hf_config, family.scaling_key, 1.0) or 1.0) if family.scaling_key else 1.0,
         topk_method=getattr(hf_config, "topk_method", None) or "greedy",
         weights_in_hidden_dtype=family.weights_dtype == "hidden",
         jitter_eps=getattr(hf_config, "router_jitter_noise", 0.0) or 0.0,
         norm_min=getattr(hf_config, "moe_norm_min", 1e-12) or 1e-12,
         logit_softcap=getattr(hf_config, "moe_router_logit_softcapping", 0.0) or 0.0,
+        group_fill=family.group_fill,
+        sorted_topk=family.sorted_topk,
+        renorm_epsilon=family.renorm_epsilon,
+        logits=family.logits,
     )
 
 
@@ -170,7 +174,10 @@ def install_router(block: torch.nn.Module, route_fn, spec: RoutingSpec) -> None:
     if bias is None:
         bias = getattr(block, "e_score_correction_bias", None)
     with torch.no_grad():
-        probed = router(probe, bias) if bias is not None else router(probe)
+        try:
+            probed = router(probe, bias) if bias is not None else router(probe)
+        except ValueError:  # AFMoE's router unpacks [B,S,H] hidden states
+            probed = router(probe[None], bias) if bias is not None else router(probe[None])
     if torch.is_tensor(probed):  # a plain linear router: the block routes its logits
         _install_block_routing(block, router, route_fn, probe, probed)
         return
@@ -186,13 +193,19 @@ def install_router(block: torch.nn.Module, route_fn, spec: RoutingSpec) -> None:
 
 
 def _logits_fn(spec: RoutingSpec):
-    in_float32 = spec.kind in ("sigmoid_group_topk", "softmax_group_topk", "softmax_bias_topk") or \
+    in_float32 = spec.logits in ("float32", "float32_out") or \
+        spec.kind in ("sigmoid_group_topk", "softmax_group_topk", "softmax_bias_topk") or \
         (spec.kind == "softmax_topk" and spec.weights_in_hidden_dtype)  # Lara-Mini
     # Granite, Flint, Laguna: F.linear(...).float(); Laguna may soft-cap them after
     float_after = spec.kind == "sigmoid_sorted_topk" or (spec.kind == "topk_softmax" and spec.weights_in_hidden_dtype)
     cap = spec.logit_softcap
 
     def logits_of(router, hidden_states):  # [T,H] -> [T,E]
+        if spec.logits == "float32_out" and hidden_states.is_cuda and hidden_states.dtype == router.weight.dtype \
+                and not torch.is_grad_enabled():
+            # Kolibri's own CUDA branch (torch >= 2.8, as cadre's pins are): a GEMM in the model dtype
+            # accumulated into float32, which differs from the float32 GEMM in the last bits
+            return torch.mm(hidden_states, router.weight.t(), out_dtype=torch.float32)
         if in_float32:
             return F.linear(hidden_states.type(torch.float32), router.weight.type(torch.float32))
         # in the weight's dtype (a no-op but for HunYuan's float32 router under a bf16 model)

@@ -42,6 +42,10 @@ class RoutingSpec:
     jitter_eps: float = 0.0  # PhiMoE's router_jitter_noise (sparsemixer's threshold, used at inference too)
     norm_min: float = 1e-12  # ERNIE 4.5's moe_norm_min: the renormalisation divides by max(sum, norm_min)
     logit_softcap: float = 0.0  # Laguna's moe_router_logit_softcapping: logits = tanh(l / cap) * cap (0: off)
+    group_fill: float = float("-inf")  # what experts outside the chosen groups score (A.X-K2: 0.0)
+    sorted_topk: bool = False  # group-limited top-k sorted (Beam) rather than not (DeepSeek-V3)
+    renorm_epsilon: float = 0.0  # added to the renormalising sum by sigmoid top-k routers (AFMoE: 1e-20)
+    logits: str = ""  # "" (as the kind computes them) | "float32" | "float32_out" (Kolibri's CUDA GEMM)
 
 
 def route(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
@@ -67,7 +71,7 @@ def route(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
     if spec.kind == "sigmoid_bias_topk":
         return sigmoid_bias_topk(spec, logits, absent, correction_bias)
     if spec.kind == "topk_sigmoid":
-        return topk_sigmoid(spec, logits, absent, hidden_dtype)
+        return topk_sigmoid(spec, logits, absent, hidden_dtype, correction_bias)
     if spec.kind == "sigmoid_sorted_topk":
         return sigmoid_sorted_topk(spec, logits, absent, correction_bias, hidden_dtype)
     raise ValueError(f"unknown routing kind {spec.kind!r}")
@@ -93,6 +97,8 @@ def softmax_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor |
 def sigmoid_group_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
                        correction_bias: torch.Tensor | None):
     """DeepSeek-V3: sigmoid scores, bias-corrected choice within the best groups, scaled weights.
+    Beam sorts its top-ks; A.X-K2 scores the experts of the other groups 0.0 instead of -inf
+    (so one with a negative bias-corrected score can lose to them).
 
     Sigmoid is not shift-invariant, so masking the *logits* would leave an absent
     expert with score 0 + bias; the mask is applied to the choice scores instead.
@@ -110,12 +116,14 @@ def sigmoid_group_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Te
         empty = absent.view(1, spec.n_group, per_group).all(dim=-1, keepdim=True)  # [1,G,1]
         top2 = top2.masked_fill(top2 == float("-inf"), 0.0).masked_fill(empty, float("-inf"))  # no host sync
     group_scores = top2.sum(dim=-1)  # [T,G]
-    group_idx = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False)[1]
+    group_idx = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=spec.sorted_topk)[1]
     group_mask = torch.zeros_like(group_scores)
     group_mask.scatter_(1, group_idx, 1)
     score_mask = group_mask.unsqueeze(-1).expand(-1, spec.n_group, per_group).reshape(-1, spec.num_experts)
-    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))  # [T,E]
-    indices = torch.topk(choice, k=spec.top_k, dim=-1, sorted=False)[1]  # [T,K]
+    choice = choice.masked_fill(~score_mask.bool(), spec.group_fill)  # [T,E]
+    if absent is not None and spec.group_fill != float("-inf"):
+        choice = choice.masked_fill(absent, float("-inf"))  # A.X-K2's 0.0 must not revive an absent expert
+    indices = torch.topk(choice, k=spec.top_k, dim=-1, sorted=spec.sorted_topk)[1]  # [T,K]
     weights = scores.gather(1, indices)
     if absent is not None:
         weights = weights.masked_fill(absent[indices], 0.0)
@@ -201,25 +209,27 @@ def sigmoid_bias_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Ten
 
 
 def topk_sigmoid(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
-                 hidden_dtype: torch.dtype | None):
+                 hidden_dtype: torch.dtype | None, correction_bias: torch.Tensor | None = None):
     """Cohere2-MoE with expert_selection_fn "sigmoid": top-k of the logits, sigmoid of those k
-    (in the logits' dtype), renormalised per norm_topk_prob, in the hidden states' dtype."""
+    (in the logits' dtype), renormalised per norm_topk_prob, in the hidden states' dtype.
+    Kolibri: the top-k of float32 logits + its correction bias, sigmoid of the chosen logits."""
     if absent is not None:
         logits = logits.masked_fill(absent, float("-inf"))  # [T,E]: sigmoid(-inf) = 0
-    top, indices = torch.topk(logits, spec.top_k, dim=-1)  # [T,K]
-    weights = torch.sigmoid(top)
+    choice = logits + correction_bias if correction_bias is not None else logits
+    indices = torch.topk(choice, spec.top_k, dim=-1)[1]  # [T,K]
+    weights = torch.sigmoid(logits.gather(-1, indices))
     if spec.renormalize:
         weights = weights / _row_sums(weights, absent)
-    if hidden_dtype is not None:
+    if spec.weights_in_hidden_dtype and hidden_dtype is not None:
         weights = weights.to(hidden_dtype)
     return _drop_absent(weights, indices, absent)
 
 
 def sigmoid_sorted_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
                         correction_bias: torch.Tensor | None, hidden_dtype: torch.dtype | None):
-    """Flint, Laguna: float32 sigmoid scores, *sorted* top-k of the scores (+ the gate's correction
-    bias, Laguna), the chosen scores renormalised without an epsilon, weights in the hidden dtype
-    where the row says so (Laguna)."""
+    """Flint, Laguna, AFMoE: float32 sigmoid scores, *sorted* top-k of the scores (+ the gate's
+    or the block's correction bias), the chosen scores renormalised (AFMoE: + 1e-20) and scaled
+    (AFMoE's route_scale), weights in the hidden dtype where the row says so (Laguna)."""
     return _biased_sigmoid_topk(spec, logits, absent, correction_bias, hidden_dtype, sorted_topk=True)
 
 
@@ -236,8 +246,11 @@ def _biased_sigmoid_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.
     weights = scores.gather(-1, indices)
     if absent is not None:
         weights = weights.masked_fill(absent[indices], 0.0)
-    if spec.renormalize:
+    if spec.renormalize and spec.renorm_epsilon:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + spec.renorm_epsilon)
+    elif spec.renormalize:
         weights = weights / _row_sums(weights, absent)
+    weights = weights * spec.routed_scaling_factor
     if spec.weights_in_hidden_dtype and hidden_dtype is not None:
         weights = weights.to(hidden_dtype)
     return _drop_absent(weights, indices, absent)

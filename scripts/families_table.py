@@ -37,6 +37,10 @@ TESTS = {
     "glm_moe_dsa": PARITY, "hy_v4": PARITY, "hy_v3": PARITY, "granitemoe_swa": PARITY,
     "flint": PARITY, "laguna": PARITY, "mellum": PARITY, "solar_open": PARITY, "mimo_v2_flash": PARITY,
     "lara_mini": PARITY + ", tests/test_bf16_router_dtypes.py",
+    "afmoe": PARITY + ", tests/test_router_family_variants.py, tests/test_bf16_router_dtypes.py",
+    "kolibri1": PARITY + ", tests/test_router_family_variants.py, tests/test_bf16_router_dtypes.py",
+    "axk2": PARITY + ", tests/test_router_family_variants.py",
+    "beam": PARITY + ", tests/test_router_family_variants.py",
     "qwen4_exp": "tests/test_multimodal_text_model.py (its text model; qwen4_exp_text: " + PARITY + ")",
     "qwen3_5_moe": "tests/test_multimodal_text_model.py (its text model; qwen3_5_moe_text: " + PARITY + ")",
 }

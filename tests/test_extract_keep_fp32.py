@@ -15,7 +15,7 @@ from tiny_models import make_checkpoint
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2", "glm4_moe", "ernie4_5_moe", "kimi_linear",
-                                    "hunyuan_v1_moe", "hy_v3", "hy_v4", "glm_moe_dsa", "flint"])
+                                    "hunyuan_v1_moe", "hy_v3", "hy_v4", "glm_moe_dsa", "flint", "beam", "axk2"])
 def test_bf16_store_keeps_transformers_fp32_tensors(family, tmp_path):
     checkpoint = make_checkpoint(tmp_path / "checkpoint", family)  # float32
     extract_store(checkpoint, tmp_path / "store", dtype="bfloat16", quiet=True)

@@ -207,6 +207,26 @@ NEW_FAMILY_CONFIGS: dict[str, dict] = {
     # ERNIE 4.5: its own routing kind (softmax_bias_topk), a dense first layer, moe_* config keys
     "ernie4_5_moe": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, moe_num_experts=16, moe_k=4, **TOKENS),
+    # AFMoE: its router's linear in router.gate, the block's float32 expert bias, route_scale, a dense first
+    # layer and sliding layers; A.X-K2 with expert groups (unchosen groups score 0.0) and indexed MLA
+    # attention; Beam: sorted group-limited top-k, the block scaling; Kolibri: top-k of biased logits
+    "afmoe": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=4,
+        num_dense_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=16,
+        num_experts_per_tok=4, num_shared_experts=1, route_scale=2.5, global_attn_every_n_layers=2,
+        sliding_window=8, **TOKENS),
+    "axk2": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=8, n_routed_experts=16, n_shared_experts=1,
+        num_experts_per_tok=4, **MLA, n_group=4, topk_group=2, routed_scaling_factor=2.5, index_head_dim=16,
+        index_n_heads=2, index_topk=8, **TOKENS, mlp_layer_types=["dense", "sparse", "sparse"]),
+    "beam": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=16, num_experts_per_tok=4,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, sliding_window=8, **TOKENS,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"]),
+    "kolibri1": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, moe_intermediate_size=16, num_local_experts=16, num_experts_per_tok=4, norm_topk_prob=True,
+        shared_expert_intermediate_size=32, sliding_window=8, **TOKENS,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
 }
 FAMILY_CONFIGS.update(NEW_FAMILY_CONFIGS)
 
