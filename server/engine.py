@@ -117,8 +117,18 @@ class Engine:
         """Build and start the batching manager (blocking; call off the event loop)."""
         if self.config.batching == "static":
             self._start_static("asked for (--batching static)")
-        else:
+            return
+        attention = self.runtime.model.config._attn_implementation
+        try:
             self._start_continuous()
+        except ValueError as exc:
+            # transformers refuses a model whose layers its paged cache has no allocator for
+            # (linear attention, Mamba, indexed attention: Qwen3-Next, Jamba, HY-V4), having
+            # switched the model to paged attention already: generate() needs its own back
+            if self.config.batching != "auto":
+                raise
+            self.runtime.model.set_attn_implementation(attention)
+            self._start_static(f"continuous batching cannot page this model's layers ({str(exc)[:200]})")
 
     def _start_static(self, reason: str) -> None:
         from .static_batching import StaticBatchingManager
