@@ -13,7 +13,7 @@ meanwhile wait for the next batch. It offers the part of ContinuousBatchingManag
 interface the engine uses (add_request, register_result_handler, cancel_request, start,
 stop, is_running), so the engine's admission, streaming, sampling and routing traces are
 the same on both paths. A request alone in its batch decodes exactly as transformers'
-generate() does (tests/test_server_static_batching.py).
+generate() does (tests/test_server_families.py, tests/test_server_every_family.py).
 
 Legend: B requests in the batch, S padded prompt length, V vocabulary.
 """
