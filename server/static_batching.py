@@ -7,15 +7,18 @@ so its first write fails (`index_copy_(): Source/destination tensor must have sa
 shapes`), and linear-attention or Mamba layers keep recurrent states, not pages.
 
 `StaticBatchingManager` serves those through transformers' own `generate()` (DynamicCache,
-which stores whatever each layer caches): requests that are waiting when the loop is free
-are left-padded into one batch and decoded together to the end; requests arriving
-meanwhile wait for the next batch. It offers the part of ContinuousBatchingManager's
+which stores whatever each layer caches): when the loop is free, the oldest waiting request
+and the others waiting with a prompt of the same length form one batch, decoded together to
+the end; the rest wait for the next batch. Never padded, because left-padding is not exact
+for every family: transformers' own padded batches of MiniMax (lightning attention, logits 1.1
+off from the second step) and HY-V4 (indexed attention) choose other tokens for a prompt than
+the prompt alone does, so a request's answer would depend on what else is in flight. It offers the part of ContinuousBatchingManager's
 interface the engine uses (add_request, register_result_handler, cancel_request, start,
 stop, is_running), so the engine's admission, streaming, sampling and routing traces are
 the same on both paths. A request alone in its batch decodes exactly as transformers'
 generate() does (tests/test_server_families.py, tests/test_server_every_family.py).
 
-Legend: B requests in the batch, S padded prompt length, V vocabulary.
+Legend: B requests in the batch, S their prompt length, V vocabulary.
 """
 
 from __future__ import annotations
@@ -67,7 +70,6 @@ class StaticBatchingManager:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._batch: list[_Request] = []  # the batch decoding now (compute thread)
-        self._pads: list[int] = []
         self._forward = 0  # forwards of the current batch so far: 0 = prefill
         self._model_lock = threading.Lock()  # held while a batch decodes; pause() takes it between batches
 
@@ -125,13 +127,12 @@ class StaticBatchingManager:
 
     def batch_layout(self) -> list[BatchSlot]:
         """Rows of each request in the forward running now (the model flattens [B, S] batch-major)."""
-        width = max(len(r.prompt_ids) for r in self._batch) if self._forward == 0 else 1
+        width = len(self._batch[0].prompt_ids) if self._forward == 0 else 1
         slots = []
         for i, request in enumerate(self._batch):
             if request.finished or request.cancelled:
                 continue
-            start = i * width + (self._pads[i] if self._forward == 0 else 0)
-            slots.append(BatchSlot(request.request_id, start, (i + 1) * width, self._forward))
+            slots.append(BatchSlot(request.request_id, i * width, (i + 1) * width, self._forward))
         return slots
 
     # --- compute thread -------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ class StaticBatchingManager:
                 self._cv.wait_for(lambda: self._pending or self._stopping)
                 if self._stopping:
                     return
-                batch, self._pending = self._pending[: self.max_requests], self._pending[self.max_requests:]
+                batch = self._take_batch()
             try:
                 with self._model_lock:
                     self._decode(batch)
@@ -153,16 +154,21 @@ class StaticBatchingManager:
             finally:
                 self._batch = []
 
+    def _take_batch(self) -> list[_Request]:
+        """The oldest waiting request and the others whose prompts have its length (caller holds _cv)."""
+        length = len(self._pending[0].prompt_ids)
+        batch = [r for r in self._pending if len(r.prompt_ids) == length][: self.max_requests]
+        taken = {r.request_id for r in batch}
+        self._pending = [r for r in self._pending if r.request_id not in taken]
+        return batch
+
     @torch.inference_mode()
     def _decode(self, batch: list[_Request]) -> None:
-        width = max(len(r.prompt_ids) for r in batch)
-        self._pads = [width - len(r.prompt_ids) for r in batch]
-        ids = torch.tensor([[self.pad_token_id] * pad + r.prompt_ids for pad, r in zip(self._pads, batch)])  # [B,S]
-        mask = torch.tensor([[0] * pad + [1] * len(r.prompt_ids) for pad, r in zip(self._pads, batch)])  # [B,S]
+        ids = torch.tensor([r.prompt_ids for r in batch])  # [B,S]: one prompt length, no padding
         self._batch, self._forward = batch, 0
         config = GenerationConfig(do_sample=False, max_new_tokens=max(r.max_new_tokens for r in batch),
                                   pad_token_id=self.pad_token_id, eos_token_id=None)
-        self.model.generate(ids.to(self.model.device), attention_mask=mask.to(self.model.device),
+        self.model.generate(ids.to(self.model.device), attention_mask=torch.ones_like(ids).to(self.model.device),
                             generation_config=config,
                             logits_processor=LogitsProcessorList([_RowSampler(self)]),
                             stopping_criteria=StoppingCriteriaList([_RowsDone(self)]))
