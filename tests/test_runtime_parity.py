@@ -5,27 +5,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from models import Runtime, RuntimeConfig
-from models.runtime import expert_bytes
+from parity import assert_parity, budgets, prompt_ids, two_budgets
 from tiny_models import FIRST_SIX, NEW_FAMILIES
 
 NEW_TOKENS = 64
 
 
-def prompt_ids(batch: int = 1, length: int = 10) -> torch.Tensor:
-    return torch.randint(3, 120, (batch, length), generator=torch.Generator().manual_seed(7))
-
-
-def budgets(store_path) -> dict[str, dict]:
-    from extractor.store import ExpertStore
-
-    store = ExpertStore.open(store_path)
-    one_layer = store.top_k * expert_bytes(store, store.dtype)  # one token's top-k of one layer
-    return {"100%": {"cache_fraction": 1.0}, "50%": {"cache_fraction": 0.5}, "one-layer": {"cache_bytes": one_layer}}
-
-
 @pytest.mark.parametrize("family", FIRST_SIX)
 def test_greedy_tokens_and_logits_match_transformers(family, store_factory):
-    assert_parity(family, store_factory, budgets, NEW_TOKENS)
+    assert_parity(*store_factory(family), budgets, NEW_TOKENS, family)
 
 
 # Families read from transformers' description (biases, interleaved experts, attention
@@ -33,30 +21,7 @@ def test_greedy_tokens_and_logits_match_transformers(family, store_factory):
 # names, 100% and one token's top-k of one layer, with a shorter generation (CI time).
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_new_families_match_transformers(family, store_factory):
-    def two_budgets(store):
-        every = budgets(store)
-        return {"100%": every["100%"], "one-layer": every["one-layer"]}
-
-    assert_parity(family, store_factory, two_budgets, 24)
-
-
-def assert_parity(family, store_factory, budgets_of, new_tokens):
-    checkpoint, store = store_factory(family)
-    reference = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    ids = prompt_ids()
-    with torch.no_grad():
-        expected_logits = reference(prompt_ids(batch=2)).logits
-    expected = reference.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    for name, budget in budgets_of(store).items():
-        runtime = Runtime.from_store(store, RuntimeConfig(**budget))
-        with torch.no_grad():
-            logits = runtime.model(prompt_ids(batch=2)).logits
-        tokens = runtime.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        assert torch.equal(tokens, expected), f"{family} @ {name}: tokens differ"
-        torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=0, msg=f"{family} @ {name}")
-        stats = runtime.cache.stats()
-        assert stats.bytes <= stats.capacity_bytes
-        runtime.close()
+    assert_parity(*store_factory(family), two_budgets, 24, family)
 
 
 # bf16: transformers' and cadre's kernels see the same bf16 operands; the stated
