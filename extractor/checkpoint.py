@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import ExtractError
 from .families import Family, FamilyError, detect_family, text_config, top_k
-from .formats import DENSE, FP8, MXFP4, expected_shapes, weight_format
+from .formats import DENSE, FP8, MXFP4, MXFP4_BLOCK, expected_shapes, weight_format
 from .layout import Layout, Role, describe, one_line
 from .safetensors_format import SafetensorsFormatError, TensorInfo, read_header
 
@@ -325,6 +325,9 @@ def _check_expert(layer: int, expert: int, tensors: Expert, layout: Layout, n_la
     site = layout.sites[layer]
     if layer >= n_layers or expert >= site.num_experts:
         raise ExtractError(f"{where} is outside the config's {n_layers} layers x {site.num_experts} experts")
+    if weights == MXFP4 and (site.intermediate % MXFP4_BLOCK or site.hidden % MXFP4_BLOCK):
+        raise ExtractError(f"{where}: MXFP4 experts need input features divisible by {MXFP4_BLOCK}; the config's "
+                           f"are {site.hidden} (gate/up) and {site.intermediate} (down)")
     shapes = expected_shapes(weights, site.intermediate, site.hidden, block)
     wanted = [n for n in shapes if (not n.endswith("_bias") or bias)
               and (weights == FP8 or not n.endswith("_scale_inv")) and (weights == MXFP4 or not n.endswith("_scales"))]

@@ -151,3 +151,13 @@ def test_real_process_exit_code_and_single_line(tmp_path, good_ckpt):
         assert done.returncode == 2, done
         assert len(done.stderr.splitlines()) == 1 and says in done.stderr, done.stderr
         assert not (tmp_path / "s").exists()
+
+
+def test_mxfp4_experts_narrower_than_a_block(tmp_path, capsys):
+    """MXFP4 scales blocks of 32 input features: experts of 16 have no whole block (their
+    `*_blocks` are empty), refused at extraction rather than failing at the first load."""
+    from quantized_checkpoints import make_mxfp4_checkpoint
+
+    ckpt = make_mxfp4_checkpoint(tmp_path / "ckpt")  # the tiny gpt-oss: intermediate_size 16
+    capsys.readouterr()  # transformers' progress bars while writing it
+    assert_refused(capsys, tmp_path / "store", "--model", ckpt, says="divisible by 32", path=ckpt)
