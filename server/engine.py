@@ -125,10 +125,11 @@ class Engine:
             # transformers refuses a model whose layers its paged cache has no allocator for
             # (linear attention, Mamba, indexed attention: Qwen3-Next, Jamba, HY-V4), having
             # switched the model to paged attention already: generate() needs its own back
-            if self.config.batching != "auto":
-                raise
             self.runtime.model.set_attn_implementation(attention)
-            self._start_static(f"continuous batching cannot page this model's layers ({str(exc)[:200]})")
+            reason = f"continuous batching cannot page this model's layers ({str(exc)[:200]})"
+            if self.config.batching != "auto":
+                raise RuntimeError(f"--batching continuous: {reason}; --batching auto or static serves it") from exc
+            self._start_static(reason)
 
     def _start_static(self, reason: str) -> None:
         from .static_batching import StaticBatchingManager

@@ -6,6 +6,7 @@ batches through generate() and say so in /v1/models."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -79,3 +80,23 @@ def test_concurrent_requests_get_what_each_gets_alone(live):
         bodies = list(pool.map(ask, prompts))
     for prompt, body in zip(prompts, bodies):
         assert body["token_ids"] == reference_tokens(live.checkpoint, tokenizer, prompt, 8), prompt
+
+
+def test_forcing_continuous_batching_on_linear_attention_says_why(tmp_path):
+    from extractor import extract_store
+    from models import Runtime, RuntimeConfig
+
+    checkpoint = make_checkpoint(tmp_path / "checkpoint", "minimax")
+    byte_tokenizer().save_pretrained(checkpoint)
+    extract_store(checkpoint, tmp_path / "store", quiet=True)
+    runtime = Runtime.from_store(tmp_path / "store", RuntimeConfig(device="cpu"))
+    try:
+        with serve(runtime, batching="continuous") as server:
+            deadline = time.monotonic() + 60
+            while (ready := httpx.get(f"{server.url}/ready")).json().get("status") != "failed":
+                assert time.monotonic() < deadline, ready.text
+                time.sleep(0.05)
+    finally:
+        runtime.close()
+    detail = ready.json()["detail"]
+    assert "--batching continuous" in detail and "linear_attention" in detail and "--batching auto" in detail
