@@ -21,6 +21,8 @@ Routing kinds:
                       sigmoid selection: its row says topk_softmax and expert_selection_fn switches)
   sigmoid_sorted_topk Flint, Laguna, AFMoE: sigmoid, sorted top-k (+ correction bias), renorm, optional
                       soft-cap and scaling
+  score_bias_topk     DeepSeek-V4: the config's score function, top-k of scores + correction bias, renorm,
+                      scaling (its hash-routed layers keep transformers' router: experts by token id)
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 STORE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ROUTING_KINDS = ("softmax_topk", "sigmoid_group_topk", "softmax_group_topk", "topk_softmax", "sigmoid_topk",
                  "sparsemixer", "softmax_bias_topk", "sigmoid_bias_topk", "topk_sigmoid",
-                 "sigmoid_sorted_topk")
+                 "sigmoid_sorted_topk", "score_bias_topk")
 
 
 class FamilyError(ValueError):
@@ -125,6 +127,9 @@ FAMILIES: dict[str, Family] = {
         Family("beam", routing="sigmoid_group_topk", sorted_topk=True, scaling_key=None),
         # Kolibri: top-k of float32 logits + correction bias, sigmoid of the chosen logits
         Family("kolibri1", routing="topk_sigmoid", logits="float32_out"),
+        # DeepSeek-V4: scoring_func (sqrt(softplus)) on logits in the model dtype; hash_moe layers pick their
+        # experts from a token-id table (tid2eid), so a store must hold every expert of those layers
+        Family("deepseek_v4", routing="score_bias_topk"),
         Family("mellum"),  # Qwen3-MoE's router
         Family("solar_open", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # GLM's
         Family("mimo_v2_flash", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # V3's

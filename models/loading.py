@@ -114,6 +114,7 @@ def routing_spec(store: ExpertStore, hf_config) -> RoutingSpec:
         sorted_topk=family.sorted_topk,
         renorm_epsilon=family.renorm_epsilon,
         logits=family.logits,
+        score_fn=getattr(hf_config, "scoring_func", None) or "sigmoid",
     )
 
 
@@ -152,6 +153,11 @@ def dequantize_trunk(config, trunk: dict[str, torch.Tensor], dtype: torch.dtype)
         weight_key = scale_key.removesuffix("_scale_inv")
         trunk[weight_key] = dequantize_fp8(trunk[weight_key], trunk.pop(scale_key), dtype)
     del config.quantization_config
+
+
+def routes_by_token_id(block: torch.nn.Module) -> bool:
+    """DeepSeek-V4's hash layers: the experts come from a token-id table, not from the logits."""
+    return hasattr(router_of(block), "tid2eid")
 
 
 def install_router(block: torch.nn.Module, route_fn, spec: RoutingSpec) -> None:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 UNUSED = -1  # index of a top-k slot that selects nothing
 SIGMOID_KINDS = ("sigmoid_group_topk", "sigmoid_topk", "sigmoid_bias_topk", "topk_sigmoid",
-                 "sigmoid_sorted_topk")  # the rest softmax their logits
+                 "sigmoid_sorted_topk", "score_bias_topk")  # the rest softmax their logits (DeepSeek-V4's
+# positive scores, sqrt(softplus) by default, are close enough to a sigmoid's for the non-exact policies)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class RoutingSpec:
     sorted_topk: bool = False  # group-limited top-k sorted (Beam) rather than not (DeepSeek-V3)
     renorm_epsilon: float = 0.0  # added to the renormalising sum by sigmoid top-k routers (AFMoE: 1e-20)
     logits: str = ""  # "" (as the kind computes them) | "float32" | "float32_out" (Kolibri's CUDA GEMM)
+    score_fn: str = "sigmoid"  # score_bias_topk: the config's scoring_func, one of transformers' ACT2FN
 
 
 def route(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
@@ -74,6 +76,8 @@ def route(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
         return topk_sigmoid(spec, logits, absent, hidden_dtype, correction_bias)
     if spec.kind == "sigmoid_sorted_topk":
         return sigmoid_sorted_topk(spec, logits, absent, correction_bias, hidden_dtype)
+    if spec.kind == "score_bias_topk":
+        return score_bias_topk(spec, logits, absent, correction_bias)
     raise ValueError(f"unknown routing kind {spec.kind!r}")
 
 
@@ -231,6 +235,25 @@ def sigmoid_sorted_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.T
     or the block's correction bias), the chosen scores renormalised (AFMoE: + 1e-20) and scaled
     (AFMoE's route_scale), weights in the hidden dtype where the row says so (Laguna)."""
     return _biased_sigmoid_topk(spec, logits, absent, correction_bias, hidden_dtype, sorted_topk=True)
+
+
+def score_bias_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
+                    correction_bias: torch.Tensor | None):
+    """DeepSeek-V4's learned layers: the config's score function (sqrt(softplus) by default) on
+    the logits in their dtype, unsorted top-k of the scores + the correction bias, the chosen
+    scores renormalised (+ 1e-20) and scaled. The choice is masked, not the logits."""
+    from transformers.activations import ACT2FN
+
+    scores = ACT2FN[spec.score_fn](logits)  # [T,E] in the logits' dtype
+    choice = scores + correction_bias if correction_bias is not None else scores
+    if absent is not None:
+        choice = choice.masked_fill(absent, float("-inf"))
+    indices = torch.topk(choice, spec.top_k, dim=-1, sorted=False).indices  # [T,K]
+    weights = scores.gather(1, indices)
+    if absent is not None:
+        weights = weights.masked_fill(absent[indices], 0.0)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return _drop_absent(weights * spec.routed_scaling_factor, indices, absent)
 
 
 def _biased_sigmoid_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,

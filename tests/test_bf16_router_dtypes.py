@@ -12,7 +12,7 @@ from models import Runtime, RuntimeConfig
 
 
 @pytest.mark.parametrize("family", ["lara_mini", "granitemoe", "cohere2_moe", "minimax_m2", "laguna", "qwen3_moe",
-                                    "afmoe", "kolibri1"])
+                                    "afmoe", "kolibri1", "deepseek_v4"])
 def test_bf16_logits_equal_transformers(family, store_factory):
     checkpoint, store = store_factory(family, dtype=torch.bfloat16)
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()

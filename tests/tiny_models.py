@@ -223,6 +223,15 @@ NEW_FAMILY_CONFIGS: dict[str, dict] = {
         n_group=4, topk_group=2, routed_scaling_factor=2.5, sliding_window=8, **TOKENS,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         mlp_layer_types=["dense", "sparse", "sparse", "sparse"]),
+    # DeepSeek-V4: a hash-routed first MoE layer (experts from a token-id table), then sqrt(softplus)
+    # scores with a correction bias; hyper-connections and compressed attention stay transformers'
+    "deepseek_v4": dict(hidden_size=32, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, q_lora_rank=16, n_routed_experts=16, num_experts_per_tok=4,
+        n_shared_experts=1, qk_rope_head_dim=8, o_groups=2, o_lora_rank=16, index_n_heads=2, index_head_dim=8,
+        index_topk=8, sliding_window=8, hc_mult=2, num_nextn_predict_layers=0, routed_scaling_factor=1.5,
+        compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4}, **TOKENS,
+        layer_types=["heavily_compressed_attention", "compressed_sparse_attention"] * 2,
+        mlp_layer_types=["hash_moe", "moe", "moe", "moe"]),
     "kolibri1": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         head_dim=8, moe_intermediate_size=16, num_local_experts=16, num_experts_per_tok=4, norm_topk_prob=True,
         shared_expert_intermediate_size=32, sliding_window=8, **TOKENS,
@@ -250,6 +259,9 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
         for name, buf in model.named_buffers():
             if name.endswith(("e_score_correction_bias", "expert_bias")):
                 buf.normal_(0.0, 0.1)
+            if name.endswith("tid2eid"):  # DeepSeek-V4's token -> experts table: k distinct experts a token
+                experts = model.config.num_local_experts
+                buf.copy_(torch.stack([torch.randperm(experts)[: buf.shape[1]] for _ in range(buf.shape[0])]))
     return model.eval()
 
 
