@@ -23,6 +23,9 @@ Routing kinds:
                       soft-cap and scaling
   score_bias_topk     DeepSeek-V4: the config's score function, top-k of scores + correction bias, renorm,
                       scaling (its hash-routed layers keep transformers' router: experts by token id)
+  native              transformers' own router, left in place, for a router cadre cannot mask (ZAYA's MLP
+                      carrying state from layer to layer, with a "skip" class): exact, but a store must hold
+                      every expert (the budget still holds only some of them on the device)
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 STORE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ROUTING_KINDS = ("softmax_topk", "sigmoid_group_topk", "softmax_group_topk", "topk_softmax", "sigmoid_topk",
                  "sparsemixer", "softmax_bias_topk", "sigmoid_bias_topk", "topk_sigmoid",
-                 "sigmoid_sorted_topk", "score_bias_topk")
+                 "sigmoid_sorted_topk", "score_bias_topk", "native")
 
 
 class FamilyError(ValueError):
@@ -130,6 +133,7 @@ FAMILIES: dict[str, Family] = {
         # DeepSeek-V4: scoring_func (sqrt(softplus)) on logits in the model dtype; hash_moe layers pick their
         # experts from a token-id table (tid2eid), so a store must hold every expert of those layers
         Family("deepseek_v4", routing="score_bias_topk"),
+        Family("zaya", routing="native"),  # top-1 of an MLP router's softmax + biases; the skip class weighs 0
         Family("mellum"),  # Qwen3-MoE's router
         Family("solar_open", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # GLM's
         Family("mimo_v2_flash", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # V3's

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from .loading import expert_layers, moe_blocks, router_of
+from .loading import expert_layers, keeps_own_router, moe_blocks, router_of
 
 
-def compile_hot_paths(model) -> None:
+def compile_hot_paths(model, spec) -> None:
     """Compile the norms, router gates and experts' compute of `model` in place (lazily:
     each compiles on its first call, which must not be inside a CUDA graph capture; the
     decoder's first step of every shape runs eagerly first)."""
@@ -33,6 +33,8 @@ def compile_hot_paths(model) -> None:
         if type(module).__name__.endswith("RMSNorm"):
             module.forward = torch.compile(module.forward)
     for block in moe_blocks(model).values():
+        if keeps_own_router(block, spec):  # transformers' router, left as it is
+            continue
         router = router_of(block)
         router.forward = torch.compile(router.forward)
     compiled_mlp = torch.compile(expert_layers(model)[next(iter(expert_layers(model)))].mlp)

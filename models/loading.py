@@ -155,9 +155,10 @@ def dequantize_trunk(config, trunk: dict[str, torch.Tensor], dtype: torch.dtype)
     del config.quantization_config
 
 
-def routes_by_token_id(block: torch.nn.Module) -> bool:
-    """DeepSeek-V4's hash layers: the experts come from a token-id table, not from the logits."""
-    return hasattr(router_of(block), "tid2eid")
+def keeps_own_router(block: torch.nn.Module, spec: RoutingSpec) -> bool:
+    """Routers cadre leaves as transformers wrote them, since no mask can steer them: the
+    "native" kind (ZAYA) and DeepSeek-V4's hash layers, whose experts come from a token-id table."""
+    return spec.kind == "native" or hasattr(getattr(block, "gate", None), "tid2eid")
 
 
 def install_router(block: torch.nn.Module, route_fn, spec: RoutingSpec) -> None:

@@ -24,7 +24,7 @@ from router.policy import make_policy, policy_class
 
 from .cache import ExpertCache, LRUPolicy
 from .footprint import facts_from_config, facts_from_store
-from .loading import expert_layers, install_router, load_model, moe_blocks, routes_by_token_id, routing_spec
+from .loading import expert_layers, install_router, load_model, keeps_own_router, moe_blocks, routing_spec
 from .memory_plan import MemoryPlan, PlanRequest, device_memory, host_memory, plan_memory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -107,14 +107,14 @@ class Runtime:
         for layer, experts in expert_layers(model).items():
             experts.bind(cache, on_route=self._emit, on_miss=on_miss, before=self.policy.before_experts)
         for layer, block in moe_blocks(model).items():
-            if routes_by_token_id(block):  # transformers' own router: there is no choice to mask
+            if keeps_own_router(block, self.policy.spec):  # transformers' router: no choice to mask
                 self._require_every_expert(layer)
                 continue
             install_router(block, self._router_for(layer), self.policy.spec)
         if config.compile:
             from .compile import compile_hot_paths
 
-            compile_hot_paths(model)
+            compile_hot_paths(model, self.policy.spec)
 
     @classmethod
     def from_store(cls, root: str | Path, config: RuntimeConfig = RuntimeConfig(), policy=None) -> "Runtime":
@@ -157,8 +157,9 @@ class Runtime:
     def _require_every_expert(self, layer: int) -> None:
         missing = self.store.num_experts - len(self.store.experts_present(layer))
         if missing:
-            raise StoreError(f"{self.store.root}: layer {layer} routes by token id (DeepSeek-V4's hash layers) and "
-                             f"the store lacks {missing} of its experts; extract every expert of such layers")
+            raise StoreError(f"{self.store.root}: layer {layer} keeps transformers' router (DeepSeek-V4's routing by "
+                             f"token id, ZAYA's), which cannot be masked, and the store lacks {missing} of its experts; "
+                             "extract every expert of such layers")
 
     def _router_for(self, layer: int):
         return lambda logits, gate, hidden_dtype, bias: self.policy.route(layer, logits, gate, hidden_dtype=hidden_dtype,

@@ -59,12 +59,15 @@ class ExactPolicy:
         if self.prefetch_layers:
             from models.loading import moe_blocks  # the runtime's own view of its MoE layers
 
+            from models.loading import keeps_own_router, router_of
+
             blocks = moe_blocks(runtime.model)
             layers = sorted(blocks)
-            from models.loading import router_of
-
-            self._gates = {layer: router_of(block) for layer, block in blocks.items()}
-            self._next = {layer: layers[i + 1:i + 1 + self.prefetch_layers] for i, layer in enumerate(layers)}
+            # speculation reads a gate's linear weight: layers that keep their own router are not predicted
+            self._gates = {layer: router_of(block) for layer, block in blocks.items()
+                           if not keeps_own_router(block, spec)}
+            self._next = {layer: [d for d in layers[i + 1:i + 1 + self.prefetch_layers] if d in self._gates]
+                          for i, layer in enumerate(layers)}
         attach = getattr(runtime.cache.policy, "attach", None)
         if attach is not None:  # an eviction policy that learns from routing (router.eviction)
             attach(runtime)

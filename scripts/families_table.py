@@ -42,6 +42,7 @@ TESTS = {
     "axk2": PARITY + ", tests/test_router_family_variants.py",
     "beam": PARITY + ", tests/test_router_family_variants.py",
     "deepseek_v4": PARITY + ", tests/test_router_family_variants.py, tests/test_bf16_router_dtypes.py",
+    "zaya": PARITY + ", tests/test_router_family_variants.py",
     "qwen4_exp": "tests/test_multimodal_text_model.py (its text model; qwen4_exp_text: " + PARITY + ")",
     "qwen3_5_moe": "tests/test_multimodal_text_model.py (its text model; qwen3_5_moe_text: " + PARITY + ")",
 }

@@ -4,8 +4,8 @@ of unchosen groups 0.0, so with negative bias-corrected scores inside the chosen
 outside them; Kolibri chooses by logits + bias, not by logits; AFMoE's bias is the block's and
 its weights are renormalised then scaled by route_scale; Beam sorts its top-ks and leaves the
 scaling to its block. cadre's routing (indices in their order, weights, dtypes) must equal the
-family's own router on the same hidden states, bit for bit. DeepSeek-V4's hash layers keep
-transformers' router, so their stores must hold every expert."""
+family's own router on the same hidden states, bit for bit. DeepSeek-V4's hash layers and ZAYA
+keep transformers' router, so their stores must hold every expert."""
 
 import pytest
 import torch
@@ -72,13 +72,15 @@ def test_router_equals_the_familys_where_its_detail_decides(family, tmp_path):
     runtime.close()
 
 
-def test_token_routed_layers_need_every_expert(tmp_path):
-    """DeepSeek-V4's hash layers take their experts from a token-id table, which no mask can
-    steer: a store without all of their experts is refused when loaded, naming the layer."""
+@pytest.mark.parametrize("family, layer", [("deepseek_v4", 0), ("zaya", 0)])
+def test_layers_that_keep_their_own_router_need_every_expert(family, layer, tmp_path):
+    """DeepSeek-V4's hash layers take their experts from a token-id table, and ZAYA's router is an
+    MLP carrying state from layer to layer: no mask steers either, so cadre leaves transformers'
+    router there, and a store without all of those layers' experts is refused when loaded."""
     from extractor.store import StoreError
 
-    model = tiny_model("deepseek_v4")
+    model = tiny_model(family)
     model.save_pretrained(tmp_path / "checkpoint")
     extract_store(tmp_path / "checkpoint", tmp_path / "store", experts="0-7", quiet=True)
-    with pytest.raises(StoreError, match="layer 0 routes by token id"):
+    with pytest.raises(StoreError, match=f"layer {layer} keeps transformers' router"):
         Runtime.from_store(tmp_path / "store", RuntimeConfig(cache_fraction=1.0))

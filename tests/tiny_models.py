@@ -232,6 +232,10 @@ NEW_FAMILY_CONFIGS: dict[str, dict] = {
         compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4}, **TOKENS,
         layer_types=["heavily_compressed_attention", "compressed_sparse_attention"] * 2,
         mlp_layer_types=["hash_moe", "moe", "moe", "moe"]),
+    # ZAYA: an MLP router carrying state from layer to layer, top-1 with a "skip" class (kept as transformers'
+    # own: the "native" kind), hybrid CCA attention
+    "zaya": dict(hidden_size=32, moe_intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts=16, num_experts_per_tok=1, router_hidden_size=16, **TOKENS),
     "kolibri1": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         head_dim=8, moe_intermediate_size=16, num_local_experts=16, num_experts_per_tok=4, norm_topk_prob=True,
         shared_expert_intermediate_size=32, sliding_window=8, **TOKENS,
