@@ -133,6 +133,13 @@ FAMILIES: dict[str, Family] = {
         # DeepSeek-V4: scoring_func (sqrt(softplus)) on logits in the model dtype; hash_moe layers pick their
         # experts from a token-id table (tid2eid), so a store must hold every expert of those layers
         Family("deepseek_v4", routing="score_bias_topk"),
+        # dots.note 3's text model: DeepSeek-V3's router; MLA with indexed layers and sliding layers of their own
+        # head counts (per_layer_config)
+        Family("dots3_note_text", routing="sigmoid_group_topk"),
+        # dots.note 3 as published: vision and audio encoders (the vision one with experts of its own) beside
+        # the text model at model.*; its config nests the text model, or keeps it at the top level
+        Family("dots3_note", routing="sigmoid_group_topk", config_path=("text_config",),
+               text_model_type="dots3_note_text", other_towers=("vision_encoder.", "audio_encoder.")),
         Family("zaya", routing="native"),  # top-1 of an MLP router's softmax + biases; the skip class weighs 0
         Family("mellum"),  # Qwen3-MoE's router
         Family("solar_open", routing="sigmoid_group_topk", keep_fp32=("e_score_correction_bias",)),  # GLM's
@@ -161,6 +168,8 @@ def text_config(config: dict, family: Family) -> dict:
     section = config
     for key in family.config_path:
         if not isinstance(section, dict) or key not in section:
+            if section is config and "num_hidden_layers" in config:
+                return config  # a composite config that keeps its text model at the top level (dots.note 3)
             raise FamilyError(f"config has no '{'.'.join(family.config_path)}' section")
         section = section[key]
     return section

@@ -141,8 +141,10 @@ def _facts(config_json: str, dtype: torch.dtype) -> ModelFacts:
         top_k=_top_k(text), kv_bytes_per_token=per_token * dtype.itemsize,
         kv_bytes_per_sequence=per_sequence * dtype.itemsize,
         context=int(getattr(text, "max_position_embeddings", 0) or 0) or 2048,
-        hidden_size=text.hidden_size, vocab_size=text.vocab_size, num_heads=text.num_attention_heads,
-        head_dims=_head_dims(text), dense_intermediate=_dense_intermediate(text),
+        hidden_size=text.hidden_size, vocab_size=text.vocab_size,
+        num_heads=max(layer.num_attention_heads for layer in _layer_configs(text)),
+        head_dims=tuple(max(dims) for dims in zip(*map(_head_dims, _layer_configs(text)))),
+        dense_intermediate=_dense_intermediate(text),
         expert_intermediate=expert_elements // (3 * text.hidden_size), kv_measured=measured,
     )
 
@@ -211,12 +213,23 @@ def _tensor_elements(holder) -> int:
 def _kv_formula(text) -> int:
     """Keys and values of every layer: what transformers caches for plain or grouped-query attention,
     and the compressed latents for MLA."""
-    if getattr(text, "kv_lora_rank", None):
-        per_layer = text.kv_lora_rank + text.qk_rope_head_dim
-    else:
-        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        per_layer = 2 * heads * _head_dims(text)[0]
-    return per_layer * text.num_hidden_layers
+    return sum(map(_kv_of_layer, _layer_configs(text)))
+
+
+def _kv_of_layer(layer) -> int:
+    if getattr(layer, "kv_lora_rank", None):
+        return layer.kv_lora_rank + layer.qk_rope_head_dim
+    heads = getattr(layer, "num_key_value_heads", None) or layer.num_attention_heads
+    return 2 * heads * _head_dims(layer)[0]
+
+
+def _layer_configs(text) -> list:
+    """One config per layer: a heterogeneous config's own (dots.note 3's sliding layers have their
+    own head counts, and transformers refuses to read those attributes globally), else the config
+    itself for every layer."""
+    if getattr(text, "is_heterogeneous", False):
+        return list(text.per_layer_config)
+    return [text] * text.num_hidden_layers
 
 
 def _top_k(text) -> int:

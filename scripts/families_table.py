@@ -43,6 +43,8 @@ TESTS = {
     "beam": PARITY + ", tests/test_router_family_variants.py",
     "deepseek_v4": PARITY + ", tests/test_router_family_variants.py, tests/test_bf16_router_dtypes.py",
     "zaya": PARITY + ", tests/test_router_family_variants.py",
+    "dots3_note": "tests/test_multimodal_text_model.py (its text model; dots3_note_text: " + PARITY
+                  + ", tests/test_memory_plan.py)",
     "qwen4_exp": "tests/test_multimodal_text_model.py (its text model; qwen4_exp_text: " + PARITY + ")",
     "qwen3_5_moe": "tests/test_multimodal_text_model.py (its text model; qwen3_5_moe_text: " + PARITY + ")",
 }
@@ -57,7 +59,8 @@ def tiny_or_default_config(model_type: str):
 
     if model_type in FAMILY_CONFIGS:
         return tiny_config(model_type)
-    if f"{model_type}_text" in FAMILY_CONFIGS:  # a vision-language checkpoint whose text model cadre serves
+    if f"{model_type}_text" in FAMILY_CONFIGS and model_type in FAMILIES:  # a vision-language checkpoint
+        # whose text model cadre serves
         return tiny_multimodal_config(model_type)
     return AutoConfig.for_model(model_type)
 

@@ -215,3 +215,20 @@ def test_the_dry_run_prints_one_line_or_refuses_with_one(capsys):
     assert dry_run([str(CONFIGS["mixtral-8x7b"]), "--gpu-memory", "24GiB"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "short by" in err
+
+
+def test_a_config_whose_layers_differ_is_planned_from_each_layer():
+    """dots.note 3's sliding layers have their own head counts and latent width (a heterogeneous
+    config: transformers refuses to read those attributes globally). The workspace takes the
+    widest layer's heads; the KV formula adds the layers up."""
+    from transformers import AutoConfig
+
+    from models.footprint import _kv_formula
+    from tiny_models import FAMILY_CONFIGS
+
+    config = {**FAMILY_CONFIGS["dots3_note_text"], "swa_kv_lora_rank": 8}
+    f = facts_from_config({"model_type": "dots3_note_text", **config}, torch.float32)
+    assert f.num_heads == 4 and f.head_dims == (16, 8)  # full layers: 4 heads; sliding: 2
+    text = AutoConfig.for_model("dots3_note_text", **config)
+    assert text.layer_types == ["indexed_attention", "indexed_attention", "sliding_attention", "sliding_attention"]
+    assert _kv_formula(text) == 2 * (16 + 8) + 2 * (8 + 8)  # latent + rope per layer, the sliding ones narrower

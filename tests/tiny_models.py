@@ -236,6 +236,13 @@ NEW_FAMILY_CONFIGS: dict[str, dict] = {
     # own: the "native" kind), hybrid CCA attention
     "zaya": dict(hidden_size=32, moe_intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, num_experts=16, num_experts_per_tok=1, router_hidden_size=16, **TOKENS),
+    # dots.note 3's text model: DeepSeek-V3's routing; indexed MLA layers, then sliding layers with fewer heads
+    "dots3_note_text": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+        n_group=4, topk_group=2, **MLA, head_dim=16, index_topk=8, index_head_dim=16, index_n_heads=2,
+        sliding_window=8, shared_experts_intermediate_size=16, routed_scaling_factor=2.5, **TOKENS,
+        swa_num_attention_heads=2, swa_num_key_value_heads=2, swa_q_lora_rank=16, swa_kv_lora_rank=16,
+        swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=8),
     "kolibri1": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         head_dim=8, moe_intermediate_size=16, num_local_experts=16, num_experts_per_tok=4, norm_topk_prob=True,
         shared_expert_intermediate_size=32, sliding_window=8, **TOKENS,
@@ -294,16 +301,31 @@ def make_checkpoint(
     return Path(path)
 
 
+QWEN_VISION = dict(vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32))
+# the other towers of each published multimodal checkpoint, tiny (dots.note 3's vision encoder has experts too)
+OTHER_TOWERS = {
+    "qwen3_5_moe": QWEN_VISION,
+    "qwen4_exp": QWEN_VISION,
+    "dots3_note": dict(
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           patch_size=2, moe_intermediate_size=8, num_local_experts=4, num_experts_per_tok=2,
+                           adapter_in_dim=16, adapter_out_dim=32, spatial_merge_size=2, adapter_merge_size=2,
+                           mlp_layer_types=["sparse"]),
+        audio_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=2, head_dim=8, adapter_input_size=16, adapter_out_dim=32,
+                          downsample_hidden_size=16)),
+}
+
+
 def tiny_multimodal_config(family: str):
-    """A vision-language config whose text model is the tiny `<family>_text` one, its vision tower tiny."""
-    return AutoConfig.for_model(family, text_config=dict(FAMILY_CONFIGS[f"{family}_text"]),
-                                vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
-                                                   out_hidden_size=32))
+    """A multimodal config whose text model is the tiny `<family>_text` one, its other towers tiny."""
+    return AutoConfig.for_model(family, text_config=dict(FAMILY_CONFIGS[f"{family}_text"]), **OTHER_TOWERS[family])
 
 
 def make_multimodal_checkpoint(path: Path, family: str = "qwen3_5_moe", seed: int = 0) -> Path:
-    """A tiny vision-language checkpoint as published (Qwen3.5-MoE, Qwen4-Exp: model.language_model.*
-    beside model.visual.*), its text model the tiny `<family>_text` one."""
+    """A tiny multimodal checkpoint as published (Qwen3.5-MoE, Qwen4-Exp: model.language_model.* beside
+    model.visual.*; dots.note 3: model.* beside vision_encoder.* and audio_encoder.*), its text model the
+    tiny `<family>_text` one."""
     from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(seed)
