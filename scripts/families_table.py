@@ -74,13 +74,23 @@ def decorated_families() -> list[str]:
     return found
 
 
+def declared_model_types(directory: str) -> list[str]:
+    """The top-level model_types a model directory's configuration declares (not its towers')."""
+    source = (Path(transformers.__file__).parent / "models" / directory / f"configuration_{directory}.py").read_text()
+    towers = ("_text", "_vision", "_audio", "_encoder")
+    return [t for t in re.findall(r'^\s+model_type = "([^"]+)"', source, re.M) if not t.endswith(towers)]
+
+
 def row(model_type: str) -> str:
     if model_type in EXTRACTION_ONLY:
         return f"| {model_type} | extraction only | {EXTRACTION_ONLY[model_type]} |"
     try:
         config = tiny_or_default_config(model_type)
-    except ValueError:  # a model directory without a model_type of its own (e.g. inkling's text tower)
-        return f"| {model_type} | untested | no config class of that model_type |"
+    except ValueError:  # a directory whose model_types are named otherwise (inkling: inkling_mm_model)
+        declared = declared_model_types(model_type)
+        if not declared:
+            return f"| {model_type} | untested | no config class of that model_type |"
+        config = AutoConfig.for_model(declared[0])
     try:
         layout = describe(config)
         site = next(iter(layout.sites.values()))
