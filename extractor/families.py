@@ -65,7 +65,7 @@ class Family:
     group_fill: float = float("-inf")  # the score of experts outside the chosen groups
     sorted_topk: bool = False  # group-limited top-ks sorted
     renorm_epsilon: float = 0.0  # added to the renormalising sum (sigmoid top-k kinds)
-    logits: str = ""  # "" (the kind's dtype) | "float32" | "float32_out" (a bf16 GEMM out in float32 on CUDA)
+    logits: str = ""  # "" (the kind's dtype) | "float32_out" (float32; on CUDA a bf16 GEMM out in float32)
     # exceptions for a text model nested in a larger checkpoint (a multimodal "thinker"):
     # keys into config.json leading to the text config, the model_type to build it as, and
     # the key prefix of its tensors (stripped before transformers' renaming; other keys,

@@ -200,7 +200,7 @@ def install_router(block: torch.nn.Module, route_fn, spec: RoutingSpec) -> None:
 
 
 def _logits_fn(spec: RoutingSpec):
-    in_float32 = spec.logits in ("float32", "float32_out") or \
+    in_float32 = spec.logits == "float32_out" or \
         spec.kind in ("sigmoid_group_topk", "softmax_group_topk", "softmax_bias_topk") or \
         (spec.kind == "softmax_topk" and spec.weights_in_hidden_dtype)  # Lara-Mini
     # Granite, Flint, Laguna: F.linear(...).float(); Laguna may soft-cap them after

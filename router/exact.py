@@ -46,7 +46,7 @@ class RoutingSpec:
     group_fill: float = float("-inf")  # what experts outside the chosen groups score (A.X-K2: 0.0)
     sorted_topk: bool = False  # group-limited top-k sorted (Beam) rather than not (DeepSeek-V3)
     renorm_epsilon: float = 0.0  # added to the renormalising sum by sigmoid top-k routers (AFMoE: 1e-20)
-    logits: str = ""  # "" (as the kind computes them) | "float32" | "float32_out" (Kolibri's CUDA GEMM)
+    logits: str = ""  # "" (as the kind computes them) | "float32_out" (Kolibri: float32, its own CUDA GEMM)
     score_fn: str = "sigmoid"  # score_bias_topk: the config's scoring_func, one of transformers' ACT2FN
 
 
