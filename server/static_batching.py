@@ -166,8 +166,10 @@ class StaticBatchingManager:
     def _decode(self, batch: list[_Request]) -> None:
         ids = torch.tensor([r.prompt_ids for r in batch])  # [B,S]: one prompt length, no padding
         self._batch, self._forward = batch, 0
+        # eos_token_id [] (not None, which generate() replaces with the model's EOS): the rows stop on
+        # their own requests' stop tokens (_RowsDone), so ignore_eos and stop_token_ids hold
         config = GenerationConfig(do_sample=False, max_new_tokens=max(r.max_new_tokens for r in batch),
-                                  pad_token_id=self.pad_token_id, eos_token_id=None)
+                                  pad_token_id=self.pad_token_id, eos_token_id=[])
         self.model.generate(ids.to(self.model.device), attention_mask=torch.ones_like(ids).to(self.model.device),
                             generation_config=config,
                             logits_processor=LogitsProcessorList([_RowSampler(self)]),

@@ -69,6 +69,11 @@ class LiveServer:
         self.thread.join(timeout=60)
 
 
+# The server's ways of running forwards, as serve() options: transformers' continuous batching, cadre's
+# decoder engine, and the unpadded static batches that serve the families continuous batching cannot
+ENGINES = {"continuous-batching": {"engine": "continuous-batching"}, "decoder": {"engine": "decoder"},
+           "static": {"engine": "continuous-batching", "batching": "static"}}
+
 FAMILY = "qwen3_moe"  # norm_topk_prob=True in tiny_models: a token's weights sum to 1
 MODEL_NAME = "tiny-qwen3"
 

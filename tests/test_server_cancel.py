@@ -10,13 +10,13 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server_live import serve, tiny_runtime
+from server_live import ENGINES, serve, tiny_runtime
 
 
-@pytest.fixture(scope="module", params=["continuous-batching", "decoder"])
+@pytest.fixture(scope="module", params=list(ENGINES))
 def live(tmp_path_factory, request):
     _, runtime = tiny_runtime(tmp_path_factory.mktemp("server-cancel"))
-    with serve(runtime, max_concurrency=2, engine=request.param) as server:
+    with serve(runtime, max_concurrency=2, **ENGINES[request.param]) as server:
         server.wait_ready()
         yield server
     runtime.close()

@@ -13,17 +13,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from server_live import serve, tiny_runtime
+from server_live import ENGINES, serve, tiny_runtime
 
 PROMPTS = ["hello world", "the cat sat on", "a", "it is a truth universally acknowledged"]
 CACHE_OUTCOMES = {"hit", "miss", "prefetched"}
 
 
-@pytest.fixture(scope="module", params=["continuous-batching", "decoder"])
+@pytest.fixture(scope="module", params=list(ENGINES))
 def live(tmp_path_factory, request):
     """Each behaviour below holds with either engine (server/engine.py, server/decode_engine.py)."""
     checkpoint, runtime = tiny_runtime(tmp_path_factory.mktemp("server-generate"))
-    with serve(runtime, engine=request.param) as server:
+    with serve(runtime, **ENGINES[request.param]) as server:
         server.wait_ready()
         server.checkpoint, server.runtime = checkpoint, runtime
         yield server

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from server_live import MODEL_NAME, byte_tokenizer, serve, tiny_runtime
+from server_live import ENGINES, MODEL_NAME, byte_tokenizer, serve, tiny_runtime
 
 SCHEMA = {"type": "object", "properties": {
     "colour": {"type": "string", "enum": ["red", "green", "blue"]},
@@ -17,10 +17,10 @@ SCHEMA = {"type": "object", "properties": {
 MESSAGES = [{"role": "user", "content": "describe the cat"}]
 
 
-@pytest.fixture(scope="module", params=["continuous-batching", "decoder"])
+@pytest.fixture(scope="module", params=list(ENGINES))
 def live(tmp_path_factory, request):
     _, runtime = tiny_runtime(tmp_path_factory.mktemp("server-json"), eos_token_id=0)  # <eos> of byte_tokenizer
-    with serve(runtime, engine=request.param) as server:
+    with serve(runtime, **ENGINES[request.param]) as server:
         server.wait_ready()
         yield server
     runtime.close()

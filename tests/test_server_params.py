@@ -15,14 +15,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from server_live import FAMILY, MODEL_NAME, byte_tokenizer, serve, tiny_runtime
+from server_live import ENGINES, FAMILY, MODEL_NAME, byte_tokenizer, serve, tiny_runtime
 from tiny_models import tiny_model
 
 PROMPT = "hello"
 OTHER = "the cat sat on"
 
 
-@pytest.fixture(scope="module", params=["continuous-batching", "decoder"])
+@pytest.fixture(scope="module", params=list(ENGINES))
 def case(tmp_path_factory, request):
     tokenizer = byte_tokenizer()
     ids = tokenizer(PROMPT)["input_ids"]
@@ -30,7 +30,7 @@ def case(tmp_path_factory, request):
     eos = int(greedy[3])
     checkpoint, runtime = tiny_runtime(tmp_path_factory.mktemp("server-params"), eos_token_id=eos)
     reference = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    with serve(runtime, max_concurrency=4, engine=request.param) as server:
+    with serve(runtime, max_concurrency=4, **ENGINES[request.param]) as server:
         server.wait_ready()
         server.reference, server.tokenizer, server.eos = reference, tokenizer, eos
         server.eos_at = greedy.tolist().index(eos) + 1  # PROMPT's greedy output ends with EOS here
