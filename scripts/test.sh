@@ -3,4 +3,4 @@
 # deselected here: CI has no GPU; they run on the lent GPU machine with -m gpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python -m pytest -m "not gpu" "$@"
+exec python -m pytest -m "not gpu" --durations=15 "$@"  # the slowest, to keep the suite fast
