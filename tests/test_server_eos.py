@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from server_live import FAMILY, byte_tokenizer, serve, tiny_runtime
+from server_live import ENGINES, FAMILY, byte_tokenizer, serve, tiny_runtime
 from tiny_models import tiny_model
 
 PROMPT = "hello"
@@ -20,14 +20,14 @@ def greedy_continuation(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-@pytest.fixture(scope="module")
-def eos_case(tmp_path_factory):
+@pytest.fixture(scope="module", params=list(ENGINES))
+def eos_case(tmp_path_factory, request):
     ids = byte_tokenizer()(PROMPT)["input_ids"]
     tokens = greedy_continuation(tiny_model(FAMILY), ids, 8)
     eos = tokens[3]
     checkpoint, runtime = tiny_runtime(tmp_path_factory.mktemp("server-eos"), eos_token_id=eos)
     reference = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    with serve(runtime) as server:
+    with serve(runtime, **ENGINES[request.param]) as server:
         server.wait_ready()
         yield server, eos, tokens.index(eos) + 1, greedy_continuation(reference, ids, 8)
     runtime.close()

@@ -3,13 +3,13 @@
 import openai
 import pytest
 
-from server_live import MODEL_NAME, serve, tiny_runtime
+from server_live import ENGINES, MODEL_NAME, serve, tiny_runtime
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
+@pytest.fixture(scope="module", params=list(ENGINES))
+def live(tmp_path_factory, request):
     _, runtime = tiny_runtime(tmp_path_factory.mktemp("server-openai"))
-    with serve(runtime) as server:
+    with serve(runtime, **ENGINES[request.param]) as server:
         server.wait_ready()
         server.runtime = runtime
         yield server
