@@ -132,7 +132,7 @@ FAMILIES: dict[str, Family] = {
         Family("kolibri1", routing="topk_sigmoid", logits="float32_out"),
         # DeepSeek-V4: scoring_func (sqrt(softplus)) on logits in the model dtype; hash_moe layers pick their
         # experts from a token-id table (tid2eid), so a store must hold every expert of those layers
-        Family("deepseek_v4", routing="score_bias_topk"),
+        Family("deepseek_v4", routing="score_bias_topk", renormalize=True, renorm_epsilon=1e-20),
         # dots.note 3's text model: DeepSeek-V3's router; MLA with indexed layers and sliding layers of their own
         # head counts (per_layer_config)
         Family("dots3_note_text", routing="sigmoid_group_topk"),

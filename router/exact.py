@@ -240,29 +240,26 @@ def sigmoid_sorted_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.T
 def score_bias_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
                     correction_bias: torch.Tensor | None):
     """DeepSeek-V4's learned layers: the config's score function (sqrt(softplus) by default) on
-    the logits in their dtype, unsorted top-k of the scores + the correction bias, the chosen
-    scores renormalised (+ 1e-20) and scaled. The choice is masked, not the logits."""
+    the logits in their dtype, then as the sigmoid kinds: unsorted top-k of the scores + the
+    correction bias, the chosen scores renormalised (+ 1e-20, its row says) and scaled."""
     from transformers.activations import ACT2FN
 
-    scores = ACT2FN[spec.score_fn](logits)  # [T,E] in the logits' dtype
-    choice = scores + correction_bias if correction_bias is not None else scores
-    if absent is not None:
-        choice = choice.masked_fill(absent, float("-inf"))
-    indices = torch.topk(choice, spec.top_k, dim=-1, sorted=False).indices  # [T,K]
-    weights = scores.gather(1, indices)
-    if absent is not None:
-        weights = weights.masked_fill(absent[indices], 0.0)
-    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return _drop_absent(weights * spec.routed_scaling_factor, indices, absent)
+    return _biased_topk(spec, ACT2FN[spec.score_fn](logits), absent, correction_bias, None, sorted_topk=False)
 
 
 def _biased_sigmoid_topk(spec: RoutingSpec, logits: torch.Tensor, absent: torch.Tensor | None,
                          correction_bias: torch.Tensor | None, hidden_dtype: torch.dtype | None, sorted_topk: bool):
-    """Top-k of float32 sigmoid scores (+ a correction bias), weights the chosen scores. The order
+    """_biased_topk on float32 sigmoid scores."""
+    return _biased_topk(spec, logits.float().sigmoid(), absent, correction_bias, hidden_dtype, sorted_topk)
+
+
+def _biased_topk(spec: RoutingSpec, scores: torch.Tensor, absent: torch.Tensor | None,
+                 correction_bias: torch.Tensor | None, hidden_dtype: torch.dtype | None, sorted_topk: bool):
+    """Top-k of scores [T,E] (+ a correction bias, added in its dtype's promotion: a float32 bias
+    lifts DeepSeek-V4's bf16 scores to float32 for the choice), weights the chosen scores. The order
     of the top-k (sorted or not) is the family's, so the kernel picks ties as transformers does.
-    The choice is masked, not the logits (sigmoid(-inf) + bias could still be chosen)."""
-    scores = logits.float().sigmoid()  # [T,E] float32
-    choice = scores + correction_bias.to(scores.dtype) if correction_bias is not None else scores
+    The choice is masked, not the scores (an absent expert's 0 + bias could still be chosen)."""
+    choice = scores + correction_bias if correction_bias is not None else scores
     if absent is not None:
         choice = choice.masked_fill(absent, float("-inf"))
     indices = torch.topk(choice, spec.top_k, dim=-1, sorted=sorted_topk)[1]  # [T,K]

@@ -57,9 +57,7 @@ class ExactPolicy:
         self._gates: dict[int, torch.nn.Module] = {}
         self._next: dict[int, list[int]] = {}
         if self.prefetch_layers:
-            from models.loading import moe_blocks  # the runtime's own view of its MoE layers
-
-            from models.loading import keeps_own_router, router_of
+            from models.loading import keeps_own_router, moe_blocks, router_of
 
             blocks = moe_blocks(runtime.model)
             layers = sorted(blocks)

@@ -12,11 +12,12 @@ and the others waiting with a prompt of the same length form one batch, decoded 
 the end; the rest wait for the next batch. Never padded, because left-padding is not exact
 for every family: transformers' own padded batches of MiniMax (lightning attention, logits 1.1
 off from the second step) and HY-V4 (indexed attention) choose other tokens for a prompt than
-the prompt alone does, so a request's answer would depend on what else is in flight. It offers the part of ContinuousBatchingManager's
-interface the engine uses (add_request, register_result_handler, cancel_request, start,
-stop, is_running), so the engine's admission, streaming, sampling and routing traces are
-the same on both paths. A request alone in its batch decodes exactly as transformers'
-generate() does (tests/test_server_families.py, tests/test_server_every_family.py).
+the prompt alone does, so a request's answer would depend on what else is in flight. It
+offers the part of ContinuousBatchingManager's interface the engine uses (add_request,
+register_result_handler, cancel_request, start, stop, is_running), so the engine's admission,
+streaming, sampling and routing traces are the same on both paths. A request alone in its
+batch decodes exactly as transformers' generate() does (tests/test_server_families.py,
+tests/test_server_every_family.py).
 
 Legend: B requests in the batch, S their prompt length, V vocabulary.
 """
