@@ -10,8 +10,8 @@ shapes`), and linear-attention or Mamba layers keep recurrent states, not pages.
 which stores whatever each layer caches): when the loop is free, the oldest waiting request
 and the others waiting with a prompt of the same length form one batch, decoded together to
 the end; the rest wait for the next batch. Never padded, because left-padding is not exact
-for every family: transformers' own padded batches of MiniMax (lightning attention, logits 1.1
-off from the second step) and HY-V4 (indexed attention) choose other tokens for a prompt than
+for every family: transformers' own padded batches of MiniMax (lightning attention, from the
+second step on) and HY-V4 (indexed attention) choose other tokens for a prompt than
 the prompt alone does, so a request's answer would depend on what else is in flight. It
 offers the part of ContinuousBatchingManager's interface the engine uses (add_request,
 register_result_handler, cancel_request, start, stop, is_running), so the engine's admission,
