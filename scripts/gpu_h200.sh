@@ -37,7 +37,8 @@ MODEL=(--model qwen3-30b-a3b-8l --device cuda --workdir /tmp/bw)
 for stage in "$@"; do
   case "$stage" in
     tests)  # every GPU test: the captured decode path, the runtime, families, host tier
-      timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) 2>&1 \
+      timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
+        $(grep -l "mark.gpu" tests/*.py) 2>&1 \
         | tee "$OUT/pytest_gpu.log" | tail -15 ;;
     tests-quick)  # only the tests of what changed last (the compiled step, the exclusive host tier)
       timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider -k "compiled_step or exclusive" \
