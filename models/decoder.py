@@ -172,6 +172,8 @@ class Decoder:
             for number, layer in self.layers.items():  # the hooks hear the step's routing, as uncompiled
                 index, weights = self._route_buffers[number]
                 layer.hooks.route(layer, index[:rows], weights[:rows], layer.outcomes, layer.stall)
+                if layer.hit_sink is not None:  # every layer is complete here (see above)
+                    layer.hit_sink.append((layer.layer, index[:rows]))
             return logits
         return step
 
@@ -180,8 +182,18 @@ class Decoder:
                  read_rows: slice, attend_len: int) -> torch.Tensor:
         """input_ids [B,Q] at positions [B,Q] of rows write_rows [B] -> last-token logits [B,V]."""
         self.kv.prepare(write_rows, positions, read_rows, attend_len)
-        forward = self._step_logits if input_ids.shape[1] == 1 else self._logits  # prefill stays eager
-        return forward(input_ids, positions, self.kv.attention_mask())
+        if input_ids.shape[1] > 1:  # prefill stays eager
+            return self._logits(input_ids, positions, self.kv.attention_mask())
+        sink = []  # the complete layers' lookups, counted once for the step
+        for layer in self.layers.values():
+            layer.hit_sink = sink
+        try:
+            logits = self._step_logits(input_ids, positions, self.kv.attention_mask())
+        finally:
+            for layer in self.layers.values():
+                layer.hit_sink = None
+        self.runtime.cache.count_step_hits(sink)
+        return logits
 
     def _logits(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
@@ -216,12 +228,7 @@ class Decoder:
     def decode(self, tokens: dict[int, int]) -> torch.Tensor:
         """One token for each row of `tokens` {row: its last token} -> logits [len(tokens),V] in row order."""
         rows = sorted(tokens)
-        batch = next(b for b in BATCH_SIZES if b >= rows[-1] + 1) if rows[-1] < BATCH_SIZES[-1] else rows[-1] + 1
-        batch = min(batch, self.max_batch)
-        longest = max(self.lengths[r] for r in rows) + 1
-        if longest > self.max_len:
-            raise ValueError(f"row {max(rows, key=lambda r: self.lengths[r])} is full ({self.max_len} tokens)")
-        attend = min(self.max_len, -(-longest // LENGTH_STEP) * LENGTH_STEP)
+        batch, attend = self._shape(rows)
         input_ids = torch.zeros((batch, 1), dtype=torch.long)
         positions = torch.zeros((batch, 1), dtype=torch.long)
         for r in rows:
@@ -230,6 +237,33 @@ class Decoder:
         for r in rows:
             self.lengths[r] += 1
         return logits[rows]
+
+    @torch.inference_mode()
+    def decode_first(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token for rows 0..n-1 of equal length, from their last tokens as a device tensor [n]
+        (the last step's argmax: never read on the host) -> logits [n,V]. No host synchronisation
+        and no host-to-device copy, so the host queues the next step while the GPU runs this one
+        (gpt-fast's loop); decode() copies its tokens from the host."""
+        rows = list(range(tokens.shape[0]))
+        length = self.lengths[0]
+        assert all(self.lengths[r] == length for r in rows), "decode_first: rows of unequal length"
+        batch, attend = self._shape(rows)
+        input_ids = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
+        input_ids[:len(rows), 0] = tokens
+        positions = torch.full((batch, 1), length, dtype=torch.long, device=self.device)  # a fill: no copy
+        logits = self._step(batch, attend, input_ids, positions)
+        for r in rows:
+            self.lengths[r] += 1
+        return logits[:len(rows)]
+
+    def _shape(self, rows: list[int]) -> tuple[int, int]:
+        """The step shape (batch size, attended length) that holds `rows` (sorted) and one more token each."""
+        batch = next(b for b in BATCH_SIZES if b >= rows[-1] + 1) if rows[-1] < BATCH_SIZES[-1] else rows[-1] + 1
+        batch = min(batch, self.max_batch)
+        longest = max(self.lengths[r] for r in rows) + 1
+        if longest > self.max_len:
+            raise ValueError(f"row {max(rows, key=lambda r: self.lengths[r])} is full ({self.max_len} tokens)")
+        return batch, min(self.max_len, -(-longest // LENGTH_STEP) * LENGTH_STEP)
 
     def _step(self, batch: int, attend: int, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         step = self._steps.get((batch, attend))
@@ -346,31 +380,72 @@ class Decoder:
         """Greedy continuation of equal-length prompts ids [B,T] -> [B,T+n], the tokens of
         transformers' generate(do_sample=False): a row that emits an EOS of `eos_token_ids`
         is done and padded (pad_token_id, else its EOS) until every row is, as there; and,
-        as its min_new_tokens processor does, no EOS can be chosen before `min_new_tokens`."""
+        as its min_new_tokens processor does, no EOS can be chosen before `min_new_tokens`.
+
+        Tokens stay on the device: each step's argmax feeds the next step (decode_first), so
+        the host never waits for a token and keeps a step queued ahead of the GPU. With EOS
+        ids, whether every row is done is copied to the host behind each step and read one
+        step late; a step decoded past the end is dropped."""
         batch = ids.shape[0]
         if batch > self.max_batch:
             raise ValueError(f"{batch} prompts > max_batch {self.max_batch}")
-        eos = set(eos_token_ids)
-        pad = pad_token_id if pad_token_id is not None else next(iter(eos), 0)
+        eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=self.device)
+        pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
         try:
             logits = torch.stack([self.prefill(row, prompt) for row, prompt in enumerate(ids.tolist())])  # [B,V]
-            generated, done = [], [False] * batch
-            banned = torch.tensor(sorted(eos), dtype=torch.long, device=logits.device)
+            generated = []  # [B] per step, on the device
+            done = torch.zeros(batch, dtype=torch.bool, device=self.device)  # [B]
+            watch = _DoneWatch() if len(eos) else None
             for step in range(max_new_tokens):
-                if step < min_new_tokens and len(banned):
-                    logits = logits.index_fill(-1, banned, float("-inf"))  # out of place: may be a graph's output
-                tokens = logits.argmax(dim=-1).tolist()  # the step's one host synchronisation
-                tokens = [pad if finished else token for token, finished in zip(tokens, done)]
+                if step < min_new_tokens and len(eos):
+                    logits = logits.index_fill(-1, eos, float("-inf"))  # out of place: may be a graph's output
+                tokens = torch.where(done, pad, logits.argmax(dim=-1))  # [B]
                 generated.append(tokens)
-                done = [finished or token in eos for token, finished in zip(tokens, done)]
-                if all(done) or step + 1 == max_new_tokens:
+                if watch is not None:
+                    done = done | torch.isin(tokens, eos)
+                    if watch.push(done):  # every row was done a step ago: this step is past the end
+                        break
+                if step + 1 == max_new_tokens:
                     break
-                logits = self.decode({row: tokens[row] for row in range(batch)})
+                logits = self.decode_first(tokens)
+            if watch is not None:  # up to the step at which the last row finished
+                generated = generated[:watch.end(len(generated))]
         finally:
             for row in range(batch):
                 self.release(row)
-        new = torch.tensor(generated, dtype=ids.dtype).T.reshape(batch, -1)  # [B,n]
-        return torch.cat([ids, new.to(ids.device)], dim=1)
+        new = torch.stack(generated, dim=1).to(ids.device, ids.dtype)  # [B,n]: the one synchronisation
+        return torch.cat([ids, new], dim=1)
+
+
+class _DoneWatch:
+    """Whether every row of a generation is done, read on the host one step late: each step's
+    flags [B] are copied behind it into pinned memory (no wait), and the previous step's copy,
+    long finished while this step was queued, is what the host reads."""
+
+    def __init__(self):
+        self._flags: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+
+    def push(self, done: torch.Tensor) -> bool:
+        """Queue this step's flags; True if every row was already done at the previous step."""
+        if done.is_cuda:
+            host = torch.empty(done.shape, dtype=torch.bool, pin_memory=True)
+            host.copy_(done, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = done.clone(), None
+        self._flags.append((host, event))
+        return len(self._flags) > 1 and self._all_done(len(self._flags) - 2)
+
+    def end(self, steps: int) -> int:
+        """Steps to keep: up to and including the first at which every row was done."""
+        return next((i + 1 for i in range(steps) if self._all_done(i)), steps)
+
+    def _all_done(self, step: int) -> bool:
+        host, event = self._flags[step]
+        if event is not None:
+            event.synchronize()
+        return bool(host.all())
 
 
 def _stack_routing(routes: list[tuple[int, torch.Tensor, torch.Tensor]]):

@@ -89,6 +89,9 @@ class ExpertLayer:
         # buffers (index [B,K], weights [B,K]) instead of to the hooks, so the compiled forward
         # has no Python call to break at; the decoder reports them after the step.
         self.route_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Set by the decoder for a decode step: a complete layer's lookup goes here, and the
+        # step counts its hits once for all layers (ExpertCache.count_step_hits).
+        self.hit_sink: list | None = None
 
     def bind(self, cache: "ExpertCache", on_route=None, on_miss=None, before=None) -> None:
         self.cache, self.on_route, self.on_miss, self.before = cache, on_route, on_miss, before
@@ -98,7 +101,11 @@ class ExpertLayer:
         assert self.cache is not None, "ExpertLayer used before the runtime bound a cache"
         if self.cache.layer_is_complete(self.layer):  # nothing to load or to prefetch, ever
             self.outcomes, self.stall = None, 0.0
-            self.cache.count_table_hits(self.layer, top_k_index)
+            if self.route_buffers is None:  # (a compiled step counts from its route buffers)
+                if self.hit_sink is not None:
+                    self.hit_sink.append((self.layer, top_k_index))
+                else:
+                    self.cache.count_table_hits(self.layer, top_k_index)
             out = self._compute(module, hidden, top_k_index, top_k_weights, self.cache.layer_slots(self.layer))
         else:
             self.outcomes, self.stall = {}, 0.0

@@ -19,10 +19,12 @@ def decode_with_routing(store, ids, compile_step: bool):
     decoder = runtime.decoder(max_batch=2, max_len=64)
     events = []
     runtime.add_routing_listener(lambda e: events.append((e.layer, e.experts.tolist(), e.outcomes)))
+    before = runtime.cache.stats()
     got = decoder.generate(ids, NEW_TOKENS)
+    after = runtime.cache.stats()
     compiled = decoder._step_logits is not decoder._logits
     runtime.close()
-    return got, events, compiled
+    return got, (events, after.queries - before.queries, after.hits - before.hits), compiled
 
 
 def test_compiled_step_matches_transformers_and_reports_routing(store_factory):
@@ -32,9 +34,11 @@ def test_compiled_step_matches_transformers_and_reports_routing(store_factory):
     want = reference.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
     got, events, compiled = decode_with_routing(store, ids, compile_step=True)
     assert compiled
+    _, queries, hits = events
+    assert hits == queries > 0  # every lookup of a complete layer is a hit, counted from the route buffers
     assert_greedy_matches(reference, got, want, prompt_len=ids.shape[1])
     eager_got, eager_events, _ = decode_with_routing(store, ids, compile_step=False)
-    if torch.equal(got, eager_got):  # the same tokens were routed: the listeners heard the same
+    if torch.equal(got, eager_got):  # the same tokens were routed: the listeners heard and counted the same
         assert events == eager_events
 
 
