@@ -5,8 +5,9 @@
 Decodes --tokens greedy tokens with cadre's slot-cache decoder (CUDA graphs) and with
 transformers' generate() over cadre's model (the eager path), under torch.profiler, and
 prints per token: wall time, GPU kernel time (compute), host->device copy time (expert
-loads), and the rest of the wall time, when the GPU computed nothing (host work: Python,
-launches, synchronisations, waiting for copies).
+loads), device->host copy time (write-backs into an exclusive host tier), and the rest of the
+wall time, when the GPU neither computed nor copied (host work: Python, launches,
+synchronisations).
 """
 
 from __future__ import annotations
@@ -64,14 +65,15 @@ def measure(generate, ids, tokens: int) -> dict:
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    is_copy = lambda e: "memcpy" in e.name.lower() and "htod" in e.name.lower().replace(" ", "")
-    kernels = busy_intervals(events, lambda e: not is_copy(e) and "memcpy" not in e.name.lower()
-                             and "memset" not in e.name.lower())
-    copies = busy_intervals(events, is_copy)
-    gpu_busy = union_length(sorted(kernels + copies))
+    copy_kind = lambda e, kind: "memcpy" in e.name.lower() and kind in e.name.lower().replace(" ", "")
+    kernels = busy_intervals(events, lambda e: "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+    copies = busy_intervals(events, lambda e: copy_kind(e, "htod"))
+    writebacks = busy_intervals(events, lambda e: copy_kind(e, "dtoh"))
+    gpu_busy = union_length(sorted(kernels + copies + writebacks))
     us = 1e6 / tokens  # microseconds per token
     return {"wall_us": wall * us, "compute_us": union_length(kernels) / 1e6 * us,
-            "copy_us": union_length(copies) / 1e6 * us, "idle_us": (wall - gpu_busy / 1e6) * us}
+            "copy_us": union_length(copies) / 1e6 * us, "writeback_us": union_length(writebacks) / 1e6 * us,
+            "idle_us": (wall - gpu_busy / 1e6) * us}
 
 
 def main(argv) -> int:
@@ -110,11 +112,12 @@ def main(argv) -> int:
     model = args.store or args.model
     print(f"\nper-token time, batch 1, {args.tokens} tokens, {model} ({moe_layers} MoE layers) on "
           f"{torch.cuda.get_device_name()}")
-    print(f"{'system':<62} {'wall us':>9} {'compute':>9} {'copies':>9} {'GPU idle':>9} {'idle/layer':>10} "
-          f"{'loads/tok':>10}")
+    print(f"{'system':<62} {'wall us':>9} {'compute':>9} {'copies':>9} {'writeback':>9} {'GPU idle':>9} "
+          f"{'idle/layer':>10} {'loads/tok':>10}")
     for r in rows:
         print(f"{r['system']:<62} {r['wall_us']:>9.0f} {r['compute_us']:>9.0f} {r['copy_us']:>9.0f} "
-              f"{r['idle_us']:>9.0f} {r['idle_us_per_moe_layer']:>10.0f} {r['loads_per_token']:>10.2f}")
+              f"{r['writeback_us']:>9.0f} {r['idle_us']:>9.0f} {r['idle_us_per_moe_layer']:>10.0f} "
+              f"{r['loads_per_token']:>10.2f}")
     if args.json:
         _provenance.write(args.json, "breakdown", argv, rows, load_before, budget=args.budget, tokens=args.tokens,
                           model=str(model), gpu_memory=args.gpu_memory, host_memory=args.host_memory)

@@ -160,6 +160,13 @@ class ExpertCache:
                                  min_entries=store.top_k, copy_stream=self._copy_stream)
         total = sum(len(store.experts_present(layer)) for layer in store.moe_layers)
         self.exclusive = self._host_is_exclusive(host_capacity_bytes, total)
+        # Write-backs (device -> host) on a stream of their own: they run beside the loads'
+        # host -> device copies on the other copy engine, where one stream queued each load
+        # behind the write-back that frees its slot (a miss cost two copies, one after the other)
+        self._writeback_stream = None
+        if self.exclusive and self._copy_stream is not None:
+            self._writeback_stream = self.host.writeback_stream = torch.cuda.Stream(self.device)
+        self._written_back: dict[int, "torch.cuda.Event"] = {}  # slot index -> its write-back copied
         self._taken: dict[Key, dict[str, torch.Tensor]] = {}  # exclusive: taken up ahead of a write-back
         self._stats = CacheStats(capacity_bytes=self.capacity_bytes)
         self._last_use: dict[int, "torch.cuda.Event"] = {}  # slot index -> last compute reading it
@@ -441,7 +448,7 @@ class ExpertCache:
             taken = self.host.take(incoming)
             if taken is not None:
                 self._taken[incoming] = taken
-            self._write_back(victim, slot.index)
+            self._write_back(victim, slot)
         if slot.prefetched:
             self._stats.prefetch["wasted"] += 1
         self._stats.evictions += 1
@@ -513,20 +520,30 @@ class ExpertCache:
                 staged[name].copy_(part)
         return "disk", staged
 
-    def _write_back(self, key: Key, index: int) -> None:
+    def _write_back(self, key: Key, slot: _Slot) -> None:
         """Copy an evicted expert down into the exclusive host tier (cache lock held). Queued on
-        the copy stream: behind the copy that filled the slot, ahead of the one that refills it."""
+        the write-back stream behind the copy that filled the slot; the copy that refills the
+        slot waits for it (_copy_into)."""
         if key in self.host:
             return
         views = self.host.adopt(key)
         if views is None:  # the tier is full of lent entries: the store still has it
             return
-        sources = self._slot_views(index)
-        with torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else contextlib.nullcontext():
-            for name, view in views.items():
-                view.copy_(sources[name], non_blocking=self._copy_stream is not None)
+        sources = self._slot_views(slot.index)
+        stream = self._writeback_stream
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if stream is not None:
+                if slot.event is not None:
+                    stream.wait_event(slot.event)
+                for name, view in views.items():
+                    view.copy_(sources[name], non_blocking=True)
+                copied = self._written_back[slot.index] = torch.cuda.Event()
+                copied.record(stream)
+            else:
+                for name, view in views.items():
+                    view.copy_(sources[name])
         self._stats.writebacks += 1
-        del views  # given back after the copy is queued: the slot's event is recorded behind it
+        del views  # given back after the copy is queued: the host slot's event is recorded behind it
 
     def _copy_into(self, key: Key, slot: _Slot, parts: dict[str, torch.Tensor]) -> None:
         if self._copy_stream is None:
@@ -537,9 +554,11 @@ class ExpertCache:
         # after it (see _wait_ready) without a host-side synchronisation, and covers the
         # table entry written behind the copy on the same stream.
         reused_after = self._last_use.pop(slot.index, None)
+        written_back = self._written_back.pop(slot.index, None)
         with torch.cuda.stream(self._copy_stream):
-            if reused_after is not None:
-                self._copy_stream.wait_event(reused_after)
+            for before in (reused_after, written_back):  # the last compute reading it, its write-back
+                if before is not None:
+                    self._copy_stream.wait_event(before)
             self._fill_slot(slot.index, parts, non_blocking=True)
             self._set_table(key, slot.index)
             slot.event = torch.cuda.Event()

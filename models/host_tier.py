@@ -19,9 +19,11 @@ of that slot waits on it.
 
 Exclusive use (models.cache, when the cap is smaller than the store): the tier then holds
 what the device does *not* — take() hands an entry to the device and drops it, adopt()
-receives the device's evicted experts (a device-to-host copy queued on the copy stream),
-and stage() lends a slot outside the LRU for a disk read on its way to the device — so
-device slots plus host entries hold that many distinct experts, not the larger of the two.
+receives the device's evicted experts (a device-to-host copy queued on the write-back
+stream, so it runs beside the host-to-device copies, on the other copy engine), and
+stage() lends a slot outside the LRU for a disk read on its way to the device — so device
+slots plus host entries hold that many distinct experts, not the larger of the two. A slot
+last touched on one stream is used on the other only after a device-side wait on its event.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class _Slot:
     lent: int = 0  # live views handed out
     detached: bool = False  # lent outside the LRU (taken, or a staging read): freed when given back
     copied: "torch.cuda.Event | None" = None  # recorded after the last borrower queued its copy
+    stream: "torch.cuda.Stream | None" = None  # where the borrower of the moment queues its copy
 
 
 class HostTier:
@@ -111,7 +114,8 @@ class HostTier:
                  copy_stream: "torch.cuda.Stream | None" = None, pin: bool | None = None):
         self.capacity_bytes = capacity_bytes
         self.pin = torch.cuda.is_available() if pin is None else pin
-        self.copy_stream = copy_stream
+        self.copy_stream = copy_stream  # host -> device copies read entries here
+        self.writeback_stream: "torch.cuda.Stream | None" = None  # device -> host copies fill adopted ones
         self.min_entries = min_entries
         self._entry_bytes: int | None = None
         self._layout: list[tuple[str, torch.dtype, torch.Size, int]] = []  # per part: name, dtype, shape, offset
@@ -145,6 +149,7 @@ class HostTier:
             if slot is None:
                 return None
             self._entries.move_to_end(key)
+            self._after_last_copy(slot, self.copy_stream)
             return self._lend(slot)
 
     def put(self, key: Key, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -196,6 +201,7 @@ class HostTier:
             if slot is None:
                 return None
             slot.detached = True
+            self._after_last_copy(slot, self.copy_stream)  # it may still be filling from the device
             return self._lend(slot)
 
     def stage(self) -> dict[str, torch.Tensor] | None:
@@ -228,7 +234,16 @@ class HostTier:
             if slot is None:
                 return None
             self._entries[key] = slot
-            return self._lend(slot)
+            stream = self.writeback_stream or self.copy_stream
+            self._after_last_copy(slot, stream)  # a copy to the device may still be reading it
+            return self._lend(slot, stream=stream)
+
+    @staticmethod
+    def _after_last_copy(slot: _Slot, stream: "torch.cuda.Stream | None") -> None:
+        """Order `stream`'s next copy after the last one queued from or into `slot` (on the
+        device: the host does not wait)."""
+        if stream is not None and slot.copied is not None:
+            stream.wait_event(slot.copied)
 
     def _wait_copied(self, slot: _Slot) -> None:
         if slot.copied is not None:
@@ -279,9 +294,11 @@ class HostTier:
         return self._entries.pop(victim)
 
     # --- lending ------------------------------------------------------------------------
-    def _lend(self, slot: _Slot, views: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def _lend(self, slot: _Slot, views: dict[str, torch.Tensor] | None = None,
+              stream: "torch.cuda.Stream | None" = None) -> dict[str, torch.Tensor]:
         views = views or self._views(slot)
         slot.lent += len(views)
+        slot.stream = stream or self.copy_stream
         for view in views.values():
             weakref.finalize(view, self._give_back, slot)
         return views
@@ -289,11 +306,11 @@ class HostTier:
     def _give_back(self, slot: _Slot) -> None:
         with self._lock:
             slot.lent -= 1
-            if slot.lent == 0 and self.copy_stream is not None:
+            if slot.lent == 0 and slot.stream is not None:
                 # the borrower has queued its copy by the time it drops the views: this event
-                # completes after that copy, so whoever rewrites the slot waits on it
+                # completes after that copy, so whoever uses the slot next waits on it
                 slot.copied = torch.cuda.Event()
-                slot.copied.record(self.copy_stream)
+                slot.copied.record(slot.stream)
             if slot.lent == 0 and slot.detached:
                 slot.detached = False
                 self._free.append(slot)

@@ -52,6 +52,9 @@ for stage in "$@"; do
       timeout 200 python3 -m bench decode "${MODEL[@]}" "${STOCK[@]}" --batch 16 --budgets 1.0,0.25 \
         --impls batched_mm --compile --compile-modes gpt-fast --compile-impls batched_mm --tokens 32 --repeats 2 \
         --json "$OUT/decode_h200_8l_b16.json" 2>&1 | tee "$OUT/decode_h200_8l_b16.log" | quiet | tail -8 ;;
+    kernels8l)  # what one token launches: cadre's compiled step beside transformers' (gpt-fast), 100%
+      timeout 200 python3 -m bench kernels --model qwen3-30b-a3b-8l --workdir /tmp/bw --tokens 16 \
+        --json "$OUT/kernels_h200_8l.json" 2>&1 | tee "$OUT/kernels_h200_8l.log" | quiet | tail -20 ;;
     breakdown8l)  # per-token compute / copies / GPU idle at 25%, graphs and eager
       timeout 60 python3 -m bench breakdown --model qwen3-30b-a3b-8l --workdir /tmp/bw --budget 0.25 \
         --json "$OUT/breakdown_h200_8l.json" 2>&1 | tee "$OUT/breakdown_h200_8l.log" | quiet | tail -4 ;;
