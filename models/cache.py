@@ -139,6 +139,7 @@ class ExpertCache:
                                             device=self.device) if has_bias else None  # [G,2I]
             self.down_bias = torch.empty((self.num_slots, self.hidden), dtype=self.dtype,
                                          device=self.device) if has_bias else None  # [G,H]
+        self._views_of_slot: dict[int, dict[str, torch.Tensor]] = {}  # see _slot_views
         self._free = list(range(self.num_slots - 1, -1, -1))
         self._slots: OrderedDict[Key, _Slot] = OrderedDict()  # LRU order: oldest first
         self._by_layer: dict[int, OrderedDict[int, _Slot]] = {}  # the same, per layer (per-layer policies)
@@ -576,7 +577,15 @@ class ExpertCache:
 
     def _slot_views(self, index: int) -> dict[str, torch.Tensor]:
         """A slot's buffers under the shard's tensor names, in their order: gate and up are the
-        two halves of gate_up ([O,N] each), down its own, and the biases where the family has them."""
+        two halves of gate_up ([O,N] each), down its own, and the biases where the family has them.
+        Made once per slot (every load and write-back asks; six tensor views cost ~7 us)."""
+        views = self._views_of_slot.get(index)
+        if views is None:
+            with torch.inference_mode(False):  # plain views, whatever mode the caller runs in
+                views = self._views_of_slot[index] = self._make_slot_views(index)
+        return views
+
+    def _make_slot_views(self, index: int) -> dict[str, torch.Tensor]:
         i = self.intermediate
         views = {"gate_proj": self.gate_up[index, :i], "up_proj": self.gate_up[index, i:], "down_proj": self.down[index]}
         if self.gate_up_bias is not None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -120,7 +120,11 @@ class HostTier:
         self._entry_bytes: int | None = None
         self._layout: list[tuple[str, torch.dtype, torch.Size, int]] = []  # per part: name, dtype, shape, offset
         self._entries: OrderedDict[Key, _Slot] = OrderedDict()  # LRU order: oldest first
-        self._free: list[_Slot] = []
+        # Free slots, reused oldest first: the copy last queued from a slot freed long ago has
+        # finished, so the next user seldom waits for it. Newest first chained every miss of an
+        # exclusive tier: a write-back went into the slot the previous load was still reading,
+        # so the two copy engines never ran at once.
+        self._free: deque[_Slot] = deque()
         self._pinned = self._peak = self._evictions = 0
         self.max_entries: int | None = None  # exclusive use: entries kept below the slots (see keep_spares)
         self._lock = threading.RLock()  # re-entrant: a view's finalizer may run while this thread holds it
@@ -261,7 +265,7 @@ class HostTier:
     # --- slots (called with the lock held, except the allocation) ------------------------------
     def _take_slot(self) -> _Slot | None:
         if self._free:
-            return self._free.pop()
+            return self._free.popleft()
         size = self._next_chunk()
         if size is not None:
             self._pinned += size  # reserved before pinning: concurrent puts see it at once

@@ -62,6 +62,25 @@ def test_a_lent_entry_is_never_evicted_nor_rewritten():
     assert (0, 4) in tier
 
 
+def test_free_slots_are_reused_oldest_first():
+    """A taken entry's slot is free once its copy is queued; the next adopt() or staged read gets
+    the slot freed longest ago, whose copy has had the most time to finish (on a GPU the newest
+    would make a write-back wait for the load just queued from that slot)."""
+    tier = HostTier(8 * ENTRY, entry_bytes=ENTRY, pin=False)
+    tier.define_layout(parts(0.0))
+    for expert in range(entries_within(8 * ENTRY, ENTRY)):  # full: every free slot is one given back
+        views = tier.adopt((0, expert))
+        views["gate_proj"].fill_(expert)
+        del views
+    addresses = {}
+    for expert in range(4):  # taken up in this order, each freed when its views go
+        taken = tier.take((0, expert))
+        addresses[expert] = taken["gate_proj"].data_ptr()
+        del taken
+    reused = [tier.adopt((1, expert))["gate_proj"].data_ptr() for expert in range(4)]
+    assert reused == [addresses[e] for e in range(4)]
+
+
 def test_a_cap_below_one_layers_working_set_is_refused():
     with pytest.raises(HostTierError, match="fewer than one layer's working set of 8"):
         HostTier(8 * ENTRY, entry_bytes=ENTRY, min_entries=8, pin=False)  # 8 entries' bytes pin only 7
