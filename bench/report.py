@@ -108,11 +108,43 @@ for _name in ("decode_h200_8l_b1", "decode_h200_full"):
 
 @renderer("breakdown-h200-8l")
 def breakdown_h200(results: Path) -> str:
-    record = load("breakdown_h200_8l", results)
-    body = [[r["system"], num(r["wall_us"], 0), num(r["compute_us"], 0), num(r["copy_us"], 0), num(r["idle_us"], 0),
-             num(r["loads_per_token"])] for r in record["rows"]]
-    return (table(["system", "wall µs / token", "compute", "copies", "GPU idle", "loads / token"], body)
-            + "\n\n" + source("breakdown_h200_8l", record))
+    return breakdown_table("breakdown_h200_8l", results)
+
+
+@renderer("breakdown-h200-full")
+def breakdown_h200_full(results: Path) -> str:
+    return breakdown_table("breakdown_h200_full", results)
+
+
+def breakdown_table(name: str, results: Path) -> str:
+    """bench breakdown's rows; the write-back column where the run measured it (since f3eeefd)."""
+    record = load(name, results)
+    writebacks = all("writeback_us" in r for r in record["rows"])
+    head = ["system", "wall µs / token", "compute", "copies"] + (["write-backs"] if writebacks else []) + \
+        ["GPU idle", "idle / MoE layer", "loads / token"]
+    body = [[r["system"], num(r["wall_us"], 0), num(r["compute_us"], 0), num(r["copy_us"], 0)]
+            + ([num(r["writeback_us"], 0)] if writebacks else [])
+            + [num(r["idle_us"], 0), num(r["idle_us_per_moe_layer"], 0), num(r["loads_per_token"])]
+            for r in record["rows"]]
+    return table(head, body) + "\n\n" + source(name, record)
+
+
+@renderer("kernels-h200-8l")
+def kernels_h200_8l(results: Path) -> str:
+    """bench kernels: per token, the two systems' totals, then the kernels whose GPU time differs most."""
+    record = load("kernels_h200_8l", results)
+    ref, cadre = record["rows"]
+    totals = table(["system", "wall µs / token (profiled)", "kernels / token", "GPU kernel µs / token"],
+                   [[r["system"], num(r["wall_us"], 0), num(r["kernels"], 0), num(r["gpu_us"], 0)]
+                    for r in record["rows"]])
+    names = set(ref["by_kernel"]) | set(cadre["by_kernel"])
+    gap = lambda n: abs(cadre["by_kernel"].get(n, [0, 0])[1] - ref["by_kernel"].get(n, [0, 0])[1])
+    body = []
+    for name in sorted(names, key=gap, reverse=True)[:8]:
+        (rn, rt), (cn, ct) = ref["by_kernel"].get(name, [0, 0]), cadre["by_kernel"].get(name, [0, 0])
+        body.append([f"`{name[:60]}`", num(rn), num(rt), num(cn), num(ct)])
+    kernels = table(["kernel (first 60 characters)", "transformers n", "µs", "cadre n", "µs"], body)
+    return totals + "\n\n" + kernels + "\n\n" + source("kernels_h200_8l", record)
 
 
 def serve_levels(record: dict) -> dict[int, dict]:

@@ -6,11 +6,10 @@
 #
 # A session's 30 device minutes hold three calls, each sent the moment the last returns (the
 # machine stays warm 30 s; a cold one starts in ~35 s and loses /tmp). Times seen 2026-11-30:
-#   1. tests decode8l serve8l breakdown8l       ~ 550 s (8-layer slice built in ~15 s; the tests then took under
-#                                               120 s; 2026-11-30 added 26 families to tests/test_families_gpu.py,
-#                                               not yet timed: run `tests` alone first if in doubt)
-#   2. synth full                               ~ 500 s (store 26-49 s; references first, 200 s at most)
-#   3. full-loaders serve-full smoke-full breakdown-full    ~ 450 s
+#   1. tests decode8l kernels8l                 ~ 450 s (slice built in ~15 s; the 106 GPU tests ~120 s)
+#   2. synth full                               ~ 350 s (store 36 s; references first, 200 s at most)
+#   3. serve-full smoke-full breakdown-full     ~ 240 s (serve-full has not finished within its 110 s: twice
+#                                               no figures; give it a call of its own)
 # End each command with `cd $OUT && tar czf /tmp/r.tgz * && rm -rf $OUT/* && mv /tmp/r.tgz $OUT/`:
 # $OUT returns at most 8 files.
 #
