@@ -38,8 +38,25 @@ def parse_args(argv):
     p.add_argument("--budget", type=float, default=0.25, help="cadre cache budget as a fraction of all experts")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--workdir", type=Path)
+    p.add_argument("--host-profile", type=int, default=0, metavar="N",
+                   help="then decode once more under cProfile and print the N functions with the most host time")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
+
+
+def host_profile(generate, ids, tokens: int, top: int) -> None:
+    """Where the host's time goes (Python and the CUDA calls it makes), by own time: the 'GPU
+    idle' column says how much, this says in what."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    generate(ids, tokens)
+    torch.cuda.synchronize()
+    profiler.disable()
+    print(f"\nhost time by function, one run of {tokens} tokens under cProfile (own time first):")
+    pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(top)
 
 
 def busy_intervals(events, predicate) -> list[tuple[float, float]]:
@@ -109,6 +126,8 @@ def main(argv) -> int:
         row["loads_per_token"] = (sum(after.loads.values()) - sum(before.loads.values())) / (2 * args.tokens)
         row["idle_us_per_moe_layer"] = row["idle_us"] / moe_layers
         rows.append(row)
+        if args.host_profile:
+            host_profile(generate, ids, args.tokens, args.host_profile)
     model = args.store or args.model
     print(f"\nper-token time, batch 1, {args.tokens} tokens, {model} ({moe_layers} MoE layers) on "
           f"{torch.cuda.get_device_name()}")

@@ -530,19 +530,15 @@ class ExpertCache:
         views = self.host.adopt(key)
         if views is None:  # the tier is full of lent entries: the store still has it
             return
-        sources = self._slot_views(slot.index)
         stream = self._writeback_stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if stream is not None and slot.event is not None:
+                stream.wait_event(slot.event)
+            for slot_view, host_view in self._copy_pairs(slot.index, views):
+                host_view.copy_(slot_view, non_blocking=stream is not None)
             if stream is not None:
-                if slot.event is not None:
-                    stream.wait_event(slot.event)
-                for name, view in views.items():
-                    view.copy_(sources[name], non_blocking=True)
                 copied = self._written_back[slot.index] = torch.cuda.Event()
                 copied.record(stream)
-            else:
-                for name, view in views.items():
-                    view.copy_(sources[name])
         self._stats.writebacks += 1
         del views  # given back after the copy is queued: the host slot's event is recorded behind it
 
@@ -572,8 +568,22 @@ class ExpertCache:
         if self.format["weights"] != DENSE:
             moved = {name: t.to(self.device, non_blocking=non_blocking) for name, t in parts.items()}
             dense = dense_weights(self.format, moved, self.dtype)  # [O,N] each, on the device
-        for name, view in self._slot_views(index).items():
-            view.copy_(dense[name], non_blocking=non_blocking)
+        for view, source in self._copy_pairs(index, dense):
+            view.copy_(source, non_blocking=non_blocking)
+
+    def _copy_pairs(self, index: int, host: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(slot view, host tensor) pairs that copy a slot from or to `host` (a shard's tensors by
+        name). Gate and up are one [2I,H] copy where the host holds them adjacent, as a host-tier
+        entry does (the shard's order): two copies a load instead of three, each a CUDA call."""
+        views = self._slot_views(index)
+        gate, up = host["gate_proj"], host["up_proj"]
+        if (gate.dtype == up.dtype and gate.shape == up.shape and gate.is_contiguous() and up.is_contiguous()
+                and gate.untyped_storage().data_ptr() == up.untyped_storage().data_ptr()  # one buffer
+                and up.data_ptr() == gate.data_ptr() + gate.nbytes):
+            gate_up = gate.as_strided((2 * gate.shape[0], gate.shape[1]), (gate.shape[1], 1))  # [2I,H]
+            pairs = [(self.gate_up[index], gate_up)]
+            return pairs + [(views[name], host[name]) for name in views if name not in ("gate_proj", "up_proj")]
+        return [(view, host[name]) for name, view in views.items()]
 
     def _slot_views(self, index: int) -> dict[str, torch.Tensor]:
         """A slot's buffers under the shard's tensor names, in their order: gate and up are the

@@ -36,7 +36,7 @@ MODEL=(--model qwen3-30b-a3b-8l --device cuda --workdir /tmp/bw)
 for stage in "$@"; do
   case "$stage" in
     tests)  # every GPU test: the captured decode path, the runtime, families, host tier
-      timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
+      timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -m gpu -p no:cacheprovider --durations=10 \
         $(grep -l "mark.gpu" tests/*.py) 2>&1 \
         | tee "$OUT/pytest_gpu.log" | tail -15 ;;
     tests-quick)  # only the tests of what changed last (the compiled step, the exclusive host tier)
@@ -88,7 +88,7 @@ for stage in "$@"; do
     smoke-full)  # python -m server --store --gpu-memory 24GiB: /generate with trace, a chat request, the plan
       timeout 75 bash scripts/smoke_full_depth.sh $FULL 2>&1 | tee "$OUT/smoke_full.log" | tail -12 ;;
     breakdown-full)  # per-token compute / copies / GPU idle per MoE layer at full depth, 24 GiB
-      timeout 150 python3 -m bench breakdown --store $FULL --gpu-memory 24GiB --host-memory 32GiB --no-eager \
+      timeout 150 python3 -m bench breakdown --store $FULL --gpu-memory 24GiB --host-memory 32GiB --no-eager --host-profile 25 \
         --tokens 16 --json "$OUT/breakdown_h200_full.json" 2>&1 | tee "$OUT/breakdown_h200_full.log" | quiet | tail -3 ;;
     serve-demo)  # the server's decoder engine (CUDA graphs) on the demo model: real routing, 25% and 100%
       for fraction in 0.25 1.0; do

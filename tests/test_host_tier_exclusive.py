@@ -126,3 +126,19 @@ def test_read_expert_into_refuses_a_destination_of_another_shape(store):
                                       dtype=parts["gate_proj"].dtype)}
     with pytest.raises(StoreError, match="expert_000.safetensors.*gate_proj"):
         store.read_expert_into(layer, 0, wrong)
+
+
+def test_a_tier_entry_moves_gate_and_up_as_one_copy(store):
+    """A host-tier entry holds gate, up and down adjacent, in the shard's order, so a load or a
+    write-back copies gate and up as one [2I,H] block into or out of the slot's gate_up: two
+    copies, not three. Tensors apart (a pageable read) still go one by one."""
+    cache = make_cache(store, store.top_k, max(1, len(store.experts_present(store.moe_layers[0])) - 2))
+    entry = cache.host.adopt((store.moe_layers[0], 0))
+    pairs = cache._copy_pairs(0, entry)
+    assert [tuple(slot_view.shape) for slot_view, _ in pairs] == [tuple(cache.gate_up[0].shape),
+                                                                  tuple(cache.down[0].shape)]
+    gate_up = pairs[0][1]
+    assert torch.equal(gate_up[:cache.intermediate], entry["gate_proj"])
+    assert torch.equal(gate_up[cache.intermediate:], entry["up_proj"])
+    apart = {name: tensor.clone() for name, tensor in entry.items()}
+    assert len(cache._copy_pairs(0, apart)) == 3
