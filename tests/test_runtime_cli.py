@@ -28,11 +28,11 @@ def test_generates_under_a_budget_and_reports_the_cache(demo_store, capsys):
     (["--routing", "nope"], "unknown routing policy 'nope'"),
     (["--cache-fraction", "1.5"], "cache_fraction must be in (0, 1]"),
 ])
-def test_bad_options_exit_2_with_one_line(demo_store, args, named):
-    result = subprocess.run([sys.executable, "-m", "models", "--store", str(demo_store), "--prompt", "x",
-                             "--device", "cpu", *args], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and named in result.stderr, result.stderr
+def test_bad_options_exit_2_with_one_line(demo_store, args, named, capsys):
+    """In this process (the process-level exit is test_a_missing_store_exits_2_naming_it's)."""
+    assert main(["--store", str(demo_store), "--prompt", "x", "--device", "cpu", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err, err
 
 
 def test_a_missing_store_exits_2_naming_it(tmp_path):

@@ -109,17 +109,27 @@ def test_admission_keeps_running_requests_within_the_kv_tokens(runtime):
     assert (1, 1) in seen  # the second waited for the first
 
 
+def test_a_plan_that_cannot_fit_exits_2_before_loading():
+    result = subprocess.run([sys.executable, "-m", "server", "--device", "cpu", "--port", "0", "--gpu-memory",
+                             "1MiB"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "memory plan does not fit: the trunk needs" in lines[0], result.stderr
+
+
 @pytest.mark.parametrize("args, named", [
-    (["--gpu-memory", "1MiB"], "memory plan does not fit: the trunk needs"),
     (["--max-model-len", "100000"], "--max-model-len 100000 exceeds the model's context of 512 tokens"),
     (["--gpu-memory", "lots"], "--gpu-memory 'lots': not a size"),
 ])
-def test_a_plan_that_cannot_fit_exits_2_before_loading(args, named):
-    result = subprocess.run([sys.executable, "-m", "server", "--device", "cpu", "--port", "0", *args], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and named in lines[0], result.stderr
+def test_bad_plan_options_exit_2_with_one_line(args, named, capsys):
+    """The CLI's own steps in this process, up to the plan (the test above runs the process)."""
+    from server.cli import parse_config, plan_or_exit
+
+    with pytest.raises(SystemExit) as exit_:
+        plan_or_exit(parse_config(["--device", "cpu", "--port", "0", *args]))
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], lines
 
 
 def test_a_store_that_vanishes_while_serving_is_a_503_not_a_hang(tmp_path):

@@ -1,4 +1,4 @@
-"""The soak test, short (25 s of traffic): `python -m bench soak` against the real
+"""The soak test, short (15 s of traffic): `python -m bench soak` against the real
 server process on the demo model. Mixed valid requests of every kind (each answer compared
 with the one recorded alone before the traffic), 5% hostile or malformed ones, clients
 hanging up mid-stream; afterwards nothing is held, RSS is flat, no 5xx, a clean SIGTERM exit.
@@ -11,7 +11,7 @@ from bench.soak import main
 
 def test_short_soak_leaks_nothing_and_answers_correctly(tmp_path):
     out = tmp_path / "soak.json"
-    code = main(["--duration", "25", "--clients", "8", "--json", str(out)])
+    code = main(["--duration", "15", "--clients", "8", "--json", str(out)])
     result = json.loads(out.read_text())
     failed = {name: check["detail"] for name, check in result["checks"].items() if not check["pass"]}
     assert code == 0 and not failed, failed
