@@ -7,7 +7,9 @@ decode step compiled as gpt-fast does (the reference bench decode measures again
 (2) cadre at 100% of experts, slot-cache decoder with the compiled step, both in this
 process on the same checkpoint. Prints per token: kernels launched, GPU kernel time, wall
 time, and the kernels that differ most in count or time between the two, so the gap
-between the two rows of `bench decode` can be read kernel by kernel.
+between the two rows of `bench decode` can be read kernel by kernel. Without the profiler
+it also times the prefill (a generation of one token) and the decode steps apart (the rest
+of a generation of --tokens, per token): bench decode's tok/s include one prefill each.
 """
 
 from __future__ import annotations
@@ -59,11 +61,29 @@ def kernel_profile(generate, ids, tokens: int) -> dict:
             "gpu_us": sum(t for _, t in per_name.values()), "by_kernel": {k: tuple(v) for k, v in per_name.items()}}
 
 
+def prefill_and_step(generate, ids, tokens: int, repeats: int = 5) -> dict:
+    """Median wall ms of a one-token generation (the prefill and its argmax) and µs per decode
+    step (the rest of a --tokens generation, per token), unprofiled."""
+    def timed(count):
+        runs = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            generate(ids, count)
+            torch.cuda.synchronize()
+            runs.append(time.perf_counter() - start)
+        return sorted(runs)[repeats // 2]
+    one, full = timed(1), timed(tokens)
+    return {"prefill_ms": one * 1e3, "step_us": (full - one) / (tokens - 1) * 1e6}
+
+
 def print_diff(rows: dict[str, dict], top: int) -> None:
     (ref_name, ref), (cadre_name, cadre) = rows.items()
-    print(f"\n{'system':<58} {'wall us':>9} {'kernels':>8} {'GPU us':>9}")
+    print(f"\n{'system':<58} {'prefill ms':>10} {'step us':>8} {'wall us':>9} {'kernels':>8} {'GPU us':>9}")
+    print(f"{'':<58} {'(unprofiled)':>19} {'(per token, profiled)':>28}")
     for name, row in rows.items():
-        print(f"{name:<58} {row['wall_us']:>9.0f} {row['kernels']:>8.0f} {row['gpu_us']:>9.0f}")
+        print(f"{name:<58} {row['prefill_ms']:>10.2f} {row['step_us']:>8.0f} {row['wall_us']:>9.0f} "
+              f"{row['kernels']:>8.0f} {row['gpu_us']:>9.0f}")
     names = set(ref["by_kernel"]) | set(cadre["by_kernel"])
     diffs = sorted(names, key=lambda n: -abs(cadre["by_kernel"].get(n, (0, 0))[1] - ref["by_kernel"].get(n, (0, 0))[1]))
     print(f"\nkernels per token, most different GPU time first (reference = {ref_name})")
@@ -93,13 +113,14 @@ def main(argv) -> int:
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16,
                                                      experts_implementation=args.impl).to("cuda").eval()
     name = f"transformers {args.impl}, static cache, compiled decode step (gpt-fast)"
-    rows[name] = kernel_profile(gptfast_generate(reference, max_len), ids.cuda(), args.tokens)
+    generate = gptfast_generate(reference, max_len)
+    rows[name] = kernel_profile(generate, ids.cuda(), args.tokens) | prefill_and_step(generate, ids.cuda(), args.tokens)
     del reference
     torch.cuda.empty_cache()
     runtime = cadre_runtime(store, "cuda", "bfloat16", 1.0, None, max_len, batch=1, compile_step=True)
     decoder = runtime.decoder(max_batch=1, max_len=max_len)
     rows["cadre 100% of experts, slot-cache decoder (CUDA graphs), compiled step"] = \
-        kernel_profile(decoder.generate, ids, args.tokens)
+        kernel_profile(decoder.generate, ids, args.tokens) | prefill_and_step(decoder.generate, ids, args.tokens)
     runtime.close()
     print(f"\nbatch 1, {args.tokens} tokens, {args.model} on {torch.cuda.get_device_name()}")
     print_diff(rows, args.top)

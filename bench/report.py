@@ -134,9 +134,11 @@ def kernels_h200_8l(results: Path) -> str:
     """bench kernels: per token, the two systems' totals, then the kernels whose GPU time differs most."""
     record = load("kernels_h200_8l", results)
     ref, cadre = record["rows"]
-    totals = table(["system", "wall µs / token (profiled)", "kernels / token", "GPU kernel µs / token"],
-                   [[r["system"], num(r["wall_us"], 0), num(r["kernels"], 0), num(r["gpu_us"], 0)]
-                    for r in record["rows"]])
+    apart = all("prefill_ms" in r for r in record["rows"])  # prefill and steps timed apart (since 6b7bd62)
+    totals = table(["system"] + (["prefill ms", "decode step µs"] if apart else [])
+                   + ["wall µs / token (profiled)", "kernels / token", "GPU kernel µs / token"],
+                   [[r["system"]] + ([num(r["prefill_ms"]), num(r["step_us"], 0)] if apart else [])
+                    + [num(r["wall_us"], 0), num(r["kernels"], 0), num(r["gpu_us"], 0)] for r in record["rows"]])
     names = set(ref["by_kernel"]) | set(cadre["by_kernel"])
     gap = lambda n: abs(cadre["by_kernel"].get(n, [0, 0])[1] - ref["by_kernel"].get(n, [0, 0])[1])
     body = []
