@@ -134,7 +134,7 @@ def kernels_h200_8l(results: Path) -> str:
     """bench kernels: per token, the two systems' totals, then the kernels whose GPU time differs most."""
     record = load("kernels_h200_8l", results)
     ref, cadre = record["rows"]
-    apart = all("prefill_ms" in r for r in record["rows"])  # prefill and steps timed apart (since 6b7bd62)
+    apart = all("prefill_ms" in r for r in record["rows"])  # runs that timed prefill and steps apart
     totals = table(["system"] + (["prefill ms", "decode step µs"] if apart else [])
                    + ["wall µs / token (profiled)", "kernels / token", "GPU kernel µs / token"],
                    [[r["system"]] + ([num(r["prefill_ms"]), num(r["step_us"], 0)] if apart else [])
