@@ -8,8 +8,9 @@
 # machine stays warm 30 s; a cold one starts in ~35 s and loses /tmp). Times seen 2026-11-30:
 #   1. tests decode8l kernels8l                 ~ 450 s (slice built in ~15 s; the 106 GPU tests ~120 s)
 #   2. synth full                               ~ 350 s (store 36 s; references first, 200 s at most)
-#   3. serve-full smoke-full breakdown-full     ~ 240 s (serve-full has not finished within its 110 s: twice
-#                                               no figures; give it a call of its own)
+#   3. smoke-full breakdown-full                ~ 130 s (serve-full did not finish within 110 s, twice: startup
+#                                               22 s, captures, then 3 levels of up to 25 s at ~7 tok/s; it now has
+#                                               300 s: give it a call of its own, after synth)
 # End each command with `cd $OUT && tar czf /tmp/r.tgz * && rm -rf $OUT/* && mv /tmp/r.tgz $OUT/`:
 # $OUT returns at most 8 files.
 #
@@ -82,7 +83,7 @@ for stage in "$@"; do
         --gpu-memory 24GiB --host-memory 32GiB --accelerate --tokens 16 --repeats 1 \
         --json "$OUT/decode_h200_full_accelerate.json" 2>&1 | tee "$OUT/decode_h200_full_accelerate.log" | quiet | tail -4 ;;
     serve-full)  # the server on the full-depth store at 24 GiB GPU / 32 GiB host, 1/4/16 streaming clients
-      timeout 110 python3 -m bench serve --store $FULL --device cuda --dtype bfloat16 --gpu-memory 24GiB \
+      timeout 300 python3 -m bench serve --store $FULL --device cuda --dtype bfloat16 --gpu-memory 24GiB \
         --host-memory 32GiB --clients 1,4,16 --requests 16 --duration 25 --max-tokens 32 --rounds 1 \
         --json "$OUT/serve_h200_full.json" 2>&1 | tee "$OUT/serve_h200_full.log" | quiet | tail -10 ;;
     smoke-full)  # python -m server --store --gpu-memory 24GiB: /generate with trace, a chat request, the plan
