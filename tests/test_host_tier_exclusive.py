@@ -134,6 +134,8 @@ def test_a_tier_entry_moves_gate_and_up_as_one_copy(store):
     copies, not three. Tensors apart (a pageable read) still go one by one."""
     cache = make_cache(store, store.top_k, max(1, len(store.experts_present(store.moe_layers[0])) - 2))
     entry = cache.host.adopt((store.moe_layers[0], 0))
+    for number, tensor in enumerate(entry.values()):  # known values: an adopted entry's memory is uninitialised
+        tensor.copy_(torch.arange(tensor.numel(), dtype=tensor.dtype).view(tensor.shape) + 1000 * number)
     pairs = cache._copy_pairs(0, entry)
     assert [tuple(slot_view.shape) for slot_view, _ in pairs] == [tuple(cache.gate_up[0].shape),
                                                                   tuple(cache.down[0].shape)]
