@@ -283,10 +283,7 @@ class ExpertCache:
 
     def count_table_hits(self, layer: int, top_k_index: torch.Tensor) -> None:
         """Count a complete layer's lookup (every one a hit) on the device: no sync."""
-        experts = self.store.num_experts
-        used = torch.zeros(experts + 1, dtype=torch.bool, device=top_k_index.device)
-        used.index_fill_(0, top_k_index.reshape(-1) % (experts + 1), True)  # index -1 lands in the last column
-        self._table_queries[layer] += used[:-1].sum()
+        self._table_queries[layer] += self._distinct_experts(top_k_index.reshape(1, -1))[0]
 
     def count_step_hits(self, lookups: list[tuple[int, torch.Tensor]]) -> None:
         """Count the lookups of one decode step's complete layers [(layer, top_k_index [T,K])]
@@ -294,17 +291,20 @@ class ExpertCache:
         captured step of 48 layers, ~190 launches and ~0.5 ms of an 8 ms token)."""
         if not lookups:
             return
-        experts = self.store.num_experts
-        index = torch.stack([i.reshape(-1) for _, i in lookups]) % (experts + 1)  # [L',T*K]; -1 -> last column
-        used = torch.zeros((len(lookups), experts + 1), dtype=torch.bool, device=index.device)
-        used.scatter_(1, index, True)
-        counts = used[:, :-1].sum(dim=1)  # [L'] distinct experts per layer
+        counts = self._distinct_experts(torch.stack([i.reshape(-1) for _, i in lookups]))  # [L']
         layers = self._layer_ids(tuple(layer for layer, _ in lookups))
         if layers is None:  # first seen inside a capture, where no index tensor can be copied up
             for row, (layer, _) in enumerate(lookups):
                 self._table_queries[layer] += counts[row]
             return
         self._table_queries.index_add_(0, layers, counts)
+
+    def _distinct_experts(self, index: torch.Tensor) -> torch.Tensor:
+        """index [L',S] of top-k choices (-1: none) -> distinct experts per row [L'], on the device."""
+        experts = self.store.num_experts
+        used = torch.zeros((index.shape[0], experts + 1), dtype=torch.bool, device=index.device)
+        used.scatter_(1, index % (experts + 1), True)  # index -1 lands in the last column
+        return used[:, :-1].sum(dim=1)
 
     def _layer_ids(self, layers: tuple[int, ...]) -> torch.Tensor | None:
         """`layers` as a device index, made once per set of layers (outside any capture: the
