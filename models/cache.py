@@ -25,7 +25,7 @@ import contextlib
 import os
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -73,6 +73,24 @@ class _Slot:
     future: Future | None = None
     event: "torch.cuda.Event | None" = None  # copy done (CUDA)
     error: BaseException | None = None
+
+
+@dataclass
+class _Misses:
+    """The device work of one acquire's (or prefetch's) misses: decided under the lock one miss at
+    a time, queued together by _issue, with one stream switch, one event and one table update per
+    kind of copy. Queued one miss at a time, a miss cost ~25 CUDA calls of host time: at full depth
+    (~320 misses a token at 24 GiB) the host issued a miss more slowly than the GPU copied one,
+    so the write-backs and the loads never overlapped."""
+
+    unmapped: list[Key] = field(default_factory=list)  # evicted: their table entries go first
+    writebacks: list[tuple[Key, "_Slot"]] = field(default_factory=list)  # evicted, copied down to the host tier
+    evicted_slots: set[int] = field(default_factory=set)  # slot indices those write-backs read
+    from_memory: list[tuple[Key, "_Slot"]] = field(default_factory=list)  # loads from the host tier
+    from_disk: list[tuple[Key, "_Slot"]] = field(default_factory=list)  # store reads, on the loader threads
+
+    def __bool__(self) -> bool:
+        return bool(self.unmapped or self.writebacks or self.from_memory or self.from_disk)
 
 
 @dataclass
@@ -140,7 +158,8 @@ class ExpertCache:
             self.down_bias = torch.empty((self.num_slots, self.hidden), dtype=self.dtype,
                                          device=self.device) if has_bias else None  # [G,H]
         self._views_of_slot: dict[int, dict[str, torch.Tensor]] = {}  # see _slot_views
-        self._free = list(range(self.num_slots - 1, -1, -1))
+        # Free slots, refilled oldest first (see _spare_slots below)
+        self._free: deque[int] = deque(range(self.num_slots))
         self._slots: OrderedDict[Key, _Slot] = OrderedDict()  # LRU order: oldest first
         self._by_layer: dict[int, OrderedDict[int, _Slot]] = {}  # the same, per layer (per-layer policies)
         self._lock = threading.Condition()
@@ -168,6 +187,12 @@ class ExpertCache:
         if self.exclusive and self._copy_stream is not None:
             self._writeback_stream = self.host.writeback_stream = torch.cuda.Stream(self.device)
         self._written_back: dict[int, "torch.cuda.Event"] = {}  # slot index -> its write-back copied
+        # Slots kept free ahead of need when evictions are written back: a load then refills a
+        # slot evicted some misses ago, whose write-back has finished, and the write-backs of
+        # its own batch run beside it on the other copy engine (refilling the slot just evicted
+        # made every load wait for the write-back before it). ~64 = eight layers' misses at
+        # batch 1, under 4% of the slots.
+        self._spare_slots = min(64, self.num_slots // 32) if self._writeback_stream is not None else 0
         self._taken: dict[Key, dict[str, torch.Tensor]] = {}  # exclusive: taken up ahead of a write-back
         self._stats = CacheStats(capacity_bytes=self.capacity_bytes)
         self._last_use: dict[int, "torch.cuda.Event"] = {}  # slot index -> last compute reading it
@@ -344,35 +369,36 @@ class ExpertCache:
         where the policy declines (a captured decode step cannot stream); the caller
         guarantees they fit the budget.
         """
-        lease = Lease(layer)
+        lease, misses = Lease(layer), _Misses()
         with self._lock:
             # Resident experts first: once they are pinned, a miss of this same call can
             # no longer evict one of them (in-order pinning made a working set one larger
             # than the budget miss on every expert, every step).
             ordered = sorted(experts, key=lambda e: (layer, e) not in self._slots)
             for i, expert in enumerate(ordered):
-                slot = self._pin(lease, (layer, expert), force)
+                slot = self._pin(lease, (layer, expert), misses, force)
                 if slot is None:
                     lease.missing = ordered[i:]
                     break
+            self._issue(misses)
         try:
-            for expert, slot in lease.pinned.items():
-                lease.slots[expert] = self._wait_ready((layer, expert), slot)
+            self._wait_all_ready(lease)
         except BaseException:
             self.release(lease)
             raise
         return lease
 
-    def _pin(self, lease: "Lease", key: Key, force: bool = False) -> "_Slot | None":
+    def _pin(self, lease: "Lease", key: Key, misses: _Misses, force: bool = False) -> "_Slot | None":
         slot = self._slots.get(key)
         if slot is None:
-            slot = self._reserve(key, force)
+            slot = self._reserve(key, misses, force)
             if slot is None:
                 if lease.pinned and not force:
                     return None  # compute what is pinned first, then come back
-                while (slot := self._reserve(key, force)) is None:  # every slot pinned or loading: wait
+                self._issue(misses)  # what this call decided goes out before it waits on others
+                while (slot := self._reserve(key, misses, force)) is None:  # every slot pinned or loading: wait
                     self._lock.wait()
-            self._start_load(key, slot)
+            self._start_load(key, slot, misses)
             lease.outcomes[key[1]] = "miss"
             self._stats.misses += 1
         else:
@@ -409,31 +435,35 @@ class ExpertCache:
     def prefetch(self, keys: Iterable[Key]) -> int:
         """Start loading experts that are not resident, only into free slots or by
         evicting unpinned ones; never blocks. Returns how many loads it started."""
-        started = 0
+        started, misses = 0, _Misses()
         with self._lock:
             for key in keys:
                 if key in self._slots or not self.store.has_expert(*key):
                     continue
-                slot = self._reserve(key)
+                slot = self._reserve(key, misses)
                 if slot is None:
                     break
                 slot.prefetched = True
                 self._stats.prefetch["issued"] += 1
-                self._start_load(key, slot)
+                self._start_load(key, slot, misses)
                 started += 1
+            self._issue(misses)
         return started
 
     # --- internals (called with the lock held) ------------------------------------
-    def _reserve(self, key: Key, force: bool = False) -> _Slot | None:
-        if not self._free and not self._evict_one(key, force):
+    def _reserve(self, key: Key, misses: _Misses, force: bool = False) -> _Slot | None:
+        if self._spare_slots:
+            while len(self._free) <= self._spare_slots and self._evict_one(key, misses):
+                pass
+        if not self._free and not self._evict_one(key, misses, force):
             return None
-        slot = _Slot(index=self._free.pop())
+        slot = _Slot(index=self._free.popleft())
         self._slots[key] = slot
         self._by_layer.setdefault(key[0], OrderedDict())[key[1]] = slot
         assert len(self._slots) <= self.num_slots, "cache over its byte budget"
         return slot
 
-    def _evict_one(self, incoming: Key, force: bool = False) -> bool:
+    def _evict_one(self, incoming: Key, misses: _Misses, force: bool = False) -> bool:
         candidates = (k for k, s in self._slots.items() if s.pins == 0 and s.ready)
         victim = self.policy.victim(candidates, self, incoming)
         if victim is None and force:
@@ -442,50 +472,104 @@ class ExpertCache:
             return False
         slot = self._slots.pop(victim)
         del self._by_layer[victim[0]][victim[1]]
-        self._set_table(victim, -1)
+        misses.unmapped.append(victim)
         if self.exclusive:
             # the incoming expert leaves the host tier before the victim enters it: with the
             # tier full, the write-back would otherwise evict a cached entry to make room
-            taken = self.host.take(incoming)
+            taken = self.host.take(incoming) if incoming not in self._taken else None
             if taken is not None:
                 self._taken[incoming] = taken
-            self._write_back(victim, slot)
+            misses.writebacks.append((victim, slot))
+            misses.evicted_slots.add(slot.index)
         if slot.prefetched:
             self._stats.prefetch["wasted"] += 1
         self._stats.evictions += 1
         self._free.append(slot.index)
         return True
 
-    def _start_load(self, key: Key, slot: _Slot) -> None:
+    def _start_load(self, key: Key, slot: _Slot, misses: _Misses) -> None:
         if self.host is not None and (key in self.host or key in self._taken):
-            # pinned host -> device: the copy is queued on the side stream at once, so a
-            # hand-off to the loader thread would only add latency
-            self._load(key, slot)
+            # pinned host -> device: the copy is queued on the side stream with the batch's
+            # others, so a hand-off to the loader thread would only add latency
+            misses.from_memory.append((key, slot))
+        else:
+            misses.from_disk.append((key, slot))
+
+    def _issue(self, misses: _Misses) -> None:
+        """Queue a batch's device work (lock held), in the order its slots allow: the evicted
+        experts leave the table; loads into slots evicted by earlier batches (their write-backs
+        long queued) go first, so they run beside this batch's write-backs on the other copy
+        engine, and give their host entries back for those write-backs to land in; then the
+        write-backs, each group followed by the loads that refill its slots (a group no larger
+        than the host tier's spare slots: a larger one would evict cached entries to make
+        room); store reads go to the loader threads last (each waits for its slot's write-back
+        on the device)."""
+        if not misses:
             return
-        slot.future = self._loader.submit(self._load, key, slot)
+        self._put_table([(key, -1) for key in misses.unmapped])
+        refills = {slot.index: (key, slot) for key, slot in misses.from_memory if slot.index in misses.evicted_slots}
+        self._load_from_memory([(key, slot) for key, slot in misses.from_memory if slot.index not in refills])
+        group = max(1, self.host.spares if self.exclusive else len(misses.writebacks))
+        for first in range(0, len(misses.writebacks), group):
+            writebacks = misses.writebacks[first:first + group]
+            self._write_back_all(writebacks)
+            self._load_from_memory([refills[slot.index] for _, slot in writebacks if slot.index in refills])
+        for key, slot in misses.from_disk:
+            slot.future = self._loader.submit(self._load, key, slot)
+        misses.__init__()  # drained: a later _issue of the same call queues only what follows
+
+    def _load_from_memory(self, loads: list[tuple[Key, _Slot]]) -> None:
+        """Copy host-tier entries into their slots: one stream switch, event and table update for all."""
+        if not loads:
+            return
+        start, fetched = time.perf_counter(), []
+        for key, slot in loads:
+            try:
+                fetched.append((key, slot, *self._fetch(key)))
+            except BaseException as exc:  # surfaced to the acquirer, never lost
+                self._fail(key, slot, exc)
+        try:
+            self._copy_all([(key, slot, parts) for key, slot, _, parts in fetched])
+        except BaseException as exc:
+            for key, slot, _, _ in fetched:
+                self._fail(key, slot, exc)
+            return
+        done = [(key, slot, tier, sum(p.nbytes for p in parts.values())) for key, slot, tier, parts in fetched]
+        del fetched  # the host entries are given back once their copies are queued
+        self._loaded(done, (time.perf_counter() - start) / max(1, len(done)))
 
     # --- loader thread ------------------------------------------------------------
     def _load(self, key: Key, slot: _Slot) -> None:
         start = time.perf_counter()
         try:
             tier, parts = self._fetch(key)
-            self._copy_into(key, slot, parts)
+            self._copy_all([(key, slot, parts)])
         except BaseException as exc:  # surfaced to the acquirer, never lost
-            with self._lock:
-                slot.error = exc
-                if slot.pins == 0:  # a prefetch nobody waits for: free its slot now
-                    self._drop_failed(key, slot)
-                self._lock.notify_all()
+            self._fail(key, slot, exc)
             return
-        seconds = time.perf_counter() - start
+        nbytes = sum(p.nbytes for p in parts.values())
+        del parts
+        self._loaded([(key, slot, tier, nbytes)], time.perf_counter() - start)
+
+    def _loaded(self, done: list[tuple[Key, _Slot, str, int]], seconds: float) -> None:
+        """Mark loads ready (their copies queued) and count them; `seconds` each."""
         with self._lock:
-            slot.ready = True
-            self._stats.loads[tier] += 1
-            self._stats.load_seconds += seconds
-            self._stats.bytes_loaded += sum(p.nbytes for p in parts.values())
+            for _, slot, tier, nbytes in done:
+                slot.ready = True
+                self._stats.loads[tier] += 1
+                self._stats.load_seconds += seconds
+                self._stats.bytes_loaded += nbytes
             self._lock.notify_all()
         if self.on_load is not None:
-            self.on_load(key, tier, seconds)
+            for key, _, tier, _ in done:
+                self.on_load(key, tier, seconds)
+
+    def _fail(self, key: Key, slot: _Slot, exc: BaseException) -> None:
+        with self._lock:
+            slot.error = exc
+            if slot.pins == 0:  # a prefetch nobody waits for: free its slot now
+                self._drop_failed(key, slot)
+            self._lock.notify_all()
 
     def _fetch(self, key: Key) -> tuple[str, dict[str, torch.Tensor]]:
         """The shard's tensors from the host tier or the store: dense ones already in the
@@ -521,45 +605,59 @@ class ExpertCache:
                 staged[name].copy_(part)
         return "disk", staged
 
-    def _write_back(self, key: Key, slot: _Slot) -> None:
-        """Copy an evicted expert down into the exclusive host tier (cache lock held). Queued on
-        the write-back stream behind the copy that filled the slot; the copy that refills the
-        slot waits for it (_copy_into)."""
-        if key in self.host:
+    def _write_back_all(self, writebacks: list[tuple[Key, _Slot]]) -> None:
+        """Copy evicted experts down into the exclusive host tier (lock held), on the write-back
+        stream, each behind the copy that filled its slot; one event for the batch, which a
+        load refilling one of those slots waits for (_copy_all)."""
+        if not writebacks:
             return
-        views = self.host.adopt(key)
-        if views is None:  # the tier is full of lent entries: the store still has it
-            return
-        stream = self._writeback_stream
+        stream, lent, copied, waited = self._writeback_stream, [], [], set()
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            if stream is not None and slot.event is not None:
-                stream.wait_event(slot.event)
-            for slot_view, host_view in self._copy_pairs(slot.index, views):
-                host_view.copy_(slot_view, non_blocking=stream is not None)
-            if stream is not None:
-                copied = self._written_back[slot.index] = torch.cuda.Event()
-                copied.record(stream)
-        self._stats.writebacks += 1
-        del views  # given back after the copy is queued: the host slot's event is recorded behind it
+            for key, slot in writebacks:
+                if key in self.host:
+                    continue
+                views = self.host.adopt(key)
+                if views is None:  # the tier is full of lent entries: the store still has it
+                    continue
+                if stream is not None and slot.event is not None and id(slot.event) not in waited:
+                    waited.add(id(slot.event))
+                    stream.wait_event(slot.event)
+                for slot_view, host_view in self._copy_pairs(slot.index, views):
+                    host_view.copy_(slot_view, non_blocking=stream is not None)
+                lent.append(views)
+                copied.append(slot.index)
+            if stream is not None and copied:
+                done = torch.cuda.Event()
+                done.record(stream)
+                self._written_back.update(dict.fromkeys(copied, done))
+        self._stats.writebacks += len(copied)
+        del lent  # given back after the copies are queued: each host slot's event is recorded behind them
 
-    def _copy_into(self, key: Key, slot: _Slot, parts: dict[str, torch.Tensor]) -> None:
+    def _copy_all(self, loads: list[tuple[Key, _Slot, dict[str, torch.Tensor]]]) -> None:
+        """Fill slots from shards' tensors and publish them in the table. On CUDA on the side
+        stream, so the copies overlap compute, after whatever last read or wrote the slots;
+        one event for all, which orders the compute stream after them (_wait_all_ready) without
+        a host-side synchronisation and covers the table entries written behind the copies."""
         if self._copy_stream is None:
-            self._fill_slot(slot.index, parts, non_blocking=False)
-            self._set_table(key, slot.index)
+            for key, slot, parts in loads:
+                self._fill_slot(slot.index, parts, non_blocking=False)
+            self._put_table([(key, slot.index) for key, slot, _ in loads])
             return
-        # Side stream so the copy overlaps compute; the event orders the compute stream
-        # after it (see _wait_ready) without a host-side synchronisation, and covers the
-        # table entry written behind the copy on the same stream.
-        reused_after = self._last_use.pop(slot.index, None)
-        written_back = self._written_back.pop(slot.index, None)
+        before = {}
+        for _, slot, _ in loads:  # the last compute reading a slot, and its write-back
+            for event in (self._last_use.pop(slot.index, None), self._written_back.pop(slot.index, None)):
+                if event is not None:
+                    before[id(event)] = event
         with torch.cuda.stream(self._copy_stream):
-            for before in (reused_after, written_back):  # the last compute reading it, its write-back
-                if before is not None:
-                    self._copy_stream.wait_event(before)
-            self._fill_slot(slot.index, parts, non_blocking=True)
-            self._set_table(key, slot.index)
-            slot.event = torch.cuda.Event()
-            slot.event.record(self._copy_stream)
+            for event in before.values():
+                self._copy_stream.wait_event(event)
+            for key, slot, parts in loads:
+                self._fill_slot(slot.index, parts, non_blocking=True)
+            self._put_table([(key, slot.index) for key, slot, _ in loads])
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        for _, slot, _ in loads:
+            slot.event = done
 
     def _fill_slot(self, index: int, parts: dict[str, torch.Tensor], non_blocking: bool) -> None:
         """Fill a slot from a shard's tensors: dense ones straight from the host, quantised ones
@@ -603,24 +701,43 @@ class ExpertCache:
                       "down_proj_bias": self.down_bias[index]}
         return views
 
-    def _set_table(self, key: Key, slot: int) -> None:
-        """On CUDA, queued on the copy stream: behind the copy it publishes, and never
-        between a compute stream's lookup and its use."""
+    def _put_table(self, entries: list[tuple[Key, int]]) -> None:
+        """Set table entries (key -> slot, -1: gone). On CUDA queued on the copy stream: behind
+        the copies they publish, and never between a compute stream's lookup and its use.
+        Several at once are one indexed write from a pinned staging tensor, not a fill each."""
+        if not entries:
+            return
         if self._copy_stream is None:
-            self.table[key] = slot
+            for key, slot in entries:
+                self.table[key] = slot
             return
         with torch.cuda.stream(self._copy_stream):
-            self.table[key].fill_(slot)
+            if len(entries) == 1:
+                (key, slot), = entries
+                self.table[key].fill_(slot)
+                return
+            width = self.table.shape[1]
+            flat = {layer * width + expert: slot for (layer, expert), slot in entries}  # the last one wins
+            staged = torch.tensor([list(flat), list(flat.values())], dtype=torch.long, pin_memory=True)
+            where, slots = staged.to(self.device, non_blocking=True)
+            self.table.view(-1).index_put_((where,), slots)
 
-    def _wait_ready(self, key: Key, slot: _Slot) -> int:
-        with self._lock:
-            self._lock.wait_for(lambda: slot.ready or slot.error is not None)
-            if slot.error is not None:
-                self._drop_failed(key, slot)
-                raise _load_error(key, slot.error)
-        if slot.event is not None:
-            torch.cuda.current_stream(self.device).wait_event(slot.event)
-        return slot.index
+    def _wait_all_ready(self, lease: Lease) -> None:
+        """Wait for the lease's loads: the host for their copies to be queued, the compute stream
+        (on the device, once per distinct event: a batch shares one) for the copies themselves."""
+        stream, waited = None, set()
+        for expert, slot in lease.pinned.items():
+            key = (lease.layer, expert)
+            with self._lock:
+                self._lock.wait_for(lambda: slot.ready or slot.error is not None)
+                if slot.error is not None:
+                    self._drop_failed(key, slot)
+                    raise _load_error(key, slot.error)
+            if slot.event is not None and id(slot.event) not in waited:
+                waited.add(id(slot.event))
+                stream = stream or torch.cuda.current_stream(self.device)
+                stream.wait_event(slot.event)
+            lease.slots[expert] = slot.index
 
     def _drop_failed(self, key: Key, slot: _Slot) -> None:
         """A failed load leaves the cache as if it had never been tried."""
@@ -628,7 +745,7 @@ class ExpertCache:
             del self._slots[key]
             del self._by_layer[key[0]][key[1]]
             self._free.append(slot.index)
-            self._set_table(key, -1)
+            self._put_table([(key, -1)])
         self._lock.notify_all()
 
     def close(self) -> None:

@@ -11,11 +11,11 @@ reused after eviction, never freed while it lives. The cap is checked on chunks
 
     pinned_bytes <= capacity_bytes   at every moment (asserted)
 
-An entry handed out by get()/put() is *lent*: its three views are read by a copy that
+An entry handed out by get()/put() is *lent*: the dict of its views is read by a copy that
 may still be queued on a CUDA stream. A lent entry is never evicted, and its slot is not
-rewritten until the copy queued from it has finished: when the borrower drops the views
+rewritten until the copy queued from it has finished: when the borrower drops the dict
 (after queuing its copy), an event is recorded on the copy stream, and the next writer
-of that slot waits on it.
+of that slot waits on it. A borrower keeps the dict, not single views, while it uses them.
 
 Exclusive use (models.cache, when the cap is smaller than the store): the tier then holds
 what the device does *not* — take() hands an entry to the device and drops it, adopt()
@@ -99,7 +99,8 @@ class HostTierStats:
 class _Slot:
     chunk: torch.Tensor  # uint8 [chunk bytes]
     offset: int
-    lent: int = 0  # live views handed out
+    lent: int = 0  # lendings whose dict of views is still held
+    views: "dict[str, torch.Tensor] | None" = None  # made once: the slot's parts, in the layout's order
     detached: bool = False  # lent outside the LRU (taken, or a staging read): freed when given back
     copied: "torch.cuda.Event | None" = None  # recorded after the last borrower queued its copy
     stream: "torch.cuda.Stream | None" = None  # where the borrower of the moment queues its copy
@@ -127,6 +128,7 @@ class HostTier:
         self._free: deque[_Slot] = deque()
         self._pinned = self._peak = self._evictions = 0
         self.max_entries: int | None = None  # exclusive use: entries kept below the slots (see keep_spares)
+        self.spares = 0  # slots kept free in exclusive use: write-backs a caller may queue at once
         self._lock = threading.RLock()  # re-entrant: a view's finalizer may run while this thread holds it
         if entry_bytes is not None:
             self._set_entry_bytes(entry_bytes)
@@ -178,7 +180,7 @@ class HostTier:
                 self._free.append(slot)
                 return self._lend(winner)
             self._entries[key] = slot
-            return self._lend(slot, views)
+            return self._lend(slot)
 
     # --- exclusive use (see the module docstring) ---------------------------------------
     def define_layout(self, parts: dict[str, torch.Tensor]) -> None:
@@ -196,6 +198,7 @@ class HostTier:
             raise HostTierError("spares need a capped tier of a known entry size")
         held = entries_within(self.capacity_bytes, self._entry_bytes)
         self.max_entries = max(self.min_entries, held - spares)
+        self.spares = held - self.max_entries
 
     def take(self, key: Key) -> dict[str, torch.Tensor] | None:
         """The entry's views, and the entry leaves the tier: its slot is free again once the
@@ -298,14 +301,14 @@ class HostTier:
         return self._entries.pop(victim)
 
     # --- lending ------------------------------------------------------------------------
-    def _lend(self, slot: _Slot, views: dict[str, torch.Tensor] | None = None,
-              stream: "torch.cuda.Stream | None" = None) -> dict[str, torch.Tensor]:
-        views = views or self._views(slot)
-        slot.lent += len(views)
+    def _lend(self, slot: _Slot, stream: "torch.cuda.Stream | None" = None) -> dict[str, torch.Tensor]:
+        """The slot's views in a dict of their own, given back when the borrower drops it: one
+        finalizer a lending (a miss lends twice: ~1/3 of its host work was per-view bookkeeping)."""
+        lent = _Lent(self._views(slot))
+        slot.lent += 1
         slot.stream = stream or self.copy_stream
-        for view in views.values():
-            weakref.finalize(view, self._give_back, slot)
-        return views
+        weakref.finalize(lent, self._give_back, slot)
+        return lent
 
     def _give_back(self, slot: _Slot) -> None:
         with self._lock:
@@ -320,8 +323,11 @@ class HostTier:
                 self._free.append(slot)
 
     def _views(self, slot: _Slot) -> dict[str, torch.Tensor]:
-        return {name: slot.chunk[slot.offset + start: slot.offset + start + _nbytes(dtype, shape)]
-                .view(dtype).view(shape) for name, dtype, shape, start in self._layout}
+        if slot.views is None:  # the layout is fixed once learnt: a slot's views never change
+            with torch.inference_mode(False):  # plain views, whatever mode the first caller runs in
+                slot.views = {name: slot.chunk[slot.offset + start: slot.offset + start + _nbytes(dtype, shape)]
+                              .view(dtype).view(shape) for name, dtype, shape, start in self._layout}
+        return slot.views
 
     # --- layout -------------------------------------------------------------------------
     def _learn_layout(self, parts: dict[str, torch.Tensor]) -> None:
@@ -350,6 +356,12 @@ class HostTier:
                     f"host tier cap of {self.capacity_bytes} bytes holds {held} experts of {entry_bytes} bytes, "
                     f"fewer than one layer's working set of {self.min_entries}")
         self._entry_bytes = entry_bytes
+
+
+class _Lent(dict):
+    """A lent entry's views: a dict that can be watched for its end (a plain dict cannot)."""
+
+    __slots__ = ("__weakref__",)
 
 
 def _allocate(nbytes: int, pin: bool) -> torch.Tensor:

@@ -144,3 +144,26 @@ def test_a_tier_entry_moves_gate_and_up_as_one_copy(store):
     assert torch.equal(gate_up[cache.intermediate:], entry["up_proj"])
     apart = {name: tensor.clone() for name, tensor in entry.items()}
     assert len(cache._copy_pairs(0, apart)) == 3
+
+
+def test_spare_slots_keep_a_batch_from_refilling_the_slots_it_evicts(store):
+    """On a GPU the cache keeps a few device slots free ahead of need: a load refills a slot
+    evicted by an earlier batch, whose write-back is done, instead of the one its own batch
+    evicts (which would make the load wait for that write-back). The same bookkeeping on the
+    CPU, with the spares switched on: no batch refills a slot it evicted, the spares stay
+    free between calls, and every load still has the store's weights."""
+    layer = store.moe_layers[0]
+    total = len(store.experts_present(layer))
+    cache = make_cache(store, 2 * store.top_k, max(1, total - 2 * store.top_k - 1))
+    cache._spare_slots = store.top_k
+    refills, issue = [], cache._issue
+
+    def watched(misses):
+        loads = misses.from_memory + misses.from_disk
+        refills.extend(slot.index in misses.evicted_slots for _, slot in loads)
+        issue(misses)
+
+    cache._issue = watched
+    run_pattern(cache, store, steps=40)
+    assert cache.stats().writebacks > 0 and refills and not any(refills)
+    assert len(cache._free) >= store.top_k
