@@ -8,7 +8,10 @@
         --budgets 1.0 --gpu-memory 24GiB,16GiB --host-memory 32GiB,8GiB     # a real-size synthetic store
 
 Prints tokens/s (greedy, a fixed number of new tokens per prompt, after a warm-up, batch
-of --batch prompts decoded together), cache hit rate and expert loads per token for each
+of --batch prompts decoded together) end to end, and apart: the time to the first token
+(the prompt's prefill) and the decode rate of the tokens after it, as serving benchmarks
+report them (a cold prefill loads most of a layer's experts: at 32 tokens it weighs on the
+end-to-end rate of a capped cadre far more than on a resident model's), cache hit rate and expert loads per token for each
 cadre budget, beside transformers with the whole model resident: eager with every experts
 implementation, and with --compile its static cache with torch.compile (CUDA graphs:
 transformers' automatic compile, and gpt-fast's manual `torch.compile(forward,
@@ -143,18 +146,55 @@ class Contender:
     finish: Callable[[], dict] = field(default=lambda: {})
 
 
+class FirstTokenClock:
+    """When the running generate() had its first token: each system's generate calls `mark`
+    once its prefill is done (it synchronises the device there, once a run)."""
+
+    def __init__(self):
+        self.device, self.at = "cpu", None
+
+    def reset(self, device) -> None:
+        self.device, self.at = device, None
+
+    def mark(self, *_) -> None:
+        if self.at is None:
+            sync(self.device)
+            self.at = time.perf_counter()
+
+
+FIRST_TOKEN = FirstTokenClock()
+
+
 def timed_rounds(contenders: list[Contender], ids, tokens: int, repeats: int, device) -> dict[str, float]:
     """Median tokens/s (all prompts together) of each contender over `repeats` interleaved rounds."""
-    rates: dict[str, list[float]] = {c.system: [] for c in contenders}
+    return {system: timing["tok_s"] for system, timing in timings(contenders, ids, tokens, repeats, device).items()}
+
+
+def timings(contenders: list[Contender], ids, tokens: int, repeats: int, device) -> dict[str, dict]:
+    """Each contender's medians over `repeats` interleaved rounds: tok_s end to end (all prompts
+    together), and where its generate marks its first token, ttft_ms (the prefill) and
+    decode_tok_s (the tokens after the first, over the time after it)."""
+    runs: dict[str, list[tuple[float, float | None]]] = {c.system: [] for c in contenders}
     for _ in range(repeats):
         for contender in contenders:
             sync(device)
+            FIRST_TOKEN.reset(device)
             start = time.perf_counter()
             out = contender.generate(ids, tokens)
             sync(device)
+            end = time.perf_counter()
             assert out.shape == (ids.shape[0], ids.shape[1] + tokens), (contender.system, tuple(out.shape))
-            rates[contender.system].append(ids.shape[0] * tokens / (time.perf_counter() - start))
-    return {system: sorted(r)[len(r) // 2] for system, r in rates.items()}
+            runs[contender.system].append((end - start, None if FIRST_TOKEN.at is None else FIRST_TOKEN.at - start))
+    return {system: _timing(r, ids.shape[0], tokens) for system, r in runs.items()}
+
+
+def _timing(runs: list[tuple[float, float | None]], batch: int, tokens: int) -> dict:
+    median = lambda values: sorted(values)[len(values) // 2]
+    timing = {"tok_s": median([batch * tokens / total for total, _ in runs])}
+    if tokens > 1 and all(first is not None for _, first in runs):
+        timing["ttft_ms"] = median([first * 1e3 for _, first in runs])
+        timing["decode_tok_s"] = median([batch * (tokens - 1) / (total - first) for total, first in runs])
+    return timing
 
 
 def sync(device):
@@ -162,11 +202,27 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+class _FirstTokenStreamer:
+    """generate(streamer=...) hands it the prompt, then each new token: the second call marks
+    the first token (transformers copies each step's tokens to the host for it anyway)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            FIRST_TOKEN.mark()
+
+    def end(self) -> None:
+        pass
+
+
 def hf_generate(model, **kwargs):
     def run(ids, tokens):
         with torch.inference_mode():
             return model.generate(ids.to(model.device), max_new_tokens=tokens, min_new_tokens=tokens,
-                                  do_sample=False, **kwargs)
+                                  do_sample=False, streamer=_FirstTokenStreamer(), **kwargs)
     return run
 
 
@@ -295,8 +351,7 @@ def reference_rows(source: Path, device, dtype, ids, args, impl: str, on_row=lam
         name = reference_name(impl, mode)
         try:
             generate = reference_generate(model, mode, ids, args)
-            row = {"system": name, "tok_s": timed_rounds([Contender(name, generate)], ids, args.tokens,
-                                                         args.repeats, device)[name]}
+            row = {"system": name, **timings([Contender(name, generate)], ids, args.tokens, args.repeats, device)[name]}
         except Exception as exc:
             row = error_row(name, exc)
         row["transformers"] = _transformers_version()
@@ -416,6 +471,7 @@ def gptfast_generate(model, max_len: int):
             cache.reset()
             logits = model(input_ids=ids, use_cache=True, **{kwarg: cache}).logits
             token = logits[:, -1].argmax(dim=-1, keepdim=True)
+            FIRST_TOKEN.mark()
             out = [token]
             for i in range(tokens - 1):
                 position = torch.full((batch, 1), length + i, device=model.device)
@@ -477,7 +533,7 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
                             compile=compiled, compile_step=compile_step, load_workers=args.load_workers)
     if graphs:
         decoder = runtime.decoder(max_batch=ids.shape[0], max_len=max_len)
-        generate = decoder.generate
+        generate = lambda ids, tokens: decoder.generate(ids, tokens, on_prefilled=FIRST_TOKEN.mark)
     else:
         generate = lambda ids, tokens: runtime.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens)
     generate(ids, args.tokens)  # warm-up: kernels, first loads, and (graphs) every step shape captured
@@ -636,8 +692,8 @@ def print_table(title: str, rows: list[dict]) -> None:
     token, MB moved per token and the H2D rate that achieved, the copy-bound floor, peak GPU
     and pinned host memory, and the routing entropy it saw (1 = uniform over the experts)."""
     print(f"\n{title}")
-    print(f"{'system':<66} {'tok/s':>7} {'hit':>6} {'loads/tok':>9} {'disk/tok':>8} {'MB/tok':>7} {'GB/s':>5} "
-          f"{'floor':>6} {'GPU GiB':>7} {'host GiB':>8} {'entropy':>7}")
+    print(f"{'system':<66} {'tok/s':>7} {'TTFT ms':>8} {'decode':>7} {'hit':>6} {'loads/tok':>9} {'disk/tok':>8} "
+          f"{'MB/tok':>7} {'GB/s':>5} {'floor':>6} {'GPU GiB':>7} {'host GiB':>8} {'entropy':>7}")
     fmt = lambda row, key, spec: format(row[key], spec) if row.get(key) is not None else "-"
     for r in rows:
         if "error" in r:
@@ -645,7 +701,8 @@ def print_table(title: str, rows: list[dict]) -> None:
             continue
         moved = r.get("bytes_per_token")
         rate = f"{moved * r['tok_s'] / 1e9:.1f}" if moved else "-"
-        print(f"{r['system']:<66} {r['tok_s']:>7.1f} {fmt(r, 'hit_rate', '.1%'):>6} "
+        print(f"{r['system']:<66} {r['tok_s']:>7.1f} {fmt(r, 'ttft_ms', '.0f'):>8} {fmt(r, 'decode_tok_s', '.1f'):>7} "
+              f"{fmt(r, 'hit_rate', '.1%'):>6} "
               f"{fmt(r, 'loads_per_token', '.2f'):>9} {fmt(r, 'disk_loads_per_token', '.2f'):>8} "
               f"{(f'{moved / 1e6:.1f}' if moved is not None else '-'):>7} {rate:>5} {fmt(r, 'copy_floor_tok_s', '.0f'):>6} "
               f"{fmt(r, 'gpu_peak_gib', '.2f'):>7} {fmt(r, 'host_peak_gib', '.2f'):>8} "
@@ -682,9 +739,9 @@ def measure_all(checkpoint, store, workdir, device, dtype, dtype_name, ids, argv
         rows = isolated_reference_rows(checkpoint, argv, args) if args.isolate else []
         for factory in factories:
             contender = factory()
-            rate = timed_rounds([contender], ids, args.tokens, args.repeats, device)[contender.system]
-            rows.append({"system": contender.system, "tok_s": rate, **contender.finish()})
-            print(f"  {contender.system}: {rate:.1f} tok/s", file=sys.stderr, flush=True)
+            timing = timings([contender], ids, args.tokens, args.repeats, device)[contender.system]
+            rows.append({"system": contender.system, **timing, **contender.finish()})
+            print(f"  {contender.system}: {timing['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
             del contender
             free_memory()
         if args.isolate:
@@ -694,8 +751,8 @@ def measure_all(checkpoint, store, workdir, device, dtype, dtype_name, ids, argv
     rows = isolated_reference_rows(checkpoint, argv, args) if args.isolate else []
     contenders, errors = ([], []) if args.isolate else transformers_contenders(checkpoint, device, dtype, ids, args)
     contenders += [factory() for factory in factories]
-    rates = timed_rounds(contenders, ids, args.tokens, args.repeats, device)
-    return rows + [{"system": c.system, "tok_s": rates[c.system], **c.finish()} for c in contenders] + errors
+    measured = timings(contenders, ids, args.tokens, args.repeats, device)
+    return rows + [{"system": c.system, **measured[c.system], **c.finish()} for c in contenders] + errors
 
 
 def main(argv) -> int:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -376,7 +377,7 @@ class Decoder:
     # --- generation ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_ids=(), pad_token_id=None,
-                 min_new_tokens: int = 0) -> torch.Tensor:
+                 min_new_tokens: int = 0, on_prefilled: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Greedy continuation of equal-length prompts ids [B,T] -> [B,T+n], the tokens of
         transformers' generate(do_sample=False): a row that emits an EOS of `eos_token_ids`
         is done and padded (pad_token_id, else its EOS) until every row is, as there; and,
@@ -385,7 +386,8 @@ class Decoder:
         Tokens stay on the device: each step's argmax feeds the next step (decode_first), so
         the host never waits for a token and keeps a step queued ahead of the GPU. With EOS
         ids, whether every row is done is copied to the host behind each step and read one
-        step late; a step decoded past the end is dropped."""
+        step late; a step decoded past the end is dropped. `on_prefilled(logits [B,V])` is called
+        once the prompts' prefill is queued (a caller timing the first token synchronises there)."""
         batch = ids.shape[0]
         if batch > self.max_batch:
             raise ValueError(f"{batch} prompts > max_batch {self.max_batch}")
@@ -393,6 +395,8 @@ class Decoder:
         pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
         try:
             logits = torch.stack([self.prefill(row, prompt) for row, prompt in enumerate(ids.tolist())])  # [B,V]
+            if on_prefilled is not None:
+                on_prefilled(logits)
             generated = []  # [B] per step, on the device
             done = torch.zeros(batch, dtype=torch.bool, device=self.device)  # [B]
             watch = _DoneWatch() if len(eos) else None
