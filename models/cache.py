@@ -187,18 +187,21 @@ class ExpertCache:
         if self.exclusive and self._copy_stream is not None:
             self._writeback_stream = self.host.writeback_stream = torch.cuda.Stream(self.device)
         self._written_back: dict[int, "torch.cuda.Event"] = {}  # slot index -> its write-back copied
-        # Slots kept free ahead of need when evictions are written back: a load then refills a
-        # slot evicted some misses ago, whose write-back has finished, and the write-backs of
-        # its own batch run beside it on the other copy engine (refilling the slot just evicted
-        # made every load wait for the write-back before it). ~64 = eight layers' misses at
-        # batch 1, under 4% of the slots.
-        self._spare_slots = min(64, self.num_slots // 32) if self._writeback_stream is not None else 0
         self._taken: dict[Key, dict[str, torch.Tensor]] = {}  # exclusive: taken up ahead of a write-back
         self._stats = CacheStats(capacity_bytes=self.capacity_bytes)
         self._last_use: dict[int, "torch.cuda.Event"] = {}  # slot index -> last compute reading it
         # When the budget holds every expert nothing is ever evicted: a layer whose experts
         # are all resident then needs no host work at all (layer_is_complete).
         self.holds_everything = self.num_slots >= total
+        # Slots kept free ahead of need when evictions are written back: a load then refills a
+        # slot evicted some misses ago, whose write-back has finished, and the write-backs of
+        # its own batch run beside it on the other copy engine (refilling the slot just evicted
+        # made every load wait for the write-back before it). ~64 = eight layers' misses at
+        # batch 1, under 4% of the slots. (Never where the budget holds every expert: a spare kept free there evicts a resident
+        # expert, and a layer whose experts are all resident for good is what lets a decode
+        # step skip host work and be compiled whole.)
+        self._spare_slots = min(64, self.num_slots // 32) \
+            if self._writeback_stream is not None and not self.holds_everything else 0
         self._complete: dict[int, tuple[int, int]] = {}  # layer -> its slots' range [first, end)
         with torch.inference_mode(False):
             # [num_layers, E+1] slot of (layer, expert), -1 = not resident; the last column

@@ -74,9 +74,11 @@ def test_generation_with_a_tiny_host_tier_matches_the_full_cache(store_factory):
         small.close()
 
 
-def test_an_exclusive_tier_on_the_gpu_loads_the_stores_weights(store_factory):
-    """Write-backs (device -> pinned, on the copy stream) and takes racing the refills of the same
-    device slots: every acquired slot must hold the store's expert, in bfloat16 as served."""
+@pytest.mark.parametrize("slots", ["top-k", "most"])
+def test_an_exclusive_tier_on_the_gpu_loads_the_stores_weights(store_factory, slots):
+    """Write-backs (device -> pinned, on their own stream) and takes racing the refills of the same
+    device slots: every acquired slot must hold the store's expert, in bfloat16 as served. With
+    most experts on the device, spare slots are kept free and a batch's loads go first."""
     import random
 
     from extractor.store import ExpertStore
@@ -84,9 +86,11 @@ def test_an_exclusive_tier_on_the_gpu_loads_the_stores_weights(store_factory):
 
     store = ExpertStore.open(store_factory("qwen3_moe")[1])
     entry = host_entry_bytes(store, torch.bfloat16)
-    cache = ExpertCache(store, device="cuda", dtype=torch.bfloat16, capacity_bytes=store.top_k * entry,
+    total = sum(len(store.experts_present(layer)) for layer in store.moe_layers)
+    count = store.top_k if slots == "top-k" else total - 8
+    cache = ExpertCache(store, device="cuda", dtype=torch.bfloat16, capacity_bytes=count * entry,
                         host_capacity_bytes=8 * entry)
-    assert cache.exclusive
+    assert cache.exclusive and (cache._spare_slots > 0) == (slots == "most"), (total, cache._spare_slots)
     rng = random.Random(0)
     layers = store.moe_layers
     for _ in range(200):
@@ -101,3 +105,20 @@ def test_an_exclusive_tier_on_the_gpu_loads_the_stores_weights(store_factory):
     stats = cache.stats()
     assert stats.writebacks > 0 and stats.loads["host"] > 0 and stats.loads["disk"] > 0
     cache.close()
+
+
+def test_a_budget_of_every_expert_keeps_every_layer_complete_beside_an_exclusive_tier(store_factory):
+    """The device holds every expert and the host tier is capped below the store (so it is
+    exclusive): no spare slot may be kept free there, or preloading the last layers evicts the
+    first ones and a decode step can no longer skip host work (nor be compiled whole)."""
+    from extractor.store import ExpertStore
+    from models.cache import ExpertCache, host_entry_bytes
+
+    store = ExpertStore.open(store_factory("qwen3_moe")[1])
+    entry = host_entry_bytes(store, torch.bfloat16)
+    keys = [(layer, e) for layer in store.moe_layers for e in store.experts_present(layer)]
+    cache = ExpertCache(store, device="cuda", dtype=torch.bfloat16, capacity_bytes=len(keys) * entry,
+                        host_capacity_bytes=8 * entry)
+    assert cache.holds_everything and cache.exclusive and cache._spare_slots == 0
+    cache.preload(keys)
+    assert all(cache.layer_is_complete(layer) for layer in store.moe_layers)
