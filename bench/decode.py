@@ -531,12 +531,24 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
     max_len = PROMPT_LEN + args.tokens + 8
     runtime = cadre_runtime(store, device, dtype_name, fraction, caps, max_len, ids.shape[0], prefetch_layers=prefetch,
                             compile=compiled, compile_step=compile_step, load_workers=args.load_workers)
+    loads = lambda: sum(runtime.cache.stats().loads.values())
+    decode_loads, at_first = [], [0]  # per run: the loads after its first token (the prefill's apart)
+
+    def prefilled(logits) -> None:
+        FIRST_TOKEN.mark()
+        at_first[0] = loads()
+
     if graphs:
         decoder = runtime.decoder(max_batch=ids.shape[0], max_len=max_len)
-        generate = lambda ids, tokens: decoder.generate(ids, tokens, on_prefilled=FIRST_TOKEN.mark)
+
+        def generate(ids, tokens):
+            out = decoder.generate(ids, tokens, on_prefilled=prefilled)
+            decode_loads.append(loads() - at_first[0])
+            return out
     else:
         generate = lambda ids, tokens: runtime.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens)
     generate(ids, args.tokens)  # warm-up: kernels, first loads, and (graphs) every step shape captured
+    decode_loads.clear()
     before = runtime.cache.stats()
     peak = torch.cuda.max_memory_allocated() - allocated if on_gpu else 0  # this runtime's own
 
@@ -547,6 +559,8 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
         row = {
             "hit_rate": (after.hits - before.hits) / queries if queries else 0.0,
             "loads_per_token": (sum(after.loads.values()) - sum(before.loads.values())) / tokens,
+            "decode_loads_per_token": sum(decode_loads) / (len(decode_loads) * ids.shape[0] * (args.tokens - 1))
+            if decode_loads and args.tokens > 1 else None,  # after the first token: the prefill's apart
             "disk_loads_per_token": (after.loads["disk"] - before.loads["disk"]) / tokens,
             "writebacks_per_token": (after.writebacks - before.writebacks) / tokens,  # exclusive host tier
             "bytes_per_token": (after.bytes_loaded - before.bytes_loaded) / tokens,  # as moved: quantised stays so
@@ -680,20 +694,27 @@ def accelerate_budget(rows: list[dict], args) -> int:
 
 
 def add_floors(rows: list[dict], bandwidth: float) -> None:
-    """Copy-bound floor of each cadre row: the time its expert loads take at `bandwidth`."""
+    """Copy-bound floor of each cadre row: the time its expert loads take at `bandwidth`, per
+    token end to end (the prefill's loads too), and of the decode alone where counted apart."""
     for r in rows:
         if "loads_per_token" in r:
             seconds = r.get("bytes_per_token", r["loads_per_token"] * r["expert_bytes"]) / bandwidth
             r["copy_floor_tok_s"] = 1 / seconds if seconds else None
+            if r.get("decode_loads_per_token") is not None:
+                per_load = r["bytes_per_token"] / r["loads_per_token"] if r.get("loads_per_token") else r["expert_bytes"]
+                seconds = r["decode_loads_per_token"] * per_load / bandwidth
+                r["decode_copy_floor_tok_s"] = 1 / seconds if seconds else None
 
 
 def print_table(title: str, rows: list[dict]) -> None:
-    """tok/s beside each cadre row's cache figures: hit rate, loads (and those from disk) per
-    token, MB moved per token and the H2D rate that achieved, the copy-bound floor, peak GPU
+    """tok/s beside each cadre row's cache figures: hit rate, loads per token (end to end, then
+    of the decode alone), those from disk, MB moved per token and the H2D rate that achieved,
+    the copy-bound floors (end to end, decode alone), peak GPU
     and pinned host memory, and the routing entropy it saw (1 = uniform over the experts)."""
     print(f"\n{title}")
-    print(f"{'system':<66} {'tok/s':>7} {'TTFT ms':>8} {'decode':>7} {'hit':>6} {'loads/tok':>9} {'disk/tok':>8} "
-          f"{'MB/tok':>7} {'GB/s':>5} {'floor':>6} {'GPU GiB':>7} {'host GiB':>8} {'entropy':>7}")
+    print(f"{'system':<66} {'tok/s':>7} {'TTFT ms':>8} {'decode':>7} {'hit':>6} {'loads/tok':>9} {'decode':>6} "
+          f"{'disk/tok':>8} {'MB/tok':>7} {'GB/s':>5} {'floor':>6} {'decode':>6} {'GPU GiB':>7} {'host GiB':>8} "
+          f"{'entropy':>7}")
     fmt = lambda row, key, spec: format(row[key], spec) if row.get(key) is not None else "-"
     for r in rows:
         if "error" in r:
@@ -703,8 +724,10 @@ def print_table(title: str, rows: list[dict]) -> None:
         rate = f"{moved * r['tok_s'] / 1e9:.1f}" if moved else "-"
         print(f"{r['system']:<66} {r['tok_s']:>7.1f} {fmt(r, 'ttft_ms', '.0f'):>8} {fmt(r, 'decode_tok_s', '.1f'):>7} "
               f"{fmt(r, 'hit_rate', '.1%'):>6} "
-              f"{fmt(r, 'loads_per_token', '.2f'):>9} {fmt(r, 'disk_loads_per_token', '.2f'):>8} "
+              f"{fmt(r, 'loads_per_token', '.2f'):>9} {fmt(r, 'decode_loads_per_token', '.1f'):>6} "
+              f"{fmt(r, 'disk_loads_per_token', '.2f'):>8} "
               f"{(f'{moved / 1e6:.1f}' if moved is not None else '-'):>7} {rate:>5} {fmt(r, 'copy_floor_tok_s', '.0f'):>6} "
+              f"{fmt(r, 'decode_copy_floor_tok_s', '.0f'):>6} "
               f"{fmt(r, 'gpu_peak_gib', '.2f'):>7} {fmt(r, 'host_peak_gib', '.2f'):>8} "
               f"{fmt(r, 'routing_entropy', '.3f'):>7}")
 

@@ -90,19 +90,20 @@ def decode_gpu_table(name: str, results: Path) -> str:
     body = []
     for r in record["rows"]:
         if "error" in r:
-            body.append([r["system"], "failed: " + r["error"]] + ["—"] * 6)
+            body.append([r["system"], "failed: " + r["error"]] + ["—"] * 8)
             continue
-        floor = r.get("copy_floor_tok_s")
+        floor, decode_floor = r.get("copy_floor_tok_s"), r.get("decode_copy_floor_tok_s")
         body.append([r["system"], num(r["tok_s"], 1), num(r.get("ttft_ms"), 0), num(r.get("decode_tok_s"), 1),
-                     pct(r.get("hit_rate")), num(r.get("loads_per_token")), num(floor, 0) if floor else "—",
+                     pct(r.get("hit_rate")), num(r.get("loads_per_token")), num(r.get("decode_loads_per_token"), 1),
+                     num(floor, 0) if floor else "—", num(decode_floor, 0) if decode_floor else "—",
                      num(r.get("gpu_peak_gib"))])
     batch = record.get("batch", 1)
     head = f"batch {batch}" + (f", pinned H2D {record['h2d_bytes_per_s'] / 1e9:.1f} GB/s"
                                if record.get("h2d_bytes_per_s") else "")
     return (f"*{head}; tok/s end to end, then apart: time to first token (the prompt's prefill) and the "
             f"decode rate after it (— where the run predates that split)*\n\n"
-            + table(["system", "tok/s", "TTFT ms", "decode tok/s", "hit rate", "loads / token",
-                     "copy floor tok/s", "GPU peak GiB"], body) + "\n\n" + source(name, record))
+            + table(["system", "tok/s", "TTFT ms", "decode tok/s", "hit rate", "loads / token", "decode loads / token",
+                     "copy floor tok/s", "decode copy floor", "GPU peak GiB"], body) + "\n\n" + source(name, record))
 
 
 for _name in ("decode_h200_8l_b1", "decode_h200_full"):

@@ -5,7 +5,8 @@
 #   bash scripts/gpu_h200.sh synth full                      # then: serve-full smoke-full breakdown-full
 #
 # A session's 30 device minutes hold three calls, each sent the moment the last returns (the
-# machine stays warm 30 s; a cold one starts in ~35 s and loses /tmp). Times seen 2026-11-30:
+# machine stays warm 30 s; a cold one starts in ~35 s and loses /tmp). `tests synth full` in one call took
+# 573 s at df05b21 (tests 151 s, store 42 s, the full table ~360 s): the most one call holds. Times seen 2026-11-30:
 #   1. tests decode8l kernels8l                 ~ 450 s (slice built in ~15 s; the 106 GPU tests ~120 s)
 #   2. synth full                               ~ 350 s (store 36 s; references first, 200 s at most)
 #   3. smoke-full breakdown-full                ~ 130 s (serve-full did not finish within 110 s, twice: startup
