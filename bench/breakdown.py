@@ -7,7 +7,8 @@ transformers' generate() over cadre's model (the eager path), under torch.profil
 prints per token: wall time, GPU kernel time (compute), host->device copy time (expert
 loads), device->host copy time (write-backs into an exclusive host tier), and the rest of the
 wall time, when the GPU neither computed nor copied (host work: Python, launches,
-synchronisations).
+synchronisations). --decode-only profiles from the first token on: the prompt's prefill (which
+at a capped budget streams most of each layer's experts through the slots) is left out.
 """
 
 from __future__ import annotations
@@ -40,23 +41,37 @@ def parse_args(argv):
     p.add_argument("--workdir", type=Path)
     p.add_argument("--host-profile", type=int, default=0, metavar="N",
                    help="then decode once more under cProfile and print the N functions with the most host time")
+    p.add_argument("--decode-only", action="store_true",
+                   help="profile from the first token on, leaving the prompt's prefill out (with --no-eager)")
     p.add_argument("--json", type=Path)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.decode_only and not args.no_eager:
+        p.error("--decode-only times the slot-cache decoder's steps only: add --no-eager")
+    return args
 
 
-def host_profile(generate, ids, tokens: int, top: int) -> None:
+def host_profile(generate, ids, tokens: int, top: int, decode_only: bool = False) -> None:
     """Where the host's time goes (Python and the CUDA calls it makes), by own time: the 'GPU
-    idle' column says how much, this says in what."""
+    idle' column says how much, this says in what. With `decode_only`, from the first token on."""
     import cProfile
     import pstats
 
     profiler = cProfile.Profile()
-    profiler.enable()
-    generate(ids, tokens)
-    torch.cuda.synchronize()
+    if decode_only:
+        generate(ids, tokens, on_prefilled=lambda _logits: profiler.enable())
+    else:
+        profiler.enable()
+        generate(ids, tokens)
+    _sync()
     profiler.disable()
-    print(f"\nhost time by function, one run of {tokens} tokens under cProfile (own time first):")
+    what = f"the {tokens - 1} decode steps" if decode_only else f"one run of {tokens} tokens"
+    print(f"\nhost time by function, {what} under cProfile (own time first):")
     pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(top)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():  # (the measure's windowing also runs in a CPU test)
+        torch.cuda.synchronize()
 
 
 def busy_intervals(events, predicate) -> list[tuple[float, float]]:
@@ -73,24 +88,40 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def measure(generate, ids, tokens: int) -> dict:
+def measure(generate, ids, tokens: int, loads, decode_only: bool = False) -> dict:
+    """Per token: wall, compute, copies, write-backs and GPU idle of one profiled run, and the
+    expert loads it made (`loads()`: the cache's count so far). With `decode_only` the profile
+    starts at the first token (generate's on_prefilled), so the tokens after it are timed."""
     generate(ids, tokens)  # warm-up: captures, first loads
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
+    _sync()
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+    begun = {}
+
+    def begin(_logits=None) -> None:
+        _sync()
+        begun["loads"] = loads()
+        prof.start()
+        begun["at"] = time.perf_counter()
+
+    if decode_only:
+        generate(ids, tokens, on_prefilled=begin)
+    else:
+        begin()
         generate(ids, tokens)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - start
+    _sync()
+    wall = time.perf_counter() - begun["at"]
+    prof.stop()
+    measured = tokens - 1 if decode_only else tokens
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     copy_kind = lambda e, kind: "memcpy" in e.name.lower() and kind in e.name.lower().replace(" ", "")
     kernels = busy_intervals(events, lambda e: "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
     copies = busy_intervals(events, lambda e: copy_kind(e, "htod"))
     writebacks = busy_intervals(events, lambda e: copy_kind(e, "dtoh"))
     gpu_busy = union_length(sorted(kernels + copies + writebacks))
-    us = 1e6 / tokens  # microseconds per token
+    us = 1e6 / measured  # microseconds per token
     return {"wall_us": wall * us, "compute_us": union_length(kernels) / 1e6 * us,
             "copy_us": union_length(copies) / 1e6 * us, "writeback_us": union_length(writebacks) / 1e6 * us,
-            "idle_us": (wall - gpu_busy / 1e6) * us}
+            "idle_us": (wall - gpu_busy / 1e6) * us, "loads_per_token": (loads() - begun["loads"]) / measured}
 
 
 def main(argv) -> int:
@@ -118,18 +149,18 @@ def main(argv) -> int:
     if not args.no_eager:
         systems.append(("transformers generate() (eager)", eager))
     moe_layers = len(runtime.store.moe_layers)
+    loads = lambda: sum(runtime.cache.stats().loads.values())
     rows = []
     for name, generate in systems:
-        before = runtime.cache.stats()
-        row = {"system": f"{label}, {name}", **measure(generate, ids, args.tokens)}
-        after = runtime.cache.stats()
-        row["loads_per_token"] = (sum(after.loads.values()) - sum(before.loads.values())) / (2 * args.tokens)
+        name += ", decode steps only" if args.decode_only else ""
+        row = {"system": f"{label}, {name}", **measure(generate, ids, args.tokens, loads, args.decode_only)}
         row["idle_us_per_moe_layer"] = row["idle_us"] / moe_layers
         rows.append(row)
         if args.host_profile:
-            host_profile(generate, ids, args.tokens, args.host_profile)
+            host_profile(generate, ids, args.tokens, args.host_profile, args.decode_only)
     model = args.store or args.model
-    print(f"\nper-token time, batch 1, {args.tokens} tokens, {model} ({moe_layers} MoE layers) on "
+    timed = f"the {args.tokens - 1} tokens after the first" if args.decode_only else f"{args.tokens} tokens"
+    print(f"\nper-token time, batch 1, {timed}, {model} ({moe_layers} MoE layers) on "
           f"{torch.cuda.get_device_name()}")
     print(f"{'system':<62} {'wall us':>9} {'compute':>9} {'copies':>9} {'writeback':>9} {'GPU idle':>9} "
           f"{'idle/layer':>10} {'loads/tok':>10}")
@@ -139,7 +170,8 @@ def main(argv) -> int:
               f"{r['loads_per_token']:>10.2f}")
     if args.json:
         _provenance.write(args.json, "breakdown", argv, rows, load_before, budget=args.budget, tokens=args.tokens,
-                          model=str(model), gpu_memory=args.gpu_memory, host_memory=args.host_memory)
+                          model=str(model), gpu_memory=args.gpu_memory, host_memory=args.host_memory,
+                          decode_only=args.decode_only)
     runtime.close()
     return 0
 

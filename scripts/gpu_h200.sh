@@ -89,9 +89,9 @@ for stage in "$@"; do
         --json "$OUT/serve_h200_full.json" 2>&1 | tee "$OUT/serve_h200_full.log" | quiet | tail -10 ;;
     smoke-full)  # python -m server --store --gpu-memory 24GiB: /generate with trace, a chat request, the plan
       timeout 75 bash scripts/smoke_full_depth.sh $FULL 2>&1 | tee "$OUT/smoke_full.log" | tail -12 ;;
-    breakdown-full)  # per-token compute / copies / GPU idle per MoE layer at full depth, 24 GiB
-      timeout 150 python3 -m bench breakdown --store $FULL --gpu-memory 24GiB --host-memory 32GiB --no-eager --host-profile 25 \
-        --tokens 16 --json "$OUT/breakdown_h200_full.json" 2>&1 | tee "$OUT/breakdown_h200_full.log" | quiet | tail -3 ;;
+    breakdown-full)  # per decode step (the prefill left out): compute / copies / GPU idle per MoE layer, full depth, 24 GiB
+      timeout 150 python3 -m bench breakdown --store $FULL --gpu-memory 24GiB --host-memory 32GiB --no-eager --decode-only \
+        --host-profile 25 --tokens 16 --json "$OUT/breakdown_h200_full.json" 2>&1 | tee "$OUT/breakdown_h200_full.log" | quiet | tail -3 ;;
     serve-demo)  # the server's decoder engine (CUDA graphs) on the demo model: real routing, 25% and 100%
       for fraction in 0.25 1.0; do
         timeout 150 python3 -m bench serve --device cuda --dtype bfloat16 --cache-fraction "$fraction" \
