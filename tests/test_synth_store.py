@@ -84,14 +84,22 @@ def test_a_tiny_config_of_each_naming_loads(tmp_path, family):
 
 
 @pytest.mark.parametrize("args, named", [
-    (["--config", "no-such-model"], "--config no-such-model: no such config"),
     (["--config", "demo", "--layers", "99"], "--layers 99"),
     (["--config", "demo", "--workers", "0"], "--workers 0"),
 ])
-def test_bad_input_exits_2_with_one_line(tmp_path, args, named):
-    result = subprocess.run([sys.executable, "-m", "bench", "synth-store", "--out", str(tmp_path / "s"), *args],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and named in result.stderr, result.stderr
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, named):
+    assert synth_store(["--out", str(tmp_path / "s"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_process_exits_2_with_one_line(tmp_path):
+    """The same as a user sees it: the exit code and stderr of `python -m bench synth-store`."""
+    result = subprocess.run([sys.executable, "-m", "bench", "synth-store", "--out", str(tmp_path / "s"),
+                             "--config", "no-such-model"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--config no-such-model: no such config" in result.stderr
 
 
 def test_a_non_empty_out_is_refused(tmp_path):
