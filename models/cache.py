@@ -85,7 +85,6 @@ class _Misses:
 
     unmapped: list[Key] = field(default_factory=list)  # evicted: their table entries go first
     writebacks: list[tuple[Key, "_Slot"]] = field(default_factory=list)  # evicted, copied down to the host tier
-    evicted_slots: set[int] = field(default_factory=set)  # slot indices those write-backs read
     from_memory: list[tuple[Key, "_Slot"]] = field(default_factory=list)  # loads from the host tier
     from_disk: list[tuple[Key, "_Slot"]] = field(default_factory=list)  # store reads, on the loader threads
 
@@ -197,9 +196,9 @@ class ExpertCache:
         # slot evicted some misses ago, whose write-back has finished, and the write-backs of
         # its own batch run beside it on the other copy engine (refilling the slot just evicted
         # made every load wait for the write-back before it). ~64 = eight layers' misses at
-        # batch 1, under 4% of the slots. (Never where the budget holds every expert: a spare kept free there evicts a resident
-        # expert, and a layer whose experts are all resident for good is what lets a decode
-        # step skip host work and be compiled whole.)
+        # batch 1, under 4% of the slots. (Never where the budget holds every expert: a spare
+        # kept free there evicts a resident expert, and a layer whose experts are all resident
+        # for good is what lets a decode step skip host work and be compiled whole.)
         self._spare_slots = min(64, self.num_slots // 32) \
             if self._writeback_stream is not None and not self.holds_everything else 0
         self._complete: dict[int, tuple[int, int]] = {}  # layer -> its slots' range [first, end)
@@ -483,7 +482,6 @@ class ExpertCache:
             if taken is not None:
                 self._taken[incoming] = taken
             misses.writebacks.append((victim, slot))
-            misses.evicted_slots.add(slot.index)
         if slot.prefetched:
             self._stats.prefetch["wasted"] += 1
         self._stats.evictions += 1
@@ -513,19 +511,21 @@ class ExpertCache:
         if not misses:
             return
         self._put_table([(key, -1) for key in misses.unmapped])
-        refills = {slot.index: (key, slot) for key, slot in misses.from_memory if slot.index in misses.evicted_slots}
-        self._load_from_memory([(key, slot) for key, slot in misses.from_memory if slot.index not in refills])
+        evicted = {slot.index for _, slot in misses.writebacks}
+        refills = {slot.index: (key, slot) for key, slot in misses.from_memory if slot.index in evicted}
+        self._load_batch([(key, slot) for key, slot in misses.from_memory if slot.index not in refills])
         group = max(1, self.host.spares // 2 if self.exclusive else len(misses.writebacks))
         for first in range(0, len(misses.writebacks), group):
             writebacks = misses.writebacks[first:first + group]
             self._write_back_all(writebacks)
-            self._load_from_memory([refills[slot.index] for _, slot in writebacks if slot.index in refills])
+            self._load_batch([refills[slot.index] for _, slot in writebacks if slot.index in refills])
         for key, slot in misses.from_disk:
             slot.future = self._loader.submit(self._load, key, slot)
         misses.__init__()  # drained: a later _issue of the same call queues only what follows
 
-    def _load_from_memory(self, loads: list[tuple[Key, _Slot]]) -> None:
-        """Copy host-tier entries into their slots: one stream switch, event and table update for all."""
+    def _load_batch(self, loads: list[tuple[Key, _Slot]]) -> None:
+        """Fetch experts (from the host tier, or the store on a loader thread) and copy them into
+        their slots: one stream switch, event and table update for all."""
         if not loads:
             return
         start, fetched = time.perf_counter(), []
@@ -546,16 +546,7 @@ class ExpertCache:
 
     # --- loader thread ------------------------------------------------------------
     def _load(self, key: Key, slot: _Slot) -> None:
-        start = time.perf_counter()
-        try:
-            tier, parts = self._fetch(key)
-            self._copy_all([(key, slot, parts)])
-        except BaseException as exc:  # surfaced to the acquirer, never lost
-            self._fail(key, slot, exc)
-            return
-        nbytes = sum(p.nbytes for p in parts.values())
-        del parts
-        self._loaded([(key, slot, tier, nbytes)], time.perf_counter() - start)
+        self._load_batch([(key, slot)])
 
     def _loaded(self, done: list[tuple[Key, _Slot, str, int]], seconds: float) -> None:
         """Mark loads ready (their copies queued) and count them; `seconds` each."""
@@ -617,27 +608,23 @@ class ExpertCache:
         load refilling one of those slots waits for (_copy_all)."""
         if not writebacks:
             return
-        stream, lent, copied, waited = self._writeback_stream, [], [], set()
+        # the tier is full of lent entries where adopt() gives None: the store still has it
+        adopted = [(slot, views) for key, slot in writebacks
+                   if key not in self.host and (views := self.host.adopt(key)) is not None]
+        stream, copied = self._writeback_stream, [slot.index for slot, _ in adopted]
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for key, slot in writebacks:
-                if key in self.host:
-                    continue
-                views = self.host.adopt(key)
-                if views is None:  # the tier is full of lent entries: the store still has it
-                    continue
-                if stream is not None and slot.event is not None and id(slot.event) not in waited:
-                    waited.add(id(slot.event))
-                    stream.wait_event(slot.event)
+            if stream is not None:
+                for event in _distinct_events(slot.event for slot, _ in adopted):
+                    stream.wait_event(event)
+            for slot, views in adopted:
                 for slot_view, host_view in self._copy_pairs(slot.index, views):
                     host_view.copy_(slot_view, non_blocking=stream is not None)
-                lent.append(views)
-                copied.append(slot.index)
             if stream is not None and copied:
                 done = torch.cuda.Event()
                 done.record(stream)
                 self._written_back.update(dict.fromkeys(copied, done))
         self._stats.writebacks += len(copied)
-        del lent  # given back after the copies are queued: each host slot's event is recorded behind them
+        del adopted  # given back after the copies are queued: each host slot's event is recorded behind them
 
     def _copy_all(self, loads: list[tuple[Key, _Slot, dict[str, torch.Tensor]]]) -> None:
         """Fill slots from shards' tensors and publish them in the table. On CUDA on the side
@@ -649,13 +636,11 @@ class ExpertCache:
                 self._fill_slot(slot.index, parts, non_blocking=False)
             self._put_table([(key, slot.index) for key, slot, _ in loads])
             return
-        before = {}
-        for _, slot, _ in loads:  # the last compute reading a slot, and its write-back
-            for event in (self._last_use.pop(slot.index, None), self._written_back.pop(slot.index, None)):
-                if event is not None:
-                    before[id(event)] = event
+        before = _distinct_events(event for _, slot, _ in loads  # the last compute reading a slot, its write-back
+                                  for event in (self._last_use.pop(slot.index, None),
+                                                self._written_back.pop(slot.index, None)))
         with torch.cuda.stream(self._copy_stream):
-            for event in before.values():
+            for event in before:
                 self._copy_stream.wait_event(event)
             for key, slot, parts in loads:
                 self._fill_slot(slot.index, parts, non_blocking=True)
@@ -731,7 +716,6 @@ class ExpertCache:
     def _wait_all_ready(self, lease: Lease) -> None:
         """Wait for the lease's loads: the host for their copies to be queued, the compute stream
         (on the device, once per distinct event: a batch shares one) for the copies themselves."""
-        stream, waited = None, set()
         for expert, slot in lease.pinned.items():
             key = (lease.layer, expert)
             with self._lock:
@@ -739,11 +723,12 @@ class ExpertCache:
                 if slot.error is not None:
                     self._drop_failed(key, slot)
                     raise _load_error(key, slot.error)
-            if slot.event is not None and id(slot.event) not in waited:
-                waited.add(id(slot.event))
-                stream = stream or torch.cuda.current_stream(self.device)
-                stream.wait_event(slot.event)
             lease.slots[expert] = slot.index
+        events = _distinct_events(slot.event for slot in lease.pinned.values())
+        if events:
+            stream = torch.cuda.current_stream(self.device)
+            for event in events:
+                stream.wait_event(event)
 
     def _drop_failed(self, key: Key, slot: _Slot) -> None:
         """A failed load leaves the cache as if it had never been tried."""
@@ -756,6 +741,11 @@ class ExpertCache:
 
     def close(self) -> None:
         self._loader.shutdown(wait=True)
+
+
+def _distinct_events(events: Iterable["torch.cuda.Event | None"]) -> list["torch.cuda.Event"]:
+    """The events, each once and None left out (a batch's slots share one): one wait each."""
+    return list({id(event): event for event in events if event is not None}.values())
 
 
 def host_parts(tensors: dict[str, torch.Tensor], fmt: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:

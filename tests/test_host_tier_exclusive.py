@@ -160,7 +160,8 @@ def test_spare_slots_keep_a_batch_from_refilling_the_slots_it_evicts(store):
 
     def watched(misses):
         loads = misses.from_memory + misses.from_disk
-        refills.extend(slot.index in misses.evicted_slots for _, slot in loads)
+        evicted = {slot.index for _, slot in misses.writebacks}
+        refills.extend(slot.index in evicted for _, slot in loads)
         issue(misses)
 
     cache._issue = watched
