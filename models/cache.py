@@ -501,20 +501,17 @@ class ExpertCache:
         experts leave the table; loads into slots evicted by earlier batches (their write-backs
         long queued) go first, so they run beside this batch's write-backs on the other copy
         engine, and give their host entries back for those write-backs to land in; then the
-        write-backs, each group followed by the loads that refill its slots; store reads go to
-        the loader threads last (each waits for its slot's write-back on the device). A group
-        is half the host tier's spare slots: its write-backs land in slots the group before
-        last gave back (long copied up), so they run beside the previous group's loads. A group
-        of all the spares landed in the slots the previous group's loads were still reading,
-        and waited for them: a prefill's groups ran one copy engine at a time. A group larger
-        than the spares would evict cached entries to make room."""
+        write-backs, each group followed by the loads that refill its slots (a group no larger
+        than the host tier's spare slots: a larger one would evict cached entries to make
+        room); store reads go to the loader threads last (each waits for its slot's write-back
+        on the device)."""
         if not misses:
             return
         self._put_table([(key, -1) for key in misses.unmapped])
         evicted = {slot.index for _, slot in misses.writebacks}
         refills = {slot.index: (key, slot) for key, slot in misses.from_memory if slot.index in evicted}
         self._load_batch([(key, slot) for key, slot in misses.from_memory if slot.index not in refills])
-        group = max(1, self.host.spares // 2 if self.exclusive else len(misses.writebacks))
+        group = max(1, self.host.spares if self.exclusive else len(misses.writebacks))
         for first in range(0, len(misses.writebacks), group):
             writebacks = misses.writebacks[first:first + group]
             self._write_back_all(writebacks)
