@@ -552,7 +552,13 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
     before = runtime.cache.stats()
     peak = torch.cuda.max_memory_allocated() - allocated if on_gpu else 0  # this runtime's own
 
+    if graphs:
+        from models.decoder import SplitTimes
+
+        decoder.split_times = SplitTimes()  # the timed runs' alone
+
     def finish() -> dict:
+        splits = decoder.split_times.per_split_us() if graphs else None
         after = runtime.cache.stats()
         tokens = args.tokens * args.repeats * ids.shape[0]
         queries = after.queries - before.queries
@@ -569,6 +575,8 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
             "experts_fraction": runtime.cache.num_slots / len(all_experts(runtime.store)),
             "routing_entropy": routing_entropy(runtime, generate, ids, args.tokens),
         }
+        if splits is not None:  # host time at each MoE layer that can miss, per decode step
+            row["split_us"] = splits
         if on_gpu:  # alone on the GPU (--sequential), the entropy pass counts too; else other systems would
             row["gpu_peak_gib"] = (max(peak, torch.cuda.max_memory_allocated() - allocated)
                                    if args.sequential else peak) / 2**30
@@ -730,6 +738,13 @@ def print_table(title: str, rows: list[dict]) -> None:
               f"{fmt(r, 'decode_copy_floor_tok_s', '.0f'):>6} "
               f"{fmt(r, 'gpu_peak_gib', '.2f'):>7} {fmt(r, 'host_peak_gib', '.2f'):>8} "
               f"{fmt(r, 'routing_entropy', '.3f'):>7}")
+    split = [r for r in rows if r.get("split_us")]
+    if split:
+        print("host time at each MoE layer that can miss, per replayed decode step (us): waiting for its routing "
+              "/ deciding and queuing its loads / queuing the next piece and the write-backs")
+        for r in split:
+            times = r["split_us"]
+            print(f"  {r['system']:<64} {times['sync']:>7.0f} {times['issue']:>7.0f} {times['after']:>7.0f}")
 
 
 def cadre_factories(checkpoint: Path, store: Path, workdir: Path, device, dtype_name, ids, args) -> list:

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from extractor.store import ExpertStore
+from models.expert_format import dense_weights
 
 
 def reference_from_store(root, device: str, dtype: torch.dtype, experts_implementation: str):
@@ -51,10 +52,13 @@ def _load_experts(model, store: ExpertStore, device: str, dtype: torch.dtype) ->
             continue
         inter = experts.down_proj.shape[-1]
         for expert in store.experts_present(layer):
-            tensors = store.load_expert(layer, expert)
-            experts.gate_up_proj.data[expert, :inter].copy_(tensors["gate_proj"].to(device=device, dtype=dtype))
-            experts.gate_up_proj.data[expert, inter:].copy_(tensors["up_proj"].to(device=device, dtype=dtype))
-            experts.down_proj.data[expert].copy_(tensors["down_proj"].to(device=device, dtype=dtype))
+            # quantised shards (FP8 block scales, MXFP4) dequantised on the device, as transformers
+            # loads such a checkpoint with dequantize=True; dense ones only cast
+            shard = {name: t.to(device) for name, t in store.load_expert(layer, expert).items()}
+            tensors = dense_weights(store.expert_format, shard, dtype)
+            experts.gate_up_proj.data[expert, :inter].copy_(tensors["gate_proj"])
+            experts.gate_up_proj.data[expert, inter:].copy_(tensors["up_proj"])
+            experts.down_proj.data[expert].copy_(tensors["down_proj"])
 
 
 def _rebuild_rotary(model, config, device: str) -> None:

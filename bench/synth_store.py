@@ -1,6 +1,7 @@
 """Write an expert store of random weights with a real model's shapes, no checkpoint needed.
 
     python -m bench synth-store --config qwen3-30b-a3b --out STORE [--layers N] [--dtype bfloat16]
+                                [--expert-format dense|fp8] [--fp8-block N]
                                 [--seed S] [--device cpu|cuda] [--workers N]
 
 --config names a file of bench/configs (qwen3-30b-a3b, deepseek-v2-lite, mixtral-8x7b),
@@ -12,9 +13,17 @@ weights are synthetic: bench.synth_weights draws them with a calibrated routing 
 model's (8,192 ids, which every config's vocabulary contains): prompts encode, generated ids
 beyond it decode to nothing.
 
+--expert-format fp8 models an FP8 checkpoint (Qwen3-30B-A3B-FP8): the routed experts, drawn as
+for dense, are quantised on --device by the extractor's own quantiser (extractor.quant, 128x128
+float32 block scales by default) and written, with the manifest's "expert_format", exactly as
+`python -m extractor --dtype fp8` writes them; the trunk stays in --dtype. A miss then moves
+about half a bf16 expert's bytes (the host tier keeps them quantised, the device dequantises).
+
 Speed: each expert shard is generated on --device, copied to the host and written by one of
 --workers threads (hashing and writing release the GIL), so generation, copies, hashing and
-disk writes overlap; the printed GB/s is bytes written over wall time.
+disk writes overlap; the printed GB/s is bytes written over wall time. FP8 quantisation runs
+on the writer threads too; on a CPU it costs ~0.15 s an expert at Qwen3-30B-A3B's width, so a
+full-depth FP8 store wants --device cuda.
 """
 
 from __future__ import annotations
@@ -31,12 +40,14 @@ from pathlib import Path
 
 import torch
 
-from bench.synth_weights import CALIBRATION, DEFAULT_SPREAD, Spread, expert_tensor, trunk_tensor
+from bench.synth_weights import CALIBRATION, DEFAULT_SPREAD, Spread, expert_projections, expert_tensor, trunk_tensor
+from extractor.formats import DENSE, FP8, FP8_DTYPE, expected_shapes, manifest_entry, tensor_names
+from extractor.plan import FP8_BLOCK
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+EXPERT_FORMATS = (DENSE, FP8)
 
 
 class SynthError(ValueError):
@@ -49,7 +60,14 @@ def parse_args(argv):
     p.add_argument("--config", required=True, help="qwen3-30b-a3b, deepseek-v2-lite, mixtral-8x7b, demo, or a path")
     p.add_argument("--out", required=True, type=Path, help="store directory: new or empty")
     p.add_argument("--layers", type=int, help="decoder layers (default: the config's)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                   help="the trunk's and the computation's dtype; dense experts' too (default bfloat16)")
+    p.add_argument("--expert-format", choices=EXPERT_FORMATS, default=DENSE,
+                   help="routed experts: dense (in --dtype) or fp8 (float8_e4m3fn + float32 block scales, "
+                        "what `python -m extractor --dtype fp8` writes: half a bf16 expert's bytes)")
+    p.add_argument("--fp8-block", metavar="N", type=int,
+                   help=f"with --expert-format fp8: rows and columns per scale, dividing the experts' shapes "
+                        f"(default {FP8_BLOCK[0]}, Qwen3-FP8's and DeepSeek-V3's block)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="where weights are drawn: cpu or cuda (default cpu)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="writer threads")
@@ -143,15 +161,31 @@ def main(argv: list[str]) -> int:
             raise SynthError(f"--workers {args.workers}: must be at least 1")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise SynthError(f"--device {args.device}: no CUDA device here")
+        if args.fp8_block is not None and args.expert_format != FP8:
+            raise SynthError(f"--fp8-block {args.fp8_block}: only with --expert-format fp8")
+        if args.fp8_block is not None and args.fp8_block < 1:
+            raise SynthError(f"--fp8-block {args.fp8_block}: must be at least 1")
         spread = Spread(embed_std=args.embed_std, gate_std=args.gate_std, skew=args.skew)
         layout = Layout({**config, "torch_dtype": args.dtype}, DTYPES[args.dtype])
+        block = fp8_block(layout, args.fp8_block) if args.expert_format == FP8 else None
     except (SynthError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    writer = StoreWriter(args.out, layout, DTYPES[args.dtype], args.seed, spread, args.device, args.workers)
+    writer = StoreWriter(args.out, layout, DTYPES[args.dtype], args.seed, spread, args.device, args.workers, block)
     summary = writer.write(name=args.config)
     print(summary)
     return 0
+
+
+def fp8_block(layout: Layout, size: int | None) -> tuple[int, int]:
+    """The FP8 scale block, [size, size] (default the extractor's), checked to divide every MoE layer's
+    experts as the extractor checks it: a partial block would need a scale grid the runtime never sees."""
+    block = FP8_BLOCK if size is None else (size, size)
+    for layer, (_, inter, hidden) in sorted(layout.experts.items()):  # gate/up [I, H], down [H, I]: square blocks
+        if inter % block[0] or hidden % block[1]:
+            raise SynthError(f"--expert-format fp8: block {block[0]}x{block[1]} does not divide layer {layer}'s "
+                             f"experts [{inter}, {hidden}]; pass --fp8-block N dividing both")
+    return block
 
 
 def _check_out(out: Path) -> None:
@@ -163,10 +197,12 @@ class StoreWriter:
     """Writes config, tokenizer, trunk and every expert shard, then the manifest (last, durable)."""
 
     def __init__(self, out: Path, layout: Layout, dtype: torch.dtype, seed: int, spread: Spread, device: str,
-                 workers: int):
+                 workers: int, block: tuple[int, int] | None = None):
         from extractor.safetensors_format import TORCH_NAMES, encode_header
 
         self.out, self.layout, self.dtype, self.seed, self.spread = out, layout, dtype, seed, spread
+        self.block = block  # None: dense experts in `dtype`; else FP8 with [rows, cols] block scales
+        self.format = DENSE if block is None else FP8
         self.device, self.workers = torch.device(device), workers
         self.st_dtype = TORCH_NAMES[str(dtype).removeprefix("torch.")]
         self.files: dict[str, object] = {}  # relative path -> extractor.writer.FileRecord
@@ -187,7 +223,11 @@ class StoreWriter:
         self._make_durable()
         self._manifest(name)
         seconds = time.perf_counter() - started
+        dtype = str(self.dtype).removeprefix("torch.")
+        experts = (f"{dtype} experts" if self.block is None else
+                   f"fp8 experts ({self.block[0]}x{self.block[1]} block scales), {dtype} trunk")
         return (f"synth-store {name}: {len(self.layout.experts)} MoE layers x {self.layout.num_experts} experts + trunk, "
+                f"{experts}, "
                 f"{self.written / 1e9:.2f} GB in {seconds:.1f} s = {self.written / 1e9 / seconds:.2f} GB/s "
                 f"({self.workers} writers, drawn on {self.device}) -> {self.out}; routing spread "
                 f"embed_std={self.spread.embed_std} gate_std={self.spread.gate_std} skew={self.spread.skew} "
@@ -219,14 +259,25 @@ class StoreWriter:
         from extractor.store import expert_relpath
 
         _, inter, hidden = self.layout.experts[layer]
-        header = self._encode_header([("gate_proj", self.st_dtype, (inter, hidden)), ("up_proj", self.st_dtype,
-                                      (inter, hidden)), ("down_proj", self.st_dtype, (hidden, inter))])
+        names = tensor_names(self.format, bias=False)  # the extractor's shard order: weights, then scales
+        shapes = expected_shapes(self.format, inter, hidden, self.block)
+        weight_dtype = self.st_dtype if self.block is None else FP8_DTYPE
+        dtypes = {name: "F32" if name.endswith("_scale_inv") else weight_dtype for name in names}
+        header = self._encode_header([(name, dtypes[name], shapes[name]) for name in names])
         weights = expert_tensor(layer, expert, inter, hidden, self.dtype, seed=self.seed,
                                 init_std=self.layout.init_std, layers=self.layout.layers, device=self.device)  # [3IH]
-        data = self._host_bytes(weights)
+        if self.block is None:
+            data = [self._host_bytes(weights)]
+        else:
+            from extractor.quant import quantize_fp8
+
+            tensors = {}
+            for proj, weight in expert_projections(weights, inter, hidden).items():
+                tensors[proj], tensors[proj + "_scale_inv"] = quantize_fp8(weight, self.block)
+            data = [self._host_bytes(tensors[name]) for name in names]
         path = self.out / expert_relpath(layer, expert)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._write_file(expert_relpath(layer, expert), [header, data], tensor_bytes=len(data))
+        self._write_file(expert_relpath(layer, expert), [header, *data], tensor_bytes=sum(len(d) for d in data))
 
     def _write_bytes(self, rel: str, data: bytes) -> None:
         self._write_file(rel, [data])
@@ -264,8 +315,10 @@ class StoreWriter:
 
         config_sha = self.files["config.json"].sha256
         layout = self.layout
-        fingerprint = hashlib.sha256(f"{config_sha}:{self.seed}:{self.spread}:{self.dtype}".encode()).hexdigest()[:16]
-        write_manifest(self.out, {
+        experts = "" if self.block is None else f":fp8:{self.block[0]}x{self.block[1]}"  # dense: as before fp8
+        request = f"{config_sha}:{self.seed}:{self.spread}:{self.dtype}{experts}"
+        fingerprint = hashlib.sha256(request.encode()).hexdigest()[:16]
+        manifest = {
             "format_version": FORMAT_VERSION,
             "family": layout.config["model_type"],
             "source": {"path": f"synthetic:{name}", "config_sha256": config_sha},
@@ -278,8 +331,12 @@ class StoreWriter:
             "files": {rel: record.to_json() for rel, record in sorted(self.files.items())},
             "plan": f"synth-{fingerprint}",
             "source_fused_experts": False,
-            "synthetic": {"config": name, "seed": self.seed, "device": str(self.device), **self.spread.as_dict()},
-        })
+        }
+        expert_format = manifest_entry(self.format, False, None if self.block is None else list(self.block))
+        if expert_format is not None:  # absent: dense experts, as the extractor writes them
+            manifest["expert_format"] = expert_format
+        manifest["synthetic"] = {"config": name, "seed": self.seed, "device": str(self.device), **self.spread.as_dict()}
+        write_manifest(self.out, manifest)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,14 @@ def expert_tensor(layer: int, expert: int, inter: int, hidden: int, dtype: torch
     return weights
 
 
+def expert_projections(weights: torch.Tensor, inter: int, hidden: int) -> dict[str, torch.Tensor]:
+    """expert_tensor's [3*I*H] as views {gate_proj [I,H], up_proj [I,H], down_proj [H,I]} (what an
+    FP8 store quantises one by one)."""
+    size = inter * hidden
+    return {"gate_proj": weights[:size].view(inter, hidden), "up_proj": weights[size:2 * size].view(inter, hidden),
+            "down_proj": weights[2 * size:].view(hidden, inter)}
+
+
 def _normal(shape, std: float, dtype: torch.dtype, gen: torch.Generator, device) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=device)
     return out.normal_(0.0, std, generator=gen)

@@ -187,6 +187,8 @@ class ExpertCache:
             self._writeback_stream = self.host.writeback_stream = torch.cuda.Stream(self.device)
         self._written_back: dict[int, "torch.cuda.Event"] = {}  # slot index -> its write-back copied
         self._taken: dict[Key, dict[str, torch.Tensor]] = {}  # exclusive: taken up ahead of a write-back
+        self._deferred: list[tuple[Key, _Slot]] = []  # write-backs left for flush_writebacks()
+        self._deferred_slots: set[int] = set()  # their slots (free, not to be refilled before)
         self._stats = CacheStats(capacity_bytes=self.capacity_bytes)
         self._last_use: dict[int, "torch.cuda.Event"] = {}  # slot index -> last compute reading it
         # When the budget holds every expert nothing is ever evicted: a layer whose experts
@@ -359,7 +361,8 @@ class ExpertCache:
         return self.gate_up[slot], self.down[slot]
 
     # --- acquire / release ------------------------------------------------------
-    def acquire(self, layer: int, experts: list[int], force: bool = False) -> "Lease":
+    def acquire(self, layer: int, experts: list[int], force: bool = False,
+                defer_writebacks: bool = False) -> "Lease":
         """Pin as many of `experts` as free slots allow, loading misses.
 
         Returns a Lease: {expert: slot} for the pinned ones, ready to compute on, and
@@ -369,7 +372,9 @@ class ExpertCache:
         this lease: a budget smaller than a batch's working set streams experts through
         it instead of failing. `force` pins all of them, evicting the least recently used
         where the policy declines (a captured decode step cannot stream); the caller
-        guarantees they fit the budget.
+        guarantees they fit the budget. `defer_writebacks` leaves this call's write-backs
+        queued on the host until `flush_writebacks()` (see _issue): a caller that launches
+        compute on the lease first keeps them off the path from routing to compute.
         """
         lease, misses = Lease(layer), _Misses()
         with self._lock:
@@ -382,7 +387,7 @@ class ExpertCache:
                 if slot is None:
                     lease.missing = ordered[i:]
                     break
-            self._issue(misses)
+            self._issue(misses, defer_writebacks)
         try:
             self._wait_all_ready(lease)
         except BaseException:
@@ -460,6 +465,8 @@ class ExpertCache:
         if not self._free and not self._evict_one(key, misses, force):
             return None
         slot = _Slot(index=self._free.popleft())
+        if slot.index in self._deferred_slots:  # its old expert must reach the host tier first
+            self._flush_deferred()
         self._slots[key] = slot
         self._by_layer.setdefault(key[0], OrderedDict())[key[1]] = slot
         assert len(self._slots) <= self.num_slots, "cache over its byte budget"
@@ -489,6 +496,8 @@ class ExpertCache:
         return True
 
     def _start_load(self, key: Key, slot: _Slot, misses: _Misses) -> None:
+        if any(key == deferred for deferred, _ in self._deferred):  # evicted, on its way down: land it first
+            self._flush_deferred()
         if self.host is not None and (key in self.host or key in self._taken):
             # pinned host -> device: the copy is queued on the side stream with the batch's
             # others, so a hand-off to the loader thread would only add latency
@@ -496,29 +505,51 @@ class ExpertCache:
         else:
             misses.from_disk.append((key, slot))
 
-    def _issue(self, misses: _Misses) -> None:
-        """Queue a batch's device work (lock held), in the order its slots allow: the evicted
-        experts leave the table; loads into slots evicted by earlier batches (their write-backs
-        long queued) go first, so they run beside this batch's write-backs on the other copy
-        engine, and give their host entries back for those write-backs to land in; then the
-        write-backs, each group followed by the loads that refill its slots (a group no larger
-        than the host tier's spare slots: a larger one would evict cached entries to make
-        room); store reads go to the loader threads last (each waits for its slot's write-back
-        on the device)."""
+    def _issue(self, misses: _Misses, defer_writebacks: bool = False) -> None:
+        """Queue a batch's device work (lock held), in the order its slots allow. Loads into
+        slots evicted by earlier batches (their write-backs long queued) go first: they are
+        what the compute waits for, and they give their host entries back for the write-backs
+        to land in. Then the evicted experts leave the table (before any later load refills
+        their slots: same stream), then the write-backs, each group followed by the loads that
+        refill its slots (a group no larger than the host tier's spare slots: a larger one
+        would evict cached entries to make room); store reads go to the loader threads last
+        (each waits for its slot's write-back on the device). With `defer_writebacks` and no
+        load refilling a slot evicted here, the write-backs wait on the host for
+        flush_writebacks() (or the next batch that needs one of their slots or experts)."""
         if not misses:
             return
-        self._put_table([(key, -1) for key in misses.unmapped])
         evicted = {slot.index for _, slot in misses.writebacks}
         refills = {slot.index: (key, slot) for key, slot in misses.from_memory if slot.index in evicted}
         self._load_batch([(key, slot) for key, slot in misses.from_memory if slot.index not in refills])
-        group = max(1, self.host.spares if self.exclusive else len(misses.writebacks))
-        for first in range(0, len(misses.writebacks), group):
-            writebacks = misses.writebacks[first:first + group]
-            self._write_back_all(writebacks)
-            self._load_batch([refills[slot.index] for _, slot in writebacks if slot.index in refills])
+        self._put_table([(key, -1) for key in misses.unmapped])
+        if defer_writebacks and not refills and not any(slot.index in evicted for _, slot in misses.from_disk):
+            self._deferred.extend(misses.writebacks)
+            self._deferred_slots.update(evicted)
+        else:
+            self._flush_deferred()
+            self._write_back_groups(misses.writebacks, refills)
         for key, slot in misses.from_disk:
             slot.future = self._loader.submit(self._load, key, slot)
         misses.__init__()  # drained: a later _issue of the same call queues only what follows
+
+    def _write_back_groups(self, writebacks: list[tuple[Key, _Slot]],
+                           refills: dict[int, tuple[Key, _Slot]]) -> None:
+        group = max(1, self.host.spares if self.exclusive else len(writebacks))
+        for first in range(0, len(writebacks), group):
+            batch = writebacks[first:first + group]
+            self._write_back_all(batch)
+            self._load_batch([refills[slot.index] for _, slot in batch if slot.index in refills])
+
+    def flush_writebacks(self) -> None:
+        """Queue the write-backs that acquire(defer_writebacks=True) left on the host."""
+        with self._lock:
+            self._flush_deferred()
+
+    def _flush_deferred(self) -> None:
+        if self._deferred:
+            writebacks, self._deferred = self._deferred, []
+            self._deferred_slots.clear()
+            self._write_back_groups(writebacks, {})
 
     def _load_batch(self, loads: list[tuple[Key, _Slot]]) -> None:
         """Fetch experts (from the host tier, or the store on a loader thread) and copy them into

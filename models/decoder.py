@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -79,6 +80,28 @@ class _CapturedStep:
     routing: tuple[list[int], torch.Tensor, torch.Tensor] | None  # MoE layers, [L,B,K] experts, weights
     outcomes: list = field(default_factory=list)
     verified: bool = False  # its first replay matched an eager step (see Decoder._verify)
+
+
+@dataclass
+class SplitTimes:
+    """Host time at the splits of replayed decode steps, summed: waiting for a layer's routing
+    (the synchronisation, GPU time the host cannot use), deciding and queuing its loads (GPU
+    idle unless copies or compute are still queued), then queuing the next piece and the
+    write-backs (overlapped with the copies and compute)."""
+
+    splits: int = 0
+    sync_s: float = 0.0
+    issue_s: float = 0.0
+    after_s: float = 0.0
+
+    def add(self, sync: float, issue: float, after: float) -> None:
+        self.splits += 1
+        self.sync_s, self.issue_s, self.after_s = self.sync_s + sync, self.issue_s + issue, self.after_s + after
+
+    def per_split_us(self) -> dict[str, float] | None:
+        if not self.splits:
+            return None
+        return {name: 1e6 * getattr(self, f"{name}_s") / self.splits for name in ("sync", "issue", "after")}
 
 
 class _CaptureHooks(StepHooks):
@@ -139,6 +162,7 @@ class Decoder:
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._arange = torch.arange(max_batch, device=self.device)
         self._steps: dict[tuple[int, int], _CapturedStep] = {}
+        self.split_times = SplitTimes()  # host time at the splits of replayed steps (bench reads it)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._step_logits = self._compiled_step() if runtime.config.compile_step else self._logits
 
@@ -362,13 +386,21 @@ class Decoder:
         step.input_ids.copy_(input_ids, non_blocking=True)
         step.positions.copy_(positions, non_blocking=True)
         step.pieces[0].replay()
-        outcomes = {}
+        outcomes, clock = {}, self.split_times
         for split, piece in zip(step.splits, step.pieces[1:]):
             layer = split.layer
             layer.outcomes, layer.stall = {}, 0.0
-            lease = layer.acquire(layer.needed(split.index), split.hidden, force=True)
+            started = time.perf_counter()
+            needed = layer.needed(split.index)  # waits for the GPU to reach this layer's router
+            routed = time.perf_counter()
+            # the loads go out first and the next piece right behind them; the write-backs of
+            # this layer's evictions are queued after, while the GPU copies and computes
+            lease = layer.acquire(needed, split.hidden, force=True, defer_writebacks=True)
+            issued = time.perf_counter()
             piece.replay()
             layer.cache.release(lease)  # after the piece that computes with it is queued
+            layer.cache.flush_writebacks()
+            clock.add(routed - started, issued - routed, time.perf_counter() - issued)
             outcomes[layer.layer] = (layer.outcomes, layer.stall)
         if step.routing is not None and self.runtime.has_routing_listeners:
             self.runtime.emit_step_routing(*step.routing, outcomes)

@@ -159,14 +159,16 @@ class ExpertLayer:
 
     # --- host side ----------------------------------------------------------------------------
     def needed(self, index: torch.Tensor) -> list[int]:
-        """Distinct experts of `index` [T,K]: the host synchronisation of a miss-capable layer."""
-        return [e for e in torch.unique(index.reshape(-1).cpu()).tolist() if e != UNUSED]
+        """Distinct experts of `index` [T,K], sorted: the host synchronisation of a miss-capable
+        layer (de-duplicated in Python: a few ids, where torch.unique is several calls)."""
+        return sorted(set(index.reshape(-1).tolist()) - {UNUSED})
 
-    def acquire(self, experts: list[int], hidden: torch.Tensor, force: bool = False):
+    def acquire(self, experts: list[int], hidden: torch.Tensor, force: bool = False,
+                defer_writebacks: bool = False):
         """Pin `experts` (as many as fit unless `force`), loading misses; records outcomes,
         stall time and full-depth prefetches."""
         started = time.perf_counter()
-        lease = self.cache.acquire(self.layer, experts, force=force)
+        lease = self.cache.acquire(self.layer, experts, force=force, defer_writebacks=defer_writebacks)
         self.stall += time.perf_counter() - started
         if self.before is not None and not self.outcomes:
             # Speculate only once this layer's first experts are pinned, so a prefetch for

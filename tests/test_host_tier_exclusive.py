@@ -158,11 +158,11 @@ def test_spare_slots_keep_a_batch_from_refilling_the_slots_it_evicts(store):
     cache._spare_slots = store.top_k
     refills, issue = [], cache._issue
 
-    def watched(misses):
+    def watched(misses, *rest):
         loads = misses.from_memory + misses.from_disk
         evicted = {slot.index for _, slot in misses.writebacks}
         refills.extend(slot.index in evicted for _, slot in loads)
-        issue(misses)
+        issue(misses, *rest)
 
     cache._issue = watched
     run_pattern(cache, store, steps=40)

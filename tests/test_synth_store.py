@@ -1,5 +1,5 @@
-"""bench synth-store: a store of random weights in the extractor's exact format, that the extractor
-verifies and the runtime loads and generates from; bad input exits 2 with one line."""
+"""bench synth-store: a store of random weights in the extractor's exact format (dense or FP8 experts),
+that the extractor verifies and the runtime loads and generates from; bad input exits 2 with one line."""
 
 import json
 import subprocess
@@ -86,6 +86,9 @@ def test_a_tiny_config_of_each_naming_loads(tmp_path, family):
 @pytest.mark.parametrize("args, named", [
     (["--config", "demo", "--layers", "99"], "--layers 99"),
     (["--config", "demo", "--workers", "0"], "--workers 0"),
+    (["--config", "demo", "--expert-format", "fp8"], "block 128x128 does not divide"),  # the demo's [64, 192]
+    (["--config", "demo", "--expert-format", "fp8", "--fp8-block", "0"], "--fp8-block 0"),
+    (["--config", "demo", "--fp8-block", "64"], "only with --expert-format fp8"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, named):
     assert synth_store(["--out", str(tmp_path / "s"), *args]) == 2
@@ -157,3 +160,70 @@ def test_the_spread_is_what_the_docs_say():
     expert = expert_tensor(2, 5, 64, 32, torch.float32, seed=1, init_std=0.02, layers=8)  # [3IH]
     gate, down = expert[: 64 * 32], expert[2 * 64 * 32:]
     assert abs(gate.std() - 0.02) < 0.002 and abs(down.std() - residual_std(0.02, 8)) < 0.0005
+
+
+# --- --expert-format fp8: Qwen3-30B-A3B-FP8's layout (the demo's 64 x 192 experts need a 64 block) ---------------
+
+@pytest.fixture(scope="module")
+def demo_fp8(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "demo-2l-fp8"
+    assert synth_store(["--config", "demo", "--layers", "2", "--expert-format", "fp8", "--fp8-block", "64",
+                        "--out", str(out), "--workers", "2"]) == 0
+    return out
+
+
+def test_fp8_experts_are_what_the_extractor_writes(demo_fp8, demo_synth):
+    """The manifest's expert_format and each shard's tensors are `extractor --dtype fp8`'s, the store
+    verifies through the extractor's CLI, and each shard is the extractor's quantiser applied to the
+    dense store's weights of the same seed: the same draw, half the bytes."""
+    from extractor.__main__ import main as extractor_cli
+    from extractor.formats import FP8, manifest_entry
+    from extractor.quant import quantize_fp8
+    from extractor.safetensors_format import read_header
+
+    store, dense = ExpertStore.open(demo_fp8), ExpertStore.open(demo_synth)
+    assert store.manifest["expert_format"] == manifest_entry(FP8, False, [64, 64])
+    assert store.dtype == torch.bfloat16 and store.manifest["plan"] != dense.manifest["plan"]
+    assert extractor_cli(["--out", str(demo_fp8), "--verify", "--quiet"]) == 0
+    header = {info.name: (info.dtype, info.shape) for info in read_header(store.expert_path(1, 31))}
+    assert header == {"gate_proj": ("F8_E4M3", (64, 192)), "up_proj": ("F8_E4M3", (64, 192)),
+                      "down_proj": ("F8_E4M3", (192, 64)), "gate_proj_scale_inv": ("F32", (1, 3)),
+                      "up_proj_scale_inv": ("F32", (1, 3)), "down_proj_scale_inv": ("F32", (3, 1))}
+    for layer, expert in [(0, 0), (1, 31)]:
+        shard, drawn = store.load_expert(layer, expert), dense.load_expert(layer, expert)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            weight, scale_inv = quantize_fp8(drawn[name], (64, 64))
+            assert torch.equal(shard[name].view(torch.uint8), weight.view(torch.uint8)), (layer, expert, name)
+            assert torch.equal(shard[name + "_scale_inv"], scale_inv), (layer, expert, name)
+    assert store.expert_nbytes(0, 0) == 3 * 64 * 192 + 3 * 3 * 4 == dense.expert_nbytes(0, 0) // 2 + 36
+
+
+def test_the_runtime_serves_fp8_experts_as_their_dequantised_weights(demo_fp8):
+    """Logits equal stock transformers' with every expert dequantised by models.expert_format, greedy
+    tokens are the same at 100% and at a quarter of the experts, and a miss moves the quantised shard."""
+    from bench.store_reference import reference_from_store
+    from models.expert_format import dense_weights
+
+    store = ExpertStore.open(demo_fp8)
+    reference = reference_from_store(demo_fp8, "cpu", torch.float32, "grouped_mm")
+    for layer in store.moe_layers:
+        experts = reference.model.layers[layer].mlp.experts
+        for expert in store.experts_present(layer):
+            dense = dense_weights(store.expert_format, store.load_expert(layer, expert), torch.float32)
+            experts.gate_up_proj.data[expert] = torch.cat([dense["gate_proj"], dense["up_proj"]])
+            experts.down_proj.data[expert] = dense["down_proj"]
+    ids = torch.randint(3, 8000, (1, 10), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected_logits = reference(ids).logits
+    expected = reference.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    for fraction in (1.0, 0.25):
+        runtime = Runtime.from_store(demo_fp8, RuntimeConfig(device="cpu", dtype="float32", cache_fraction=fraction))
+        try:
+            with torch.no_grad():
+                torch.testing.assert_close(runtime.model(ids).logits, expected_logits, atol=1e-4, rtol=0)
+            assert torch.equal(runtime.generate(ids, max_new_tokens=8, min_new_tokens=8), expected), fraction
+            stats = runtime.cache.stats()
+            loads = sum(stats.loads.values())
+            assert loads > 0 and stats.bytes_loaded == loads * store.expert_nbytes(0, 0)
+        finally:
+            runtime.close()
