@@ -382,18 +382,11 @@ class ExpertCache:
             # no longer evict one of them (in-order pinning made a working set one larger
             # than the budget miss on every expert, every step).
             ordered = sorted(experts, key=lambda e: (layer, e) not in self._slots)
-            first_out = False
             for i, expert in enumerate(ordered):
                 slot = self._pin(lease, (layer, expert), misses, force)
                 if slot is None:
                     lease.missing = ordered[i:]
                     break
-                if not first_out and misses.from_memory and i + 1 < len(ordered):
-                    # the first miss's copy goes out alone: the copy engine is busy with it while
-                    # the host decides the others (a batch decided whole left it idle ~0.4 ms a
-                    # layer at full depth, 24 GiB)
-                    self._issue(misses, defer_writebacks)
-                    first_out = True
             self._issue(misses, defer_writebacks)
         try:
             self._wait_all_ready(lease)
@@ -527,9 +520,8 @@ class ExpertCache:
             return
         evicted = {slot.index for _, slot in misses.writebacks}
         refills = {slot.index: (key, slot) for key, slot in misses.from_memory if slot.index in evicted}
-        # the evicted leave the table in the same indexed write as the first loads
-        self._load_batch([(key, slot) for key, slot in misses.from_memory if slot.index not in refills],
-                         unmapped=misses.unmapped)
+        self._load_batch([(key, slot) for key, slot in misses.from_memory if slot.index not in refills])
+        self._put_table([(key, -1) for key in misses.unmapped])
         if defer_writebacks and not refills and not any(slot.index in evicted for _, slot in misses.from_disk):
             self._deferred.extend(misses.writebacks)
             self._deferred_slots.update(evicted)
@@ -559,12 +551,10 @@ class ExpertCache:
             self._deferred_slots.clear()
             self._write_back_groups(writebacks, {})
 
-    def _load_batch(self, loads: list[tuple[Key, _Slot]], unmapped: list[Key] = ()) -> None:
+    def _load_batch(self, loads: list[tuple[Key, _Slot]]) -> None:
         """Fetch experts (from the host tier, or the store on a loader thread) and copy them into
-        their slots: one stream switch, event and table update for all (with the `unmapped`
-        keys' removal: every table entry a batch changes, in one indexed write)."""
+        their slots: one stream switch, event and table update for all."""
         if not loads:
-            self._put_table([(key, -1) for key in unmapped])
             return
         start, fetched = time.perf_counter(), []
         for key, slot in loads:
@@ -573,9 +563,8 @@ class ExpertCache:
             except BaseException as exc:  # surfaced to the acquirer, never lost
                 self._fail(key, slot, exc)
         try:
-            self._copy_all([(key, slot, parts) for key, slot, _, parts in fetched], unmapped)
+            self._copy_all([(key, slot, parts) for key, slot, _, parts in fetched])
         except BaseException as exc:
-            self._put_table([(key, -1) for key in unmapped])  # (again: harmless) never a stale entry
             for key, slot, _, _ in fetched:
                 self._fail(key, slot, exc)
             return
@@ -665,16 +654,15 @@ class ExpertCache:
         self._stats.writebacks += len(copied)
         del adopted  # given back after the copies are queued: each host slot's event is recorded behind them
 
-    def _copy_all(self, loads: list[tuple[Key, _Slot, dict[str, torch.Tensor]]], unmapped: list[Key] = ()) -> None:
+    def _copy_all(self, loads: list[tuple[Key, _Slot, dict[str, torch.Tensor]]]) -> None:
         """Fill slots from shards' tensors and publish them in the table. On CUDA on the side
         stream, so the copies overlap compute, after whatever last read or wrote the slots;
         one event for all, which orders the compute stream after them (_wait_all_ready) without
         a host-side synchronisation and covers the table entries written behind the copies."""
-        entries = [(key, -1) for key in unmapped] + [(key, slot.index) for key, slot, _ in loads]  # loads win
         if self._copy_stream is None:
             for key, slot, parts in loads:
                 self._fill_slot(slot.index, parts, non_blocking=False)
-            self._put_table(entries)
+            self._put_table([(key, slot.index) for key, slot, _ in loads])
             return
         before = _distinct_events(event for _, slot, _ in loads  # the last compute reading a slot, its write-back
                                   for event in (self._last_use.pop(slot.index, None),
@@ -684,7 +672,7 @@ class ExpertCache:
                 self._copy_stream.wait_event(event)
             for key, slot, parts in loads:
                 self._fill_slot(slot.index, parts, non_blocking=True)
-            self._put_table(entries)
+            self._put_table([(key, slot.index) for key, slot, _ in loads])
             done = torch.cuda.Event()
             done.record(self._copy_stream)
         for _, slot, _ in loads:
