@@ -165,9 +165,12 @@ def record_traces(store: str, prompts: dict[str, list[str]], max_tokens: int) ->
 def main(argv) -> int:
     args = parse_args(argv)
     load_before = _provenance.load_average()
-    if args.replicas < 2 or not 0 < args.cache_fraction <= 1 or args.concurrency < 1 or args.per_source < 1:
-        print("error: --replicas >= 2, 0 < --cache-fraction <= 1, --concurrency >= 1, --per-source >= 1",
-              file=sys.stderr)
+    problems = [f"--replicas {args.replicas}: at least 2" if args.replicas < 2 else "",
+                f"--cache-fraction {args.cache_fraction}: in (0, 1]" if not 0 < args.cache_fraction <= 1 else "",
+                f"--concurrency {args.concurrency}: at least 1" if args.concurrency < 1 else "",
+                f"--per-source {args.per_source}: at least 1" if args.per_source < 1 else ""]
+    if any(problems):
+        print("error: " + "; ".join(p for p in problems if p), file=sys.stderr)
         return 2
     from bench.affinity import workload
     from extractor.store import ExpertStore

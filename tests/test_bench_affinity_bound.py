@@ -39,3 +39,12 @@ def test_requests_arrive_interleaved_and_every_split_is_tried():
     placed = placements(traces, replicas=2)
     assert len(placed) == 1 + 3  # round-robin, then {a|bc, b|ac, c|ab}
     assert all(sum(len(r) for r in per) == 6 for per in placed.values())
+
+
+def test_bad_options_exit_2_naming_the_option(capsys):
+    from bench.affinity_bound import main
+
+    assert main(["--replicas", "1"]) == 2
+    assert main(["--cache-fraction", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--replicas 1" in err and "--cache-fraction 0.0" in err
