@@ -72,6 +72,12 @@ for stage in "$@"; do
         --impls batched_mm --compile --compile-modes gpt-fast --compile-impls batched_mm --budgets "" --cadre-compile-step \
         --gpu-memory 24GiB,16GiB --host-memory 32GiB --tokens 32 --repeats 2 --json "$OUT/decode_h200_full.json" 2>&1 \
         | tee "$OUT/decode_h200_full.log" | quiet | tail -12 ;;
+    full24)  # the 24 GiB row alone (~90 s), run from CADRE_SRC (default: this tree): an A/B of two versions
+      # in one call, e.g. `git archive next/miss-path | tar -x -C .ab/next` here, carry .ab, CADRE_SRC=.ab/next
+      src=${CADRE_SRC:-.}; tag=$(basename "$(cd "$src" && pwd)")
+      (cd "$src" && timeout 150 python3 -m bench decode --store $FULL --device cuda --sequential --impls "" --budgets "" \
+        --gpu-memory 24GiB --host-memory 32GiB --tokens 32 --repeats 2 --json "$OUT/decode_h200_full24_$tag.json" 2>&1 \
+        | tee "$OUT/decode_h200_full24_$tag.log" | quiet | tail -5) ;;
     full-loaders)  # the 24 GiB row with one loader thread, then eight: what parallel store reads buy
       for workers in 1 8; do
         timeout 150 python3 -m bench decode --store $FULL --device cuda --sequential --impls "" --budgets "" \
@@ -116,6 +122,6 @@ for stage in "$@"; do
         --tokens 64 --repeats 3 --json "$OUT/decode_h200_8l_fp8.json" 2>&1 | tee "$OUT/decode_h200_8l_fp8.log" \
         | quiet | tail -8 ;;
     *) echo "unknown stage $stage (tests tests-quick decode8l decode8l-b16 breakdown8l serve-demo serve8l fp8 synth full" \
-         "full-loaders full-accelerate fp8-full serve-full smoke-full breakdown-full)" >&2; exit 2 ;;
+         "full24 full-loaders full-accelerate fp8-full serve-full smoke-full breakdown-full)" >&2; exit 2 ;;
   esac
 done
