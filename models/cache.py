@@ -35,7 +35,7 @@ import torch
 from extractor.formats import DENSE
 from extractor.store import ExpertStore, StoreError
 
-from .expert_format import dense_weights
+from .quantised_fill import QuantisedFill
 from .host_tier import HostTier, entries_within
 
 Key = tuple[int, int]  # (layer, expert)
@@ -157,6 +157,8 @@ class ExpertCache:
             self.down_bias = torch.empty((self.num_slots, self.hidden), dtype=self.dtype,
                                          device=self.device) if has_bias else None  # [G,H]
         self._views_of_slot: dict[int, dict[str, torch.Tensor]] = {}  # see _slot_views
+        self._quantised = None if self.format["weights"] == DENSE else QuantisedFill(
+            self.format, self.dtype, self.gate_up, self.down, self.gate_up_bias, self.down_bias)
         # Free slots, refilled oldest first (see _spare_slots below)
         self._free: deque[int] = deque(range(self.num_slots))
         self._slots: OrderedDict[Key, _Slot] = OrderedDict()  # LRU order: oldest first
@@ -660,8 +662,7 @@ class ExpertCache:
         one event for all, which orders the compute stream after them (_wait_all_ready) without
         a host-side synchronisation and covers the table entries written behind the copies."""
         if self._copy_stream is None:
-            for key, slot, parts in loads:
-                self._fill_slot(slot.index, parts, non_blocking=False)
+            self._fill_slots(loads, non_blocking=False)
             self._put_table([(key, slot.index) for key, slot, _ in loads])
             return
         before = _distinct_events(event for _, slot, _ in loads  # the last compute reading a slot, its write-back
@@ -670,23 +671,23 @@ class ExpertCache:
         with torch.cuda.stream(self._copy_stream):
             for event in before:
                 self._copy_stream.wait_event(event)
-            for key, slot, parts in loads:
-                self._fill_slot(slot.index, parts, non_blocking=True)
+            self._fill_slots(loads, non_blocking=True)
             self._put_table([(key, slot.index) for key, slot, _ in loads])
             done = torch.cuda.Event()
             done.record(self._copy_stream)
         for _, slot, _ in loads:
             slot.event = done
 
-    def _fill_slot(self, index: int, parts: dict[str, torch.Tensor], non_blocking: bool) -> None:
-        """Fill a slot from a shard's tensors: dense ones straight from the host, quantised ones
-        copied to the device as they are, then dequantised there (models/expert_format.py)."""
-        dense = parts
-        if self.format["weights"] != DENSE:
-            moved = {name: t.to(self.device, non_blocking=non_blocking) for name, t in parts.items()}
-            dense = dense_weights(self.format, moved, self.dtype)  # [O,N] each, on the device
-        for view, source in self._copy_pairs(index, dense):
-            view.copy_(source, non_blocking=non_blocking)
+    def _fill_slots(self, loads: list[tuple[Key, _Slot, dict[str, torch.Tensor]]], non_blocking: bool) -> None:
+        """Fill slots from shards' tensors: dense ones copied straight from the host, quantised
+        ones copied as they are and dequantised on the device, a batch at a time
+        (models/quantised_fill.py)."""
+        if self._quantised is not None:
+            self._quantised.fill([slot.index for _, slot, _ in loads], [parts for _, _, parts in loads], non_blocking)
+            return
+        for _, slot, parts in loads:
+            for view, source in self._copy_pairs(slot.index, parts):
+                view.copy_(source, non_blocking=non_blocking)
 
     def _copy_pairs(self, index: int, host: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(slot view, host tensor) pairs that copy a slot from or to `host` (a shard's tensors by

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from extractor.formats import DENSE, FP8, MXFP4, PROJECTIONS
+from extractor.formats import DENSE, FP8, MXFP4, PROJECTIONS, SCALE_SUFFIX
 
 # e2m1 code -> value (sign bit 8); transformers' FP4_VALUES
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -29,16 +29,24 @@ def dense_weights(fmt: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtyp
     weights = fmt["weights"]
     if weights == DENSE:
         out = {name: tensors[name].to(dtype) for name in PROJECTIONS}
-    elif weights == FP8:
-        out = {name: dequantize_fp8(tensors[name], tensors[name + "_scale_inv"], dtype) for name in PROJECTIONS}
-    elif weights == MXFP4:
-        out = {name: dequantize_mxfp4(tensors[name], tensors[name + "_scales"], dtype) for name in PROJECTIONS}
+    elif weights in SCALE_SUFFIX:
+        out = {name: dequantize(weights, tensors[name], tensors[name + SCALE_SUFFIX[weights]], dtype)
+               for name in PROJECTIONS}
     else:
         raise ValueError(f"unknown expert weight format {weights!r}")
     for name in PROJECTIONS:
         if name + "_bias" in tensors:
             out[name + "_bias"] = tensors[name + "_bias"].to(dtype)
     return out
+
+
+def dequantize(weights: str, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A quantised weight [..., O, ...] and its scales -> dense [..., O, N] in dtype (any leading dims)."""
+    if weights == FP8:
+        return dequantize_fp8(weight, scale, dtype)
+    if weights == MXFP4:
+        return dequantize_mxfp4(weight, scale, dtype)
+    raise ValueError(f"unknown quantised weight format {weights!r}")
 
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -25,6 +25,7 @@ from functools import lru_cache
 import torch
 
 from extractor.families import per_layer_value
+from extractor.formats import DENSE
 
 logger = logging.getLogger("cadre.plan")
 
@@ -58,6 +59,7 @@ class ModelFacts:
     expert_intermediate: int
     kv_measured: bool  # False: the meta forward failed and kv_bytes_per_token is the formula's
     host_entry_bytes: int = 0  # one expert in the pinned host tier (quantised stores: as stored); 0 = expert_bytes
+    quantised_experts: bool = False  # dequantised on the device after each copy (models/quantised_fill.py)
 
     @property
     def host_bytes_per_expert(self) -> int:
@@ -119,7 +121,8 @@ def facts_from_store(store, dtype: torch.dtype) -> ModelFacts:
     facts = facts_from_config(store.config, dtype)
     present = {layer: len(store.experts_present(layer)) for layer in store.moe_layers}
     return replace(facts, experts_present=present, num_experts=store.num_experts, top_k=store.top_k,
-                   expert_bytes=slot_bytes(store, dtype), host_entry_bytes=host_entry_bytes(store, dtype))
+                   expert_bytes=slot_bytes(store, dtype), host_entry_bytes=host_entry_bytes(store, dtype),
+                   quantised_experts=store.expert_format["weights"] != DENSE)
 
 
 @lru_cache(maxsize=16)

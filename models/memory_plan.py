@@ -38,6 +38,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from .footprint import ModelFacts
+from .quantised_fill import DEQUANT_WORKSPACE_BYTES
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -229,7 +230,9 @@ def workspace_bytes(facts: ModelFacts, request: PlanRequest, kv_tokens: int, con
     (decompressed heads for MLA, repeated heads for grouped-query attention). The paged
     attention's mask, [batch tokens, KV + batch tokens]. And one row of logits (model dtype and
     float32) per sequence: generate() and continuous batching (transformers 5.17 and 5.24) both
-    keep only the last position of each sequence before the LM head.
+    keep only the last position of each sequence before the LM head. A store of quantised
+    experts adds the dequantisation's bound (models/quantised_fill.py), which the copy stream
+    may use while a forward runs.
     """
     a = facts.itemsize
     hidden, heads = facts.hidden_size, facts.num_heads
@@ -242,7 +245,8 @@ def workspace_bytes(facts: ModelFacts, request: PlanRequest, kv_tokens: int, con
     per_token = 4 * hidden * a + max(attention, dense, experts)
     per_cached_token = a * heads * (k_dim + v_dim)
     mask = a * tokens * (kv_tokens + tokens)
-    return tokens * per_token + kv_tokens * per_cached_token + mask + concurrency * logits
+    dequantisation = DEQUANT_WORKSPACE_BYTES if facts.quantised_experts else 0  # beside the forward, on the copy stream
+    return tokens * per_token + kv_tokens * per_cached_token + mask + concurrency * logits + dequantisation
 
 
 def _size_kv(facts: ModelFacts, request: PlanRequest, after_trunk: int, min_slots: int,

@@ -232,3 +232,19 @@ def test_a_config_whose_layers_differ_is_planned_from_each_layer():
     text = AutoConfig.for_model("dots3_note_text", **config)
     assert text.layer_types == ["indexed_attention", "indexed_attention", "sliding_attention", "sliding_attention"]
     assert _kv_formula(text) == 2 * (16 + 8) + 2 * (8 + 8)  # latent + rope per layer, the sliding ones narrower
+
+
+def test_quantised_experts_reserve_the_dequantisation_workspace():
+    """The copy stream dequantises a batch of misses beside the forward (models/quantised_fill.py):
+    the plan sets that bound aside, out of the expert slots."""
+    from dataclasses import replace
+
+    from models.quantised_fill import DEQUANT_WORKSPACE_BYTES
+
+    request = PlanRequest(device="cuda", gpu_memory="24GiB", host_memory="32GiB", max_model_len=4096,
+                          max_concurrency=4)
+    dense = facts("qwen3-30b-a3b")
+    quantised = replace(dense, quantised_experts=True, host_entry_bytes=dense.expert_bytes // 2)
+    p, q = (plan_memory(f, request, H200, HOST) for f in (dense, quantised))
+    assert q.workspace_bytes - p.workspace_bytes == DEQUANT_WORKSPACE_BYTES
+    assert q.expert_cache_bytes < p.expert_cache_bytes and q.kv_cache_bytes == p.kv_cache_bytes
