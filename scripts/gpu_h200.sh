@@ -96,6 +96,13 @@ for stage in "$@"; do
       timeout 300 python3 -m bench decode --store /tmp/s48f8 --device cuda --sequential --impls "" --budgets "" \
         --gpu-memory 24GiB,16GiB --host-memory 32GiB --tokens 32 --repeats 2 --json "$OUT/decode_h200_full_fp8.json" \
         2>&1 | tee "$OUT/decode_h200_full_fp8.log" | quiet | tail -8 ;;
+    breakdown-fp8)  # fp8-full's store at 24 GiB: GPU idle per MoE layer and the host's time by function
+      rm -rf $FULL /tmp/bw
+      [ -f /tmp/s48f8/manifest.json ] || timeout 200 python3 -m bench synth-store --config qwen3-30b-a3b \
+        --out /tmp/s48f8 --expert-format fp8 --device cuda 2>&1 | tee "$OUT/synth_store_fp8.log" | tail -2
+      timeout 150 python3 -m bench breakdown --store /tmp/s48f8 --gpu-memory 24GiB --host-memory 32GiB --no-eager \
+        --decode-only --host-profile 30 --tokens 16 --json "$OUT/breakdown_h200_full_fp8.json" 2>&1 \
+        | tee "$OUT/breakdown_h200_full_fp8.log" | quiet | tail -3 ;;
     serve-full)  # the server on the full-depth store at 24 GiB GPU / 32 GiB host, 1/4/16 streaming clients
       timeout 300 python3 -m bench serve --store $FULL --device cuda --dtype bfloat16 --gpu-memory 24GiB \
         --host-memory 32GiB --clients 1,4,16 --requests 16 --duration 25 --max-tokens 32 --rounds 1 \
@@ -122,6 +129,6 @@ for stage in "$@"; do
         --tokens 64 --repeats 3 --json "$OUT/decode_h200_8l_fp8.json" 2>&1 | tee "$OUT/decode_h200_8l_fp8.log" \
         | quiet | tail -8 ;;
     *) echo "unknown stage $stage (tests tests-quick decode8l decode8l-b16 breakdown8l serve-demo serve8l fp8 synth full" \
-         "full24 full-loaders full-accelerate fp8-full serve-full smoke-full breakdown-full)" >&2; exit 2 ;;
+         "full24 full-loaders full-accelerate fp8-full breakdown-fp8 serve-full smoke-full breakdown-full)" >&2; exit 2 ;;
   esac
 done
