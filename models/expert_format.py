@@ -56,8 +56,11 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.d
     if rows % scale_rows or cols % scale_cols:
         raise ValueError(f"fp8 weight {tuple(weight.shape)} is not divisible by its scale grid {tuple(scale_inv.shape)}")
     q = weight.to(torch.float32).reshape(-1, scale_rows, rows // scale_rows, scale_cols, cols // scale_cols)
-    s = scale_inv.to(torch.float32).reshape(-1, scale_rows, scale_cols).unsqueeze(-1).unsqueeze(2)  # [B,R,1,C,1]
-    return (q * s).to(dtype).reshape(weight.shape)
+    s = scale_inv if scale_inv.dtype == torch.float32 else scale_inv.to(torch.float32)
+    s = s.reshape(-1, scale_rows, 1, scale_cols, 1)  # [B,R,1,C,1]
+    # the float32 product rounded once to dtype, as (q * s).to(dtype), in one kernel
+    out = torch.mul(q, s, out=torch.empty(q.shape, dtype=dtype, device=q.device))
+    return out.reshape(weight.shape)
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

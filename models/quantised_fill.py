@@ -70,6 +70,9 @@ class QuantisedFill:
         self.row_bytes = 0
         self.batch = 1
         self._staging: torch.Tensor | None = None  # uint8 [batch, row_bytes], on the device
+        # host-tier entries seen: first tensor's address -> the entry's bytes (entries never
+        # move, and the view keeps its buffer alive, so no other tensor lands at that address)
+        self._whole: dict[int, torch.Tensor] = {}
         # The staging rows are shared: one batch's copies, dequantisation and slot writes are
         # queued together (loader threads fill slots too).
         self._lock = threading.Lock()
@@ -101,7 +104,9 @@ class QuantisedFill:
     def _fill_batch(self, slots: list[int], entries: list[dict[str, torch.Tensor]], non_blocking: bool) -> None:
         rows = self._staging[:len(slots)]
         for row, entry in zip(rows, entries):
-            whole = self._contiguous_bytes(entry)
+            whole = self._whole.get(entry[self.names[0]].data_ptr())
+            if whole is None and (whole := self._contiguous_bytes(entry)) is not None:
+                self._whole[whole.data_ptr()] = whole
             if whole is not None:  # a host-tier entry: one copy
                 row[:whole.numel()].copy_(whole, non_blocking=non_blocking)
             else:

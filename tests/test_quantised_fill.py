@@ -75,6 +75,24 @@ def test_batched_fill_equals_dequantising_each_expert(store, source, workspace, 
     assert all(torch.isnan(buffers[0][slot]).all() for slot in untouched)
 
 
+def test_a_reused_host_tier_slot_fills_with_its_new_expert(store):
+    """The filler remembers where host-tier entries lie; a slot the tier evicts and refills
+    holds another expert at the same address, and that one is what gets copied."""
+    shards = _shards(store)
+    entry_bytes = sum(t.nbytes for t in next(iter(shards.values())).values())
+    tier = HostTier(4 * entry_bytes, pin=False)  # a few entries: every put past them evicts
+    buffers = _buffers(store, shards, 1)
+    fill = QuantisedFill(store.expert_format, DTYPE, *buffers)
+    addresses = set()
+    for key, parts in shards.items():
+        entry = tier.put(key, parts)
+        addresses.add(entry["gate_proj"].data_ptr())
+        fill.fill([0], [entry], non_blocking=False)
+        del entry  # given back: the tier may evict it
+        assert torch.equal(buffers[1][0].view(torch.int16), _expected(store, parts)["down"].view(torch.int16)), key
+    assert len(addresses) < len(shards)  # slots were reused
+
+
 def test_a_host_tier_entry_is_one_copy_and_loose_tensors_are_not(store):
     shards = _shards(store)
     key, parts = next(iter(shards.items()))
