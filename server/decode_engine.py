@@ -16,6 +16,7 @@ loop only through a command queue (in) and `call_soon_threadsafe` (out).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import queue
 import threading
@@ -117,7 +118,11 @@ class DecoderEngine(Engine):
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         rows: dict[int, _Sequence] = {}
-        free = list(range(self.config.max_concurrency - 1, -1, -1))
+        # A heap: a new request takes the lowest free row. A step decodes every row below its
+        # highest (padded to a captured batch size), so a lone request after a burst that ended
+        # out of order would otherwise decode as a batch of up to max_concurrency, its padding
+        # rows routed and computed.
+        free = list(range(self.config.max_concurrency))
         try:
             while True:
                 for command in self._next_commands(block=not rows):
@@ -129,7 +134,7 @@ class DecoderEngine(Engine):
                     if isinstance(command, tuple):  # ("cancel", request_id)
                         self._drop(rows, free, command[1])
                         continue
-                    command.row = free.pop()
+                    command.row = heapq.heappop(free)
                     rows[command.row] = command
                     self._rows_held = len(rows)
                     self._step(rows, free, [command], prefill=True)
@@ -204,7 +209,7 @@ class DecoderEngine(Engine):
     def _release_row(self, rows, free, seq: _Sequence) -> None:
         if rows.pop(seq.row, None) is not None:
             self.decoder.release(seq.row)
-            free.append(seq.row)
+            heapq.heappush(free, seq.row)
             self._rows_held = len(rows)
 
     def _deliver(self, seq: _Sequence, output: _Output) -> None:
