@@ -2,6 +2,7 @@
 
     decoder = runtime.decoder(max_batch=16, max_len=2048)
     logits = decoder.prefill(row=0, ids=[...])       # [V]: the prompt's next-token logits
+    logits = decoder.prefill_rows({1: [...], 2: [...]})  # [2,V]: several prompts, one forward a chunk
     logits = decoder.decode({0: token, 3: token})    # [2,V]: one step of rows 0 and 3
     decoder.release(0)                               # the row is free for another sequence
     decoder.generate(ids, max_new_tokens=64)         # [B,T] -> [B,T+N], greedy
@@ -204,7 +205,7 @@ class Decoder:
 
     # --- the forward ----------------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, write_rows: torch.Tensor, positions: torch.Tensor,
-                 read_rows: slice, attend_len: int) -> torch.Tensor:
+                 read_rows: slice | torch.Tensor, attend_len: int) -> torch.Tensor:
         """input_ids [B,Q] at positions [B,Q] of rows write_rows [B] -> last-token logits [B,V]."""
         self.kv.prepare(write_rows, positions, read_rows, attend_len)
         if input_ids.shape[1] > 1:  # prefill stays eager
@@ -227,23 +228,67 @@ class Decoder:
 
     # --- prefill ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, row: int, ids: list[int], before_chunk=None) -> torch.Tensor:
-        """Fill `row` with the prompt `ids` (eagerly, in chunks); its next-token logits [V].
-        `before_chunk(start, end)` is called before the forward of ids[start:end]."""
+    def prefill(self, row: int, ids: list[int], before_forward=None) -> torch.Tensor:
+        """Fill `row` with the prompt `ids` (eagerly, in chunks); its next-token logits [V]."""
+        return self.prefill_rows({row: ids}, before_forward)[0]
+
+    @torch.inference_mode()
+    def prefill_rows(self, prompts: dict[int, list[int]], before_forward=None) -> torch.Tensor:
+        """Fill several rows {row: prompt ids} together -> their next-token logits [n,V], in order.
+
+        One forward per chunk for all the prompts, so a layer's experts are made resident once
+        for every prompt's tokens, not once per prompt (under a small budget a cold prefill
+        streams most of a layer's experts). Chunks are counted back from each prompt's end:
+        every forward's last column is each of its rows' latest token, and a shorter prompt
+        joins only the last chunks, right-aligned, padded on the left. A padding token writes
+        its keys at the row's last position (max_len - 1: no prompt token reads it, and a real
+        token writes it before any reads it) and routes to no expert (ExpertLayer.token_mask).
+        `before_forward(spans, width)` is called before each forward with its rows' spans
+        [(row, start, end)] of their prompts, right-aligned in `width` columns."""
+        for row, ids in prompts.items():
+            self.check_prompt(row, ids)
+        ends = {row: len(ids) for row, ids in prompts.items()}
+        for back in range(-(-max(ends.values()) // PREFILL_CHUNK) - 1, -1, -1):  # chunks from the end
+            spans = [(row, max(0, end - (back + 1) * PREFILL_CHUNK), end - back * PREFILL_CHUNK)
+                     for row, end in ends.items() if end > back * PREFILL_CHUNK]
+            width = max(stop - start for _, start, stop in spans)
+            if before_forward is not None:
+                before_forward(spans, width)
+            logits = self._prefill_forward(prompts, spans, width)
+        for row, end in ends.items():
+            self.lengths[row] = end
+        return logits
+
+    def check_prompt(self, row: int, ids: list[int]) -> None:
+        """ValueError unless `row` exists and can hold the prompt `ids` and one more token."""
         if not 0 <= row < self.max_batch:
             raise ValueError(f"row {row} outside [0, {self.max_batch})")
         if not 0 < len(ids) < self.max_len:
             raise ValueError(f"prompt of {len(ids)} tokens: the cache holds 1 to {self.max_len - 1}")
-        rows = self._arange[row:row + 1]
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            chunk = ids[start:start + PREFILL_CHUNK]
-            if before_chunk is not None:
-                before_chunk(start, start + len(chunk))
-            input_ids = torch.tensor([chunk], device=self.device)  # [1,Q]
-            positions = torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0)  # [1,Q]
-            logits = self._forward(input_ids, rows, positions, slice(row, row + 1), start + len(chunk))
-        self.lengths[row] = len(ids)
-        return logits[0]
+
+    def _prefill_forward(self, prompts: dict[int, list[int]], spans: list[tuple[int, int, int]],
+                         width: int) -> torch.Tensor:
+        """One forward of `spans` [(row, start, end)], each right-aligned in `width` columns -> [B,V]."""
+        ids, positions, real = [], [], []
+        for row, start, end in spans:
+            pad = width - (end - start)
+            ids.append(prompts[row][start:start + 1] * pad + prompts[row][start:end])
+            positions.append([self.max_len - 1] * pad + list(range(start, end)))
+            real.append([False] * pad + [True] * (end - start))
+        rows = [row for row, _, _ in spans]
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        write_rows = self._arange[rows[0]:rows[0] + len(rows)] if contiguous else torch.tensor(rows, device=self.device)
+        mask = torch.tensor(real, device=self.device).reshape(-1) if not all(map(all, real)) else None  # [B*W]
+        for layer in self.layers.values():
+            layer.token_mask = mask
+        try:
+            return self._forward(torch.tensor(ids, device=self.device), write_rows,
+                                 torch.tensor(positions, device=self.device),
+                                 slice(rows[0], rows[0] + len(rows)) if contiguous else write_rows,
+                                 max(end for _, _, end in spans))
+        finally:
+            for layer in self.layers.values():
+                layer.token_mask = None
 
     def release(self, row: int) -> None:
         self.lengths[row] = 0
@@ -426,7 +471,7 @@ class Decoder:
         eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=self.device)
         pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
         try:
-            logits = torch.stack([self.prefill(row, prompt) for row, prompt in enumerate(ids.tolist())])  # [B,V]
+            logits = self.prefill_rows(dict(enumerate(ids.tolist())))  # [B,V]
             if on_prefilled is not None:
                 on_prefilled(logits)
             generated = []  # [B] per step, on the device

@@ -92,6 +92,9 @@ class ExpertLayer:
         # Set by the decoder for a decode step: a complete layer's lookup goes here, and the
         # step counts its hits once for all layers (ExpertCache.count_step_hits).
         self.hit_sink: list | None = None
+        # Set by the decoder for a prefill of several prompts: [T] False at padding tokens, which
+        # then route to no expert (UNUSED, weight 0): padding loads nothing and adds nothing.
+        self.token_mask: torch.Tensor | None = None
 
     def bind(self, cache: "ExpertCache", on_route=None, on_miss=None, before=None) -> None:
         self.cache, self.on_route, self.on_miss, self.before = cache, on_route, on_miss, before
@@ -99,6 +102,9 @@ class ExpertLayer:
     def __call__(self, module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor) -> torch.Tensor:
         assert self.cache is not None, "ExpertLayer used before the runtime bound a cache"
+        if self.token_mask is not None:  # padding: UNUSED at weight 0, so it loads nothing
+            padding = ~self.token_mask.unsqueeze(-1)  # [T,1]
+            top_k_index, top_k_weights = top_k_index.masked_fill(padding, UNUSED), top_k_weights.masked_fill(padding, 0)
         if self.cache.layer_is_complete(self.layer):  # nothing to load or to prefetch, ever
             self.outcomes, self.stall = None, 0.0
             if self.route_buffers is None:  # (a compiled step counts from its route buffers)
@@ -110,6 +116,8 @@ class ExpertLayer:
         else:
             self.outcomes, self.stall = {}, 0.0
             out = self._compute_resident(module, hidden, top_k_index, top_k_weights)
+        if self.token_mask is not None:
+            out = out.masked_fill(~self.token_mask.unsqueeze(-1), 0)  # [T,H]: padding adds nothing
         if self.route_buffers is None:
             self.hooks.route(self, top_k_index, top_k_weights, self.outcomes, self.stall)
         else:

@@ -67,12 +67,14 @@ class SlotCache(Cache):
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
         self.write_rows = torch.zeros(1, dtype=torch.long, device=device)  # [B]
         self.positions = torch.zeros((1, 1), dtype=torch.long, device=device)  # [B,Q]
-        self.read_rows: slice = slice(0, 1)
+        self.read_rows: slice | torch.Tensor = slice(0, 1)
         self.attend_len = 1
 
-    def prepare(self, write_rows: torch.Tensor, positions: torch.Tensor, read_rows: slice, attend_len: int) -> None:
+    def prepare(self, write_rows: torch.Tensor, positions: torch.Tensor, read_rows: slice | torch.Tensor,
+                attend_len: int) -> None:
         """Where the next forward writes (`write_rows` [B], `positions` [B,Q], device tensors)
-        and which rows (a contiguous slice, so reading is a view) and lengths it attends."""
+        and which rows and lengths it attends: a contiguous slice, so reading is a view (a
+        decode step's addresses stay fixed), or rows [B] (a prefill of scattered rows: a copy)."""
         assert attend_len <= self.max_len, f"attend_len {attend_len} > max_len {self.max_len}"
         self.write_rows, self.positions, self.read_rows, self.attend_len = write_rows, positions, read_rows, attend_len
 

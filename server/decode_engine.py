@@ -4,7 +4,8 @@ Measured on an H200 (bench decode, README): transformers' continuous batching gi
 tok/s for 16 prompts of the 8-layer Qwen3-30B-A3B slice, while a decode step captured as a
 CUDA graph gives ~400 tok/s for one. So on CUDA the server schedules requests itself, the
 way nano-vllm does: each admitted request owns a row of the decoder's slot KV cache; the
-compute thread prefills new rows and then runs one decode step for every active row, padded
+compute thread prefills the rows of the requests that arrived together (in one forward per
+chunk, so they share each layer's expert loads), then runs one decode step for every active row, padded
 to the next captured batch size, and samples each row with its request's own sampler.
 Admission, queueing, cancellation, stop strings, traces and metrics are the Engine's
 (server/engine.py): this class replaces only what ran inside transformers' manager.
@@ -125,6 +126,7 @@ class DecoderEngine(Engine):
         free = list(range(self.config.max_concurrency))
         try:
             while True:
+                admitted = []
                 for command in self._next_commands(block=not rows):
                     if command is STOP:
                         return
@@ -137,7 +139,11 @@ class DecoderEngine(Engine):
                     command.row = heapq.heappop(free)
                     rows[command.row] = command
                     self._rows_held = len(rows)
-                    self._step(rows, free, [command], prefill=True)
+                    admitted.append(command)
+                # the requests that arrived together are prefilled together (sharing each layer's loads)
+                admitted = [seq for seq in admitted if rows.get(seq.row) is seq]  # not cancelled meanwhile
+                if admitted:
+                    self._step(rows, free, admitted, prefill=True)
                 if rows:
                     self._step(rows, free, list(rows.values()), prefill=False)
         except BaseException as exc:  # the loop is gone: say why, fail what it held
@@ -157,8 +163,10 @@ class DecoderEngine(Engine):
     def _step(self, rows: dict[int, _Sequence], free: list[int], batch: list[_Sequence], prefill: bool) -> None:
         try:
             if prefill:
-                (seq,) = batch
-                logits = self.decoder.prefill(seq.row, seq.prompt, self._prefill_layout(seq)).unsqueeze(0)  # [1,V]
+                batch = self._fail_unfit(rows, free, batch)
+                if not batch:
+                    return
+                logits = self.decoder.prefill_rows({s.row: s.prompt for s in batch}, self._prefill_layout(batch))
             else:
                 batch.sort(key=lambda s: s.row)
                 self._layout = [BatchSlot(s.request_id, s.row, s.row + 1, len(s.tokens)) for s in batch]
@@ -176,11 +184,27 @@ class DecoderEngine(Engine):
             else:
                 self._deliver(seq, _Output(list(seq.tokens)))
 
-    def _prefill_layout(self, seq: _Sequence):
-        """The layout of each prefill chunk's forward: the last chunk yields token 0."""
-        def before_chunk(start: int, end: int) -> None:
-            self._layout = [BatchSlot(seq.request_id, 0, end - start, 0 if end == len(seq.prompt) else None)]
-        return before_chunk
+    def _fail_unfit(self, rows, free, batch: list[_Sequence]) -> list[_Sequence]:
+        """The sequences whose prompt fits their row; the others fail alone, before the batch runs."""
+        fit = []
+        for seq in batch:
+            try:
+                self.decoder.check_prompt(seq.row, seq.prompt)
+                fit.append(seq)
+            except ValueError as exc:
+                self._finish_row(rows, free, seq, _Output([], True, f"ValueError: {exc}"))
+        return fit
+
+    def _prefill_layout(self, batch: list[_Sequence]):
+        """The layout of each prefill forward: each row's prompt tokens, right-aligned in the
+        forward's width (Decoder.prefill_rows); a prompt's last chunk yields its token 0."""
+        by_row = {seq.row: seq for seq in batch}
+
+        def before_forward(spans: list[tuple[int, int, int]], width: int) -> None:
+            self._layout = [BatchSlot(by_row[row].request_id, (i + 1) * width - (end - start), (i + 1) * width,
+                                      0 if end == len(by_row[row].prompt) else None)
+                            for i, (row, start, end) in enumerate(spans)]
+        return before_forward
 
     def _sample(self, batch: list[_Sequence], logits: torch.Tensor) -> list[int]:
         """Rows with a sampler become one-hot on its choice (SamplerTable.apply); then one argmax on
