@@ -31,6 +31,8 @@ class RayServe:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.closed = False
+        self.deployed = None  # (config, replicas) of the application running now
 
     def __enter__(self) -> "RayServe":
         from models.demo import HELDOUT_TEST_TEXT, ensure_demo_store
@@ -47,9 +49,16 @@ class RayServe:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop Serve and Ray (once: conftest stops them after their last test, the fixture at exit)."""
+        if self.closed:
+            return
         import ray
         from ray import serve
 
+        self.closed = True
         serve.shutdown()
         ray.shutdown()
 
@@ -64,13 +73,19 @@ class RayServe:
         return RayConfig(server=ServerConfig(**server), **ray)
 
     def deploy(self, config, timeout: float = 180, replicas: int | None = None) -> None:
-        """Deploy (replacing what ran) and wait until `replicas` (default config.replicas) answer."""
+        """Deploy (replacing what ran) and wait until `replicas` (default config.replicas) answer.
+        The same config as the application running now is not redeployed (a rolling restart of every
+        replica, ~12 s here): test modules wanting the default application share one."""
         from ray import serve
 
         from server.ray.app import build_app
 
-        serve.run(build_app(config), name=APP, route_prefix="/", blocking=False)
-        self.wait_for_replicas(replicas or config.replicas, timeout)
+        wanted = (config, replicas or config.replicas)
+        if self.deployed != wanted:
+            self.deployed = None  # a failed deploy leaves no application to share
+            serve.run(build_app(config), name=APP, route_prefix="/", blocking=False)
+        self.wait_for_replicas(wanted[1], timeout)
+        self.deployed = wanted
 
     def wait_for_replicas(self, count: int, timeout: float = 180) -> list[str]:
         deadline = time.monotonic() + timeout
@@ -79,7 +94,7 @@ class RayServe:
             if len(ids) == count:
                 return ids
             assert time.monotonic() < deadline, f"{len(ids)} replicas, waiting for {count}"
-            time.sleep(0.5)
+            time.sleep(0.2)
 
     def scrape(self) -> list:
         """Metric families of the ingress's /metrics ([] while the app is not up)."""

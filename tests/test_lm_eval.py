@@ -27,6 +27,24 @@ def demo_runtime(tmp_path_factory):
     runtime.close()
 
 
+@pytest.fixture
+def one_task_index(monkeypatch):
+    """lm-eval's TaskManager indexes every task it ships (~5.7 s here) and holds nothing else: both
+    runs, given the same include_path, use one index; each still loads its tasks afresh from it."""
+    import lm_eval.tasks
+
+    build, built = lm_eval.tasks.TaskManager, {}  # (arguments) -> TaskManager
+
+    def task_manager(*args, **kwargs):
+        key = repr((args, sorted(kwargs.items())))
+        if key not in built:
+            built[key] = build(*args, **kwargs)
+        return built[key]
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", task_manager)
+
+
+@pytest.mark.usefixtures("one_task_index")
 def test_lm_eval_local_completions_matches_hf(demo_runtime, tmp_path, monkeypatch):
     from models.demo import CHECKPOINT_DIR
 

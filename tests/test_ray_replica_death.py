@@ -47,5 +47,5 @@ def test_in_flight_requests_fail_clearly_and_the_survivor_serves(cluster):
         assert retry.status_code == 200, retry.text
     # Serve replaces the replica; both answer again
     wait_until(lambda: len(cluster.replica_ids()) == 2 and victim not in cluster.replica_ids(), timeout=120,
-               interval=1.0)
+               interval=0.25)
     assert survivor in cluster.replica_ids()
