@@ -310,9 +310,12 @@ class ExpertCache:
     def lookup(self, layer: int, top_k_index: torch.Tensor, first: int = 0) -> torch.Tensor:
         """Slots [T,K] (relative to `first`) of resident experts, looked up on the device."""
         slots = self.table[layer][top_k_index]  # [T,K]; index -1 -> the layer's first slot (complete layers)
-        # UNUSED (weight 0) may look up a slot below a lease's first: any slot in range will do,
-        # but not a negative one (the grouped kernel's counts would drop it and shift the others)
-        return (slots - first).clamp_(min=0) if first else slots
+        if not first:
+            return slots
+        # Elsewhere UNUSED (weight 0) maps to slot 0, which may lie below a lease's first: any slot
+        # in range will do, but not a negative one (the grouped kernel's counts would drop it and
+        # shift every later group onto the wrong rows). A complete layer needs no clamp (hot path).
+        return slots - first if layer in self._complete else (slots - first).clamp_(min=0)
 
     def count_table_hits(self, layer: int, top_k_index: torch.Tensor) -> None:
         """Count a complete layer's lookup (every one a hit) on the device: no sync."""

@@ -102,7 +102,7 @@ class ExpertLayer:
     def __call__(self, module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor) -> torch.Tensor:
         assert self.cache is not None, "ExpertLayer used before the runtime bound a cache"
-        if self.token_mask is not None:  # padding: UNUSED at weight 0, so it loads nothing
+        if self.token_mask is not None:  # padding: UNUSED at weight 0, so it loads and adds nothing
             padding = ~self.token_mask.unsqueeze(-1)  # [T,1]
             top_k_index, top_k_weights = top_k_index.masked_fill(padding, UNUSED), top_k_weights.masked_fill(padding, 0)
         if self.cache.layer_is_complete(self.layer):  # nothing to load or to prefetch, ever
@@ -116,8 +116,6 @@ class ExpertLayer:
         else:
             self.outcomes, self.stall = {}, 0.0
             out = self._compute_resident(module, hidden, top_k_index, top_k_weights)
-        if self.token_mask is not None:
-            out = out.masked_fill(~self.token_mask.unsqueeze(-1), 0)  # [T,H]: padding adds nothing
         if self.route_buffers is None:
             self.hooks.route(self, top_k_index, top_k_weights, self.outcomes, self.stall)
         else:

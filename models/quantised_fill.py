@@ -22,6 +22,7 @@ reserves for a quantised store (models/memory_plan.workspace_bytes).
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -52,7 +53,7 @@ class _Part:
 
     @property
     def nbytes(self) -> int:
-        return self.dtype.itemsize * _numel(self.shape)
+        return self.dtype.itemsize * math.prod(self.shape)
 
 
 class QuantisedFill:
@@ -67,7 +68,6 @@ class QuantisedFill:
         self.gate_up_bias, self.down_bias = gate_up_bias, down_bias  # [S,2I], [S,H] or None
         self.device = gate_up.device
         self.layout: dict[str, _Part] = {}  # learnt from the first entry
-        self.row_bytes = 0
         self.batch = 1
         self._staging: torch.Tensor | None = None  # uint8 [batch, row_bytes], on the device
         # host-tier entries seen: first tensor's address -> the entry's bytes (entries never
@@ -95,10 +95,10 @@ class QuantisedFill:
             start = -(-start // tensor.element_size()) * tensor.element_size()
             self.layout[name] = _Part(name, tensor.dtype, tuple(tensor.shape), start)
             start += tensor.nbytes
-        self.row_bytes = -(-start // 16) * 16
-        self.batch = experts_per_batch(self.row_bytes, self.gate_up[0].numel() + self.down[0].numel())
+        row_bytes = -(-start // 16) * 16
+        self.batch = experts_per_batch(row_bytes, self.gate_up[0].numel() + self.down[0].numel())
         with torch.inference_mode(False):
-            self._staging = torch.empty((self.batch, self.row_bytes), dtype=torch.uint8, device=self.device)
+            self._staging = torch.empty((self.batch, row_bytes), dtype=torch.uint8, device=self.device)
 
     # --- one batch ----------------------------------------------------------------------------
     def _fill_batch(self, slots: list[int], entries: list[dict[str, torch.Tensor]], non_blocking: bool) -> None:
@@ -156,9 +156,3 @@ def _device_index(slots: list[int], device: torch.device) -> torch.Tensor:
         return torch.tensor(slots, dtype=torch.long)
     return torch.tensor(slots, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
