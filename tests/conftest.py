@@ -54,6 +54,15 @@ def pytest_runtest_setup(item):
         _module[0] = item.module
         gc.collect()
         gc.freeze()
+    _need_cuda(item)
+
+
+def _need_cuda(item) -> None:
+    """A gpu-marked test fails without a CUDA device rather than passing or skipping unseen."""
+    import torch
+
+    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.fail("gpu-marked test run without a CUDA device (deselect with -m 'not gpu')")
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,7 @@ def test_prompts_prefilled_together_decode_as_transformers(store_factory, monkey
     runtime.close()
 
 
-def test_padding_routes_to_no_expert(store_factory, monkeypatch):
+def test_padding_routes_to_no_expert(store_factory):
     _, store = store_factory("qwen3_moe")
     runtime = Runtime.from_store(store, RuntimeConfig(cache_fraction=0.5))
     events = []

