@@ -4,6 +4,7 @@
     logits = decoder.prefill(row=0, ids=[...])       # [V]: the prompt's next-token logits
     logits = decoder.prefill_rows({1: [...], 2: [...]})  # [2,V]: several prompts, one forward a chunk
     logits = decoder.decode({0: token, 3: token})    # [2,V]: one step of rows 0 and 3
+    logits = decoder.decode_queued([0, 3], tokens)   # [4,V]: the same, tokens [>=4] on the device, nothing read
     decoder.release(0)                               # the row is free for another sequence
     decoder.generate(ids, max_new_tokens=64)         # [B,T] -> [B,T+N], greedy
 
@@ -23,7 +24,9 @@ replays the next piece, which computes the experts from the slot buffers through
 cache's device table. When the budget holds every expert a step is one graph.
 
 The routing of every MoE layer is gathered on the device into one buffer per step and
-copied to the host once, after the step, for the runtime's routing listeners.
+copied to the host once, after the step, for the runtime's routing listeners; with
+`defer_routing` the copy is only queued, and the caller emits it later (take_routing), so a
+server can queue the next step before it reads this one's.
 """
 
 from __future__ import annotations
@@ -165,6 +168,10 @@ class Decoder:
         self._steps: dict[tuple[int, int], _CapturedStep] = {}
         self.split_times = SplitTimes()  # host time at the splits of replayed steps (bench reads it)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        # A replayed step's routing is copied to the host behind it and emitted by whoever takes
+        # it (take_routing), not read at once: the server queues the next step first.
+        self.defer_routing = False
+        self._pending_routing: Callable[[], None] | None = None
         self._step_logits = self._compiled_step() if runtime.config.compile_step else self._logits
 
     def _compiled_step(self):
@@ -309,6 +316,30 @@ class Decoder:
         return logits[rows]
 
     @torch.inference_mode()
+    def decode_queued(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """One token for each of `rows` (sorted), whose last tokens are read on the device from
+        `tokens` [>= batch], indexed by row (the previous step's argmax, say) -> logits [batch,V]
+        of the whole padded step, indexed by row. Nothing is read on the host and nothing waits
+        for the device, so the caller can read the last step's tokens while this one runs
+        (the server's decode loop); the rows below the batch size that are not in `rows` decode
+        padding, as in decode()."""
+        batch, attend = self._shape(rows)
+        positions = torch.zeros((batch, 1), dtype=torch.long)
+        for r in rows:
+            positions[r, 0] = self.lengths[r]
+        logits = self._step(batch, attend, tokens[:batch].view(batch, 1), positions)
+        for r in rows:
+            self.lengths[r] += 1
+        return logits
+
+    def take_routing(self) -> Callable[[], None] | None:
+        """With defer_routing: the last replayed step's routing, as a call that waits for its copy
+        and hands it to the runtime's listeners (None: that step emitted its routing as it ran,
+        or no one listens)."""
+        pending, self._pending_routing = self._pending_routing, None
+        return pending
+
+    @torch.inference_mode()
     def decode_first(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token for rows 0..n-1 of equal length, from their last tokens as a device tensor [n]
         (the last step's argmax: never read on the host) -> logits [n,V]. No host synchronisation
@@ -318,10 +349,18 @@ class Decoder:
         length = self.lengths[0]
         assert all(self.lengths[r] == length for r in rows), "decode_first: rows of unequal length"
         batch, attend = self._shape(rows)
-        input_ids = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
-        input_ids[:len(rows), 0] = tokens
-        positions = torch.full((batch, 1), length, dtype=torch.long, device=self.device)  # a fill: no copy
-        logits = self._step(batch, attend, input_ids, positions)
+        step = self._steps.get((batch, attend))
+        if step is not None and step.verified and batch == len(rows):
+            # straight into the captured step's inputs: two small kernels outside the graph, not five
+            self._pending_routing = None
+            step.input_ids[:, 0].copy_(tokens)
+            step.positions.fill_(length)
+            logits = self._replay(step)
+        else:
+            input_ids = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
+            input_ids[:len(rows), 0] = tokens
+            positions = torch.full((batch, 1), length, dtype=torch.long, device=self.device)  # a fill: no copy
+            logits = self._step(batch, attend, input_ids, positions)
         for r in rows:
             self.lengths[r] += 1
         return logits[:len(rows)]
@@ -336,11 +375,13 @@ class Decoder:
         return batch, min(self.max_len, -(-longest // LENGTH_STEP) * LENGTH_STEP)
 
     def _step(self, batch: int, attend: int, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self._pending_routing = None  # only this step's routing can be taken after it
         step = self._steps.get((batch, attend))
         if step is not None:
             logits = self._replay(step, input_ids, positions)
             return logits if step.verified else self._verify(step, batch, attend, input_ids, positions, logits)
-        input_ids, positions = input_ids.to(self.device), positions.to(self.device)
+        # non-blocking: a host tensor is staged at once, and nothing waits for the device
+        input_ids, positions = input_ids.to(self.device, non_blocking=True), positions.to(self.device, non_blocking=True)
         logits = self._forward(input_ids, self._arange[:batch], positions, slice(0, batch), attend)
         if self.use_graphs and self._capturable(batch):
             step = self._capture(batch, attend)
@@ -427,9 +468,12 @@ class Decoder:
         for layer in self.layers.values():
             layer.hooks = hooks
 
-    def _replay(self, step: _CapturedStep, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        step.input_ids.copy_(input_ids, non_blocking=True)
-        step.positions.copy_(positions, non_blocking=True)
+    def _replay(self, step: _CapturedStep, input_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay `step` on input_ids/positions [B,1] (None: already in the step's own inputs)."""
+        if input_ids is not None:
+            step.input_ids.copy_(input_ids, non_blocking=True)
+            step.positions.copy_(positions, non_blocking=True)
         step.pieces[0].replay()
         outcomes, clock = {}, self.split_times
         for split, piece in zip(step.splits, step.pieces[1:]):
@@ -448,8 +492,27 @@ class Decoder:
             clock.add(routed - started, issued - routed, time.perf_counter() - issued)
             outcomes[layer.layer] = (layer.outcomes, layer.stall)
         if step.routing is not None and self.runtime.has_routing_listeners:
-            self.runtime.emit_step_routing(*step.routing, outcomes)
+            if self.defer_routing:
+                self._pending_routing = self._routing_copy(step.routing, outcomes)
+            else:
+                self.runtime.emit_step_routing(*step.routing, outcomes)
         return step.logits
+
+    def _routing_copy(self, routing, outcomes) -> Callable[[], None]:
+        """Queue a copy of a replayed step's routing [L,B,K] into pinned host memory (the capture's
+        buffers are overwritten by the next replay, which the copy precedes on the stream); the
+        returned call waits for it and emits it."""
+        layers, experts, weights = routing
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (experts, weights)]
+        for target, source in zip(host, (experts, weights)):
+            target.copy_(source, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def emit() -> None:
+            copied.synchronize()
+            self.runtime.emit_step_routing(layers, host[0], host[1], outcomes)
+        return emit
 
     # --- generation ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -476,11 +539,12 @@ class Decoder:
                 on_prefilled(logits)
             generated = []  # [B] per step, on the device
             done = torch.zeros(batch, dtype=torch.bool, device=self.device)  # [B]
-            watch = _DoneWatch() if len(eos) else None
+            # no watch where no EOS can be chosen (none given, or banned to the end): fewer kernels a step
+            watch = _DoneWatch() if len(eos) and min_new_tokens < max_new_tokens else None
             for step in range(max_new_tokens):
                 if step < min_new_tokens and len(eos):
                     logits = logits.index_fill(-1, eos, float("-inf"))  # out of place: may be a graph's output
-                tokens = torch.where(done, pad, logits.argmax(dim=-1))  # [B]
+                tokens = logits.argmax(dim=-1) if watch is None else torch.where(done, pad, logits.argmax(dim=-1))
                 generated.append(tokens)
                 if watch is not None:
                     done = done | torch.isin(tokens, eos)

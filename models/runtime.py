@@ -205,7 +205,7 @@ class Runtime:
 
     def _notify(self, layer, experts, weights, outcomes, stall) -> None:
         if outcomes is None:  # a fully resident layer: every expert it used was a hit
-            outcomes = {e: "hit" for e in torch.unique(experts).tolist() if e >= 0}
+            outcomes = {e: "hit" for e in experts.flatten().tolist() if e >= 0}  # (a dict: each once; no torch.unique call)
         event = RoutingEvent(layer, experts, weights, dict(outcomes), stall)
         for listener in self._listeners:
             listener(event)

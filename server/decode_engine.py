@@ -10,6 +10,16 @@ to the next captured batch size, and samples each row with its request's own sam
 Admission, queueing, cancellation, stop strings, traces and metrics are the Engine's
 (server/engine.py): this class replaces only what ran inside transformers' manager.
 
+Decode steps of greedy rows are pipelined, as vLLM's async scheduling and SGLang's overlap
+scheduler do: the compute thread queues step N+1, fed on the device by step N's argmax, and
+only then reads step N's tokens, emits its routing and hands its outputs to the event loop,
+while the GPU runs step N+1. The host's per-token work (routing accounting, delivery, the
+event loop's share of the GIL) then overlaps the GPU instead of adding to it. The price is
+one step decoded past an EOS or a cancellation, and dropped; a row whose last token is
+queued is left out of the next step, so max_new_tokens costs nothing extra. A step with a
+row that samples (a request with a sampler: temperature, penalties, logprobs, a grammar)
+runs synchronously, as prefill does: its tokens are chosen on the host.
+
 Compute thread: owns the decoder, its rows and the per-row sequences; it talks to the event
 loop only through a command queue (in) and `call_soon_threadsafe` (out).
 """
@@ -28,6 +38,7 @@ import torch
 from .engine import Engine
 from .logs import log_event
 from .routing import BatchSlot
+from .sampling import GREEDY_SLOT
 
 STOP = object()
 
@@ -54,10 +65,22 @@ class _Sequence:
     stops: frozenset[int]  # EOS (unless ignore_eos) and the request's stop_token_ids
     row: int = -1
     tokens: list[int] = field(default_factory=list)
+    issued: int = 0  # tokens generated or on their way: len(tokens), + 1 while a pipelined step runs
 
     @property
     def last(self) -> int:
         return self.tokens[-1]
+
+
+@dataclass
+class _QueuedStep:
+    """A pipelined decode step on the device whose tokens the host has not read yet."""
+
+    batch: list[_Sequence]
+    layout: list[BatchSlot]
+    tokens: torch.Tensor  # [batch size] by row, host (pinned on CUDA): valid once `ready` has passed
+    ready: torch.cuda.Event | None
+    emit_routing: object  # () -> None, or None (Decoder.take_routing)
 
 
 class DecoderEngine(Engine):
@@ -65,11 +88,21 @@ class DecoderEngine(Engine):
 
     kind = "decoder"
 
+    # Pipelined decode steps (module docstring): on CUDA, where the device runs ahead of the host.
+    # On CPU the host computes the step itself, so there is nothing to overlap (tests set it).
+    pipeline: bool | None = None
+
     def start(self) -> None:
         self.decoder = self.runtime.decoder(max_batch=self.config.max_concurrency,
                                             max_len=self.config.max_model_len)
         captured = self.decoder.capture_all()  # before the first request, as vLLM does
-        log_event("decoder", graphs=self.decoder.use_graphs, captured_steps=captured,
+        if self.pipeline is None:
+            self.pipeline = self.decoder.device.type == "cuda"
+        self.decoder.defer_routing = self.pipeline
+        # each row's last token on the device: what a pipelined step feeds its rows
+        self._next_tokens = torch.zeros(self.config.max_concurrency, dtype=torch.long, device=self.decoder.device)
+        self._queued: _QueuedStep | None = None
+        log_event("decoder", graphs=self.decoder.use_graphs, captured_steps=captured, pipelined=self.pipeline,
                   max_batch=self.config.max_concurrency, max_len=self.config.max_model_len)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._layout: list[BatchSlot] = []
@@ -127,10 +160,12 @@ class DecoderEngine(Engine):
         try:
             while True:
                 admitted = []
-                for command in self._next_commands(block=not rows):
+                for command in self._next_commands(block=not rows and self._queued is None):
                     if command is STOP:
+                        self._complete_queued(rows, free)
                         return
                     if isinstance(command, tuple) and command[0] == "call":
+                        self._complete_queued(rows, free)  # the call's forward and routing come after
                         self._call_outside_batch(*command[1:])
                         continue
                     if isinstance(command, tuple):  # ("cancel", request_id)
@@ -143,9 +178,12 @@ class DecoderEngine(Engine):
                 # the requests that arrived together are prefilled together (sharing each layer's loads)
                 admitted = [seq for seq in admitted if rows.get(seq.row) is seq]  # not cancelled meanwhile
                 if admitted:
+                    self._complete_queued(rows, free)  # a prefill samples on the host: the device is drained anyway
                     self._step(rows, free, admitted, prefill=True)
                 if rows:
-                    self._step(rows, free, list(rows.values()), prefill=False)
+                    self._decode(rows, free)
+                else:
+                    self._complete_queued(rows, free)
         except BaseException as exc:  # the loop is gone: say why, fail what it held
             self._alive = False
             log_event("engine_failed", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}")
@@ -160,6 +198,65 @@ class DecoderEngine(Engine):
             except queue.Empty:
                 return commands
 
+    def _decode(self, rows: dict[int, _Sequence], free: list[int]) -> None:
+        """One decode step of every row that still has a token to generate: queued behind the
+        last one when every row is greedy (then the last one's tokens are read), else run
+        synchronously once the last one is read."""
+        batch = self._decodable(rows)
+        if self.pipeline and batch and all(seq.sampler_slot == GREEDY_SLOT for seq in batch):
+            previous, self._queued = self._queued, self._queue_step(rows, free, batch)
+            self._complete(rows, free, previous)  # while the device runs the step just queued
+            return
+        self._complete_queued(rows, free)
+        batch = self._decodable(rows)
+        if batch:
+            self._step(rows, free, batch, prefill=False)
+
+    @staticmethod
+    def _decodable(rows: dict[int, _Sequence]) -> list[_Sequence]:
+        """The rows with a token still to generate (a row whose last token is queued waits for it), by row."""
+        return sorted((seq for seq in rows.values() if seq.issued < seq.max_new_tokens), key=lambda s: s.row)
+
+    def _queue_step(self, rows, free, batch: list[_Sequence]) -> _QueuedStep | None:
+        """Queue one step of `batch` (every row greedy) fed from the device; None if it failed."""
+        layout = [BatchSlot(s.request_id, s.row, s.row + 1, s.issued) for s in batch]
+        self._layout = layout  # an uncaptured step emits its routing as it runs
+        try:
+            logits = self.decoder.decode_queued([s.row for s in batch], self._next_tokens)  # [b,V] by row
+        except Exception as exc:  # this step failed: fail its requests, keep serving the others
+            self._fail_step(rows, free, batch, exc)
+            return None
+        chosen = logits.argmax(dim=-1)  # [b]
+        self._next_tokens[:chosen.shape[0]].copy_(chosen)
+        for seq in batch:
+            seq.issued += 1
+        if chosen.is_cuda:
+            tokens = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+            tokens.copy_(chosen, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            tokens, ready = chosen, None
+        return _QueuedStep(batch, layout, tokens, ready, self.decoder.take_routing())
+
+    def _complete_queued(self, rows, free) -> None:
+        queued, self._queued = self._queued, None
+        self._complete(rows, free, queued)
+
+    def _complete(self, rows, free, queued: _QueuedStep | None) -> None:
+        """Read a pipelined step's tokens: its routing, then each row's token, as a synchronous step's."""
+        if queued is None:
+            return
+        if queued.ready is not None:
+            queued.ready.synchronize()
+        if queued.emit_routing is not None:
+            self._layout = queued.layout
+            queued.emit_routing()
+        tokens = queued.tokens.tolist()
+        for seq in queued.batch:
+            if rows.get(seq.row) is seq:  # not finished by an EOS, nor cancelled, since it was queued
+                self._append(rows, free, seq, tokens[seq.row])
+
     def _step(self, rows: dict[int, _Sequence], free: list[int], batch: list[_Sequence], prefill: bool) -> None:
         try:
             if prefill:
@@ -168,21 +265,33 @@ class DecoderEngine(Engine):
                     return
                 logits = self.decoder.prefill_rows({s.row: s.prompt for s in batch}, self._prefill_layout(batch))
             else:
-                batch.sort(key=lambda s: s.row)
                 self._layout = [BatchSlot(s.request_id, s.row, s.row + 1, len(s.tokens)) for s in batch]
                 logits = self.decoder.decode({s.row: s.last for s in batch})  # [B,V] in row order
+                emit_routing = self.decoder.take_routing()
+                if emit_routing is not None:
+                    emit_routing()
         except Exception as exc:  # this step failed: fail its requests, keep serving the others
-            log_event("step_failed", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}")
-            for seq in batch:
-                self._finish_row(rows, free, seq, _Output(list(seq.tokens), True, f"{type(exc).__name__}: {exc}"))
+            self._fail_step(rows, free, batch, exc)
             return
-        for seq, token in zip(batch, self._sample(batch, logits)):
-            seq.tokens.append(token)
-            done = token in seq.stops or len(seq.tokens) >= seq.max_new_tokens
-            if done:
-                self._finish_row(rows, free, seq, _Output(list(seq.tokens), True))
-            else:
-                self._deliver(seq, _Output(list(seq.tokens)))
+        tokens = self._sample(batch, logits)
+        if self.pipeline:  # the rows' next pipelined step reads its tokens on the device
+            self._next_tokens.index_copy_(0, torch.tensor([s.row for s in batch]).to(self._next_tokens.device),
+                                          torch.tensor(tokens).to(self._next_tokens.device))
+        for seq, token in zip(batch, tokens):
+            seq.issued += 1
+            self._append(rows, free, seq, token)
+
+    def _append(self, rows, free, seq: _Sequence, token: int) -> None:
+        seq.tokens.append(token)
+        if token in seq.stops or len(seq.tokens) >= seq.max_new_tokens:
+            self._finish_row(rows, free, seq, _Output(list(seq.tokens), True))
+        else:
+            self._deliver(seq, _Output(list(seq.tokens)))
+
+    def _fail_step(self, rows, free, batch: list[_Sequence], exc: Exception) -> None:
+        log_event("step_failed", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+        for seq in batch:
+            self._finish_row(rows, free, seq, _Output(list(seq.tokens), True, f"{type(exc).__name__}: {exc}"))
 
     def _fail_unfit(self, rows, free, batch: list[_Sequence]) -> list[_Sequence]:
         """The sequences whose prompt fits their row; the others fail alone, before the batch runs."""

@@ -7,7 +7,7 @@ The engine runs here without HTTP, so the failures can be ones validation would 
 at the edge (a seed past 2^64 - 1, a logit_bias token outside the vocabulary): the engine
 must survive them anyway. Each case runs more times than there are batch slots, on every
 engine: transformers' continuous batching, the static batched path (generate()), and
-cadre's slot-cache decoder (CPU: eager steps).
+cadre's slot-cache decoder (CPU: eager steps), synchronous and pipelined (as on CUDA).
 """
 
 import asyncio
@@ -33,7 +33,14 @@ def tiny(tmp_path_factory):
     runtime.close()
 
 
-ENGINES = {"continuous-batching": (Engine, "continuous"), "static": (Engine, "static"), "decoder": (DecoderEngine, "auto")}
+
+
+class PipelinedDecoderEngine(DecoderEngine):
+    pipeline = True  # what CUDA gets; on CPU nothing overlaps, but the bookkeeping is the same
+
+
+ENGINES = {"continuous-batching": (Engine, "continuous"), "static": (Engine, "static"), "decoder": (DecoderEngine, "auto"),
+           "decoder-pipelined": (PipelinedDecoderEngine, "auto")}
 
 
 @pytest.fixture(params=list(ENGINES))
