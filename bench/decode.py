@@ -8,7 +8,8 @@
         --budgets 1.0 --gpu-memory 24GiB,16GiB --host-memory 32GiB,8GiB     # a real-size synthetic store
 
 Prints tokens/s (greedy, a fixed number of new tokens per prompt, after a warm-up, batch
-of --batch prompts decoded together) end to end, and apart: the time to the first token
+of --batch prompts decoded together; each timed round decodes prompts of its own, never the
+warm-up's: see round_prompts) end to end, and apart: the time to the first token
 (the prompt's prefill) and the decode rate of the tokens after it, as serving benchmarks
 report them (a cold prefill loads most of a layer's experts: at 32 tokens it weighs on the
 end-to-end rate of a capped cadre far more than on a resident model's), cache hit rate and expert loads per token for each
@@ -175,17 +176,27 @@ def timings(contenders: list[Contender], ids, tokens: int, repeats: int, device)
     together), and where its generate marks its first token, ttft_ms (the prefill) and
     decode_tok_s (the tokens after the first, over the time after it)."""
     runs: dict[str, list[tuple[float, float | None]]] = {c.system: [] for c in contenders}
-    for _ in range(repeats):
+    for prompt in round_prompts(ids, repeats):
         for contender in contenders:
             sync(device)
             FIRST_TOKEN.reset(device)
             start = time.perf_counter()
-            out = contender.generate(ids, tokens)
+            out = contender.generate(prompt, tokens)
             sync(device)
             end = time.perf_counter()
             assert out.shape == (ids.shape[0], ids.shape[1] + tokens), (contender.system, tuple(out.shape))
             runs[contender.system].append((end - start, None if FIRST_TOKEN.at is None else FIRST_TOKEN.at - start))
     return {system: _timing(r, ids.shape[0], tokens) for system, r in runs.items()}
+
+
+def round_prompts(ids: torch.Tensor, repeats: int) -> list[torch.Tensor]:
+    """One fresh prompt per timed round, each of the warm-up prompt's shape and token range
+    (prompt_ids': 10 to its largest id), none the warm-up's and each the same for every system
+    of its round. Greedy decoding of one prompt repeats its routing exactly, so a capped cache
+    warmed by the very sequence it then decodes would report hits that a server never sees."""
+    high = int(ids.max()) + 1
+    return [torch.randint(10, high, tuple(ids.shape), generator=torch.Generator().manual_seed(1 + r)).to(ids.dtype)
+            for r in range(repeats)]
 
 
 def _timing(runs: list[tuple[float, float | None]], batch: int, tokens: int) -> dict:

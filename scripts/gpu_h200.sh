@@ -7,7 +7,8 @@
 # A session's 30 device minutes hold three calls, each sent the moment the last returns (the
 # machine stays warm 30 s; a cold one starts in ~35 s and loses /tmp). `tests synth full` in one call took
 # 573 s at df05b21 (tests 151 s, store 42 s, the full table ~360 s): the most one call holds. Times seen 2026-11-30:
-#   1. tests decode8l kernels8l                 ~ 450 s (slice built in ~15 s; the 106 GPU tests ~120 s)
+#   1. tests decode8l kernels8l                 ~ 450 s (slice built in ~15 s; the 106 GPU tests ~120 s;
+#                                               the 110 of 7c13b09 took over 200 s on a cold machine)
 #   2. synth full                               ~ 350 s (store 36 s; references first, 200 s at most)
 #   3. smoke-full breakdown-full                ~ 130 s (serve-full did not finish within 110 s, twice: startup
 #                                               22 s, captures, then 3 levels of up to 25 s at ~7 tok/s; it now has
@@ -38,7 +39,7 @@ MODEL=(--model qwen3-30b-a3b-8l --device cuda --workdir /tmp/bw)
 for stage in "$@"; do
   case "$stage" in
     tests)  # every GPU test: the captured decode path, the runtime, families, host tier
-      timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -m gpu -p no:cacheprovider --durations=10 \
+      timeout "${TESTS_TIMEOUT:-280}" python3 -m pytest -m gpu -p no:cacheprovider --durations=10 \
         $(grep -l "mark.gpu" tests/*.py) 2>&1 \
         | tee "$OUT/pytest_gpu.log" | tail -15 ;;
     tests-quick)  # only the tests of what changed last (the compiled step, the exclusive host tier)
@@ -51,7 +52,7 @@ for stage in "$@"; do
         | quiet | tail -14 ;;
     decode8l-b16)  # batch 16: cadre 100% / 25% beside transformers' compiled batch
       timeout 200 python3 -m bench decode "${MODEL[@]}" "${STOCK[@]}" --batch 16 --budgets 1.0,0.25 \
-        --impls batched_mm --compile --compile-modes gpt-fast --compile-impls batched_mm --tokens 32 --repeats 2 \
+        --impls batched_mm --compile --compile-modes gpt-fast --compile-impls batched_mm,grouped_mm --tokens 32 --repeats 2 \
         --json "$OUT/decode_h200_8l_b16.json" 2>&1 | tee "$OUT/decode_h200_8l_b16.log" | quiet | tail -8 ;;
     kernels8l)  # what one token launches: cadre's compiled step beside transformers' (gpt-fast), 100%
       timeout 200 python3 -m bench kernels --model qwen3-30b-a3b-8l --workdir /tmp/bw --tokens 16 \
