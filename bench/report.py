@@ -106,7 +106,7 @@ def decode_gpu_table(name: str, results: Path) -> str:
                      "copy floor tok/s", "decode copy floor", "GPU peak GiB"], body) + "\n\n" + source(name, record))
 
 
-for _name in ("decode_h200_8l_b1", "decode_h200_full", "decode_h200_full_fp8"):
+for _name in ("decode_h200_8l_b1", "decode_h200_8l_fp8", "decode_h200_full", "decode_h200_full_fp8"):
     renderer(_name.replace("_", "-"))(lambda results, _name=_name: decode_gpu_table(_name, results))
 
 
