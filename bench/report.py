@@ -106,8 +106,14 @@ def decode_gpu_table(name: str, results: Path) -> str:
                      "copy floor tok/s", "decode copy floor", "GPU peak GiB"], body) + "\n\n" + source(name, record))
 
 
-for _name in ("decode_h200_8l_b1", "decode_h200_8l_fp8", "decode_h200_full", "decode_h200_full_fp8"):
+for _name in ("decode_h200_8l_b1", "decode_h200_8l_fp8", "decode_h200_full", "decode_h200_full24", "decode_h200_full_fp8"):
     renderer(_name.replace("_", "-"))(lambda results, _name=_name: decode_gpu_table(_name, results))
+
+
+@renderer("decode-h200-8l-b16")
+def decode_h200_8l_b16(results: Path) -> str:
+    """Batch 16: the stage's run, then cadre's compiled step beside the stronger reference."""
+    return "\n\n".join(decode_gpu_table(name, results) for name in ("decode_h200_8l_b16", "decode_h200_8l_b16_compiled"))
 
 
 @renderer("breakdown-h200-8l")
