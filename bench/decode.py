@@ -80,6 +80,10 @@ def parse_args(argv):
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--budgets", default="1.0,0.5,0.25", help="cadre cache budgets as fractions of all experts")
     p.add_argument("--batch", type=int, default=1, help="prompts decoded together")
+    p.add_argument("--gather-rows", default="",
+                   help="also cadre rows (each budget, and the compiled step) whose GPU steps gather experts' weights "
+                        "only up to this many (token, expert) rows, a grouped matmul above (comma-separated; "
+                        "0 = always grouped; default: the kernels' GATHER_ROWS only)")
     p.add_argument("--prefetch", default="0",
                    help="cadre rows at these prefetch depths (comma-separated; 1 = predict the next MoE "
                         "layer's experts from this layer's input and load them while it computes)")
@@ -532,7 +536,7 @@ def cadre_runtime(store: Path, device, dtype_name, fraction, caps: tuple[str, st
 
 def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool, prefetch: int,
                     args, compiled: bool = False, label: str = "", caps: tuple[str, str] | None = None,
-                    compile_step: bool = False) -> Contender:
+                    compile_step: bool = False, gather_rows: int | None = None) -> Contender:
     """cadre at a budget: `fraction` of all experts, or (caps) the memory plan's slots under a
     device budget and a pinned host tier cap (GPU, host), as a smaller machine would have."""
     on_gpu = torch.device(device).type == "cuda"
@@ -541,7 +545,8 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
         torch.cuda.reset_peak_memory_stats()
     max_len = PROMPT_LEN + args.tokens + 8
     runtime = cadre_runtime(store, device, dtype_name, fraction, caps, max_len, ids.shape[0], prefetch_layers=prefetch,
-                            compile=compiled, compile_step=compile_step, load_workers=args.load_workers)
+                            compile=compiled, compile_step=compile_step, load_workers=args.load_workers,
+                            gather_rows=gather_rows)
     loads = lambda: sum(runtime.cache.stats().loads.values())
     decode_loads, at_first = [], [0]  # per run: the loads after its first token (the prefill's apart)
 
@@ -612,6 +617,8 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
         name += ", compiled leaves"
     if compile_step:
         name += ", compiled step"
+    if gather_rows is not None:
+        name += f", gathers up to {gather_rows} rows"
     return Contender(name, generate, finish)
 
 
@@ -775,6 +782,10 @@ def cadre_factories(checkpoint: Path, store: Path, workdir: Path, device, dtype_
         factories += [build(store, fraction, True, 0, compiled=True) for fraction in budgets]
     if args.cadre_compile_step:  # only a budget holding every expert compiles its step
         factories += [build(store, 1.0, True, 0, compile_step=True)]
+    for rows in (int(r) for r in args.gather_rows.split(",") if r):  # the same rows, experts gathered up to `rows`
+        factories += [build(store, fraction, True, 0, gather_rows=rows) for fraction in budgets]
+        if args.cadre_compile_step:
+            factories += [build(store, 1.0, True, 0, compile_step=True, gather_rows=rows)]
     return factories
 
 

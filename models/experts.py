@@ -28,7 +28,7 @@ from transformers.integrations.moe import ExpertsInterface
 
 from router.exact import UNUSED
 
-from .kernels import expert_mlp
+from .kernels import GATHER_ROWS, expert_mlp
 
 if TYPE_CHECKING:
     from .cache import ExpertCache
@@ -83,6 +83,7 @@ class ExpertLayer:
         self.on_miss: Callable | None = None  # (layer, missed experts) -> None (full-depth prefetch)
         self.before: Callable | None = None  # (layer, hidden [T,H]) -> None (speculative prefetch)
         self.mlp = expert_mlp  # the experts' compute (models/compile.py may swap in a compiled one)
+        self.gather_rows = GATHER_ROWS  # rows up to which a GPU step gathers weights (RuntimeConfig.gather_rows)
         self.outcomes: dict[int, str] | None = None  # of the last forward (None: resident for good)
         self.stall = 0.0  # seconds the last forward waited for experts to become resident
         # Set by a compiled decode step (models/decoder.py): the routing goes into these static
@@ -130,7 +131,7 @@ class ExpertLayer:
         cache = self.cache
         biases = (cache.gate_up_bias[first:end], cache.down_bias[first:end]) if cache.gate_up_bias is not None else None
         return self.mlp(module, hidden, slots, top_k_weights, cache.gate_up[first:end], cache.down[first:end],
-                        reduce=reduce, biases=biases)
+                        reduce=reduce, biases=biases, gather_rows=self.gather_rows)
 
     def _compute_resident(self, module, hidden, top_k_index, top_k_weights) -> torch.Tensor:
         """Make the chosen experts resident, then compute. When the budget cannot pin them

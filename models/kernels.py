@@ -34,13 +34,14 @@ _grouped_support: dict[tuple[str, torch.dtype], bool] = {}
 
 def expert_mlp(module: torch.nn.Module, hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
                gate_up: torch.Tensor, down: torch.Tensor, reduce: bool = True,
-               biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               biases: tuple[torch.Tensor, torch.Tensor] | None = None, gather_rows: int = GATHER_ROWS) -> torch.Tensor:
     """hidden [T,H], slots [T,K] into gate_up [G,2I,H] / down [G,H,I], weights [T,K]
     -> [T,H] (reduce) or the weighted rows [T,K,H]. `module` is the family's experts module:
     its `_apply_gate` turns the gate/up projection into the activation. biases: the slots'
-    (gate_up [G,2I], down [G,H]) where the family's experts have them (gpt-oss)."""
+    (gate_up [G,2I], down [G,H]) where the family's experts have them (gpt-oss). On a GPU, up
+    to `gather_rows` rows take the gathered path (RuntimeConfig.gather_rows)."""
     num_tokens, top_k = slots.shape
-    if hidden.is_cuda and (num_tokens * top_k <= GATHER_ROWS or not _grouped_capturable(hidden)):
+    if hidden.is_cuda and (num_tokens * top_k <= gather_rows or not _grouped_capturable(hidden)):
         rows = _gathered(module, hidden, slots.reshape(-1), gate_up, down, biases)  # [S,H]
         rows = rows * weights.reshape(-1, 1)  # [S,H]
     else:

@@ -57,6 +57,9 @@ class RuntimeConfig:
     compile: bool = False  # torch.compile the norms, gates and experts' compute (models/compile.py)
     compile_step: bool = False  # torch.compile each decode step's forward (a budget holding every expert)
     load_workers: int | None = None  # threads reading misses from the store; None: 1 on CPU, up to 8 on a GPU
+    # On a GPU, steps of at most this many (token, expert) rows gather their experts' weights for a
+    # bmm; larger ones run a grouped matmul over the slot buffers (models/kernels.py). None: GATHER_ROWS.
+    gather_rows: int | None = None
 
     def __post_init__(self):
         if self.cache_bytes is not None and self.cache_fraction is not None:
@@ -69,6 +72,8 @@ class RuntimeConfig:
             raise ValueError(f"decoder must be auto, on or off, got {self.decoder!r}")
         if self.load_workers is not None and self.load_workers < 1:
             raise ValueError(f"load_workers must be >= 1, got {self.load_workers}")
+        if self.gather_rows is not None and self.gather_rows < 0:
+            raise ValueError(f"gather_rows must be >= 0, got {self.gather_rows}")
         if self.prefetch_layers < 0:
             raise ValueError(f"prefetch_layers must be >= 0, got {self.prefetch_layers}")
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -106,6 +111,8 @@ class Runtime:
         on_miss = self._prefetch_deeper if config.full_depth else None
         for layer, experts in expert_layers(model).items():
             experts.bind(cache, on_route=self._emit, on_miss=on_miss, before=self.policy.before_experts)
+            if config.gather_rows is not None:
+                experts.gather_rows = config.gather_rows
         for layer, block in moe_blocks(model).items():
             if keeps_own_router(block, self.policy.spec):  # transformers' router: no choice to mask
                 self._require_every_expert(layer)

@@ -45,8 +45,9 @@ for stage in "$@"; do
     tests-quick)  # only the tests of what changed last (the compiled step, the exclusive host tier)
       timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider -k "compiled_step or exclusive" \
         tests/test_decoder_gpu.py tests/test_host_tier_gpu.py 2>&1 | tee "$OUT/pytest_gpu_quick.log" | tail -5 ;;
-    decode8l)  # batch 1: references (eager, compiled two ways), cadre graphs +- prefetch
-      timeout 300 python3 -m bench decode "${MODEL[@]}" "${STOCK[@]}" --budgets 1.0,0.25 --prefetch 0,1 --cadre-compile-step \
+    decode8l)  # batch 1: references (eager, compiled two ways), cadre graphs +- prefetch, gathered and grouped experts
+      timeout 360 python3 -m bench decode "${MODEL[@]}" "${STOCK[@]}" --budgets 1.0,0.25 --prefetch 0,1 --cadre-compile-step \
+        --gather-rows 0 \
         --impls batched_mm --compile --compile-modes gpt-fast --compile-impls batched_mm,grouped_mm \
         --tokens 64 --repeats 3 --json "$OUT/decode_h200_8l_b1.json" 2>&1 | tee "$OUT/decode_h200_8l_b1.log" \
         | quiet | tail -14 ;;
