@@ -120,11 +120,13 @@ for stage in "$@"; do
           --clients 1,4,16 --requests 48 --max-tokens 64 --rounds 1 --no-reference \
           --json "$OUT/serve_h200_demo_${fraction}.json" 2>&1 | tee "$OUT/serve_h200_demo_${fraction}.log" | quiet | tail -8
       done ;;
-    serve8l)  # the server's decoder engine at 25% and 100% of experts, 1/4/16 streaming clients
+    serve8l)  # the server's decoder engine at 25% and 100% of experts, 1/4/16 streaming clients; from CADRE_SRC
+      # (default: this tree) for an A/B of two versions in one call, as full24 (needs /tmp/bw: run after decode8l)
+      src=${CADRE_SRC:-.}; tag=$([ -n "${CADRE_SRC:-}" ] && echo "_$(basename "$src")")
       for fraction in 0.25 1.0; do
-        timeout 75 python3 -m bench serve --store /tmp/bw/store --device cuda --dtype bfloat16 \
+        (cd "$src" && timeout 75 python3 -m bench serve --store /tmp/bw/store --device cuda --dtype bfloat16 \
           --cache-fraction "$fraction" --clients 1,4,16 --requests 24 --duration 15 --max-tokens 64 --rounds 1 --no-reference \
-          --json "$OUT/serve_h200_8l_${fraction}.json" 2>&1 | tee "$OUT/serve_h200_8l_${fraction}.log" | quiet | tail -8
+          --json "$OUT/serve_h200_8l_${fraction}${tag}.json" 2>&1 | tee "$OUT/serve_h200_8l_${fraction}${tag}.log" | quiet | tail -8)
       done ;;
     fp8)  # FP8 vs bf16 experts at 25%: tok/s, loads and bytes per token (issue 13)
       timeout 300 python3 -m bench decode "${MODEL[@]}" --budgets 0.25 --expert-formats bf16,fp8 --impls grouped_mm \
