@@ -503,15 +503,11 @@ class Decoder:
         buffers are overwritten by the next replay, which the copy precedes on the stream); the
         returned call waits for it and emits it."""
         layers, experts, weights = routing
-        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (experts, weights)]
-        for target, source in zip(host, (experts, weights)):
-            target.copy_(source, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
+        (experts, _), (weights, copied) = copy_to_host_behind(experts), copy_to_host_behind(weights)
 
         def emit() -> None:
-            copied.synchronize()
-            self.runtime.emit_step_routing(layers, host[0], host[1], outcomes)
+            copied.synchronize()  # (the later of the two copies on the stream)
+            self.runtime.emit_step_routing(layers, experts, weights, outcomes)
         return emit
 
     # --- generation ------------------------------------------------------------------------------------
@@ -572,14 +568,7 @@ class _DoneWatch:
 
     def push(self, done: torch.Tensor) -> bool:
         """Queue this step's flags; True if every row was already done at the previous step."""
-        if done.is_cuda:
-            host = torch.empty(done.shape, dtype=torch.bool, pin_memory=True)
-            host.copy_(done, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host, event = done.clone(), None
-        self._flags.append((host, event))
+        self._flags.append(copy_to_host_behind(done))
         return len(self._flags) > 1 and self._all_done(len(self._flags) - 2)
 
     def end(self, steps: int) -> int:
@@ -591,6 +580,18 @@ class _DoneWatch:
         if event is not None:
             event.synchronize()
         return bool(host.all())
+
+
+def copy_to_host_behind(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A copy of `tensor` queued into pinned host memory behind the work on the current stream,
+    and the event that says it landed (nothing waits now); on CPU a plain copy, and None."""
+    if not tensor.is_cuda:
+        return tensor.clone(), None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    landed = torch.cuda.Event()
+    landed.record()
+    return host, landed
 
 
 def _stack_routing(routes: list[tuple[int, torch.Tensor, torch.Tensor]]):

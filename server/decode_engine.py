@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from models.decoder import copy_to_host_behind
+
 from .engine import Engine
 from .logs import log_event
 from .routing import BatchSlot
@@ -230,13 +232,7 @@ class DecoderEngine(Engine):
         self._next_tokens[:chosen.shape[0]].copy_(chosen)
         for seq in batch:
             seq.issued += 1
-        if chosen.is_cuda:
-            tokens = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
-            tokens.copy_(chosen, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        else:
-            tokens, ready = chosen, None
+        tokens, ready = copy_to_host_behind(chosen)
         return _QueuedStep(batch, layout, tokens, ready, self.decoder.take_routing())
 
     def _complete_queued(self, rows, free) -> None:
