@@ -159,6 +159,12 @@ def kernels_h200_8l(results: Path) -> str:
     return totals + "\n\n" + kernels + "\n\n" + source("kernels_h200_8l", record)
 
 
+def tokens_of(level: dict) -> float:
+    """Tokens a bench serve level streamed (rows from before `tokens` was recorded: its completed
+    requests' only, which were all it counted then)."""
+    return level.get("tokens", level["tokens_per_request"] * level["requests"])
+
+
 def serve_levels(record: dict) -> dict[int, dict]:
     """Medians over the rounds, per concurrency level."""
     by_clients = {}
@@ -169,8 +175,7 @@ def serve_levels(record: dict) -> dict[int, dict]:
         by_clients[clients]["errors"] = sum(r["errors"] for r in runs)
         by_clients[clients]["rounds"] = len(runs)
         by_clients[clients]["hit_rate"] = median(r["hit_rate"] for r in runs)
-        by_clients[clients]["loads_per_token"] = median(
-            r["loads"] / max(1, r["tokens_per_request"] * r["requests"]) for r in runs)
+        by_clients[clients]["loads_per_token"] = median(r["loads"] / max(1, tokens_of(r)) for r in runs)
     return by_clients
 
 

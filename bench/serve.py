@@ -4,7 +4,8 @@ loopback, then transformers on the same model and prompts in the same run.
     python -m bench serve                         # the demo model on CPU
     python -m bench serve --clients 1,4,16 --requests 48 --duration 90 --max-tokens 32
 
-Each level is bounded in count (--requests) and time (--duration). Per level it prints
+Each level is bounded in count (--requests) and time (--duration: no request starts after it;
+--level-timeout: the ones still streaming then are cut, their tokens counted). Per level it prints
 requests/s, aggregate generated tokens/s, p50/p99 end-to-end latency and time to first
 token (first SSE token event), and errors (5xx apart). The reference rows are
 transformers' generate() one prompt at a time and generate_batch() (its continuous
@@ -32,6 +33,7 @@ from statistics import median
 import httpx
 
 from bench import _provenance
+from bench.report import tokens_of
 
 REPO = Path(__file__).resolve().parents[1]
 GENERIC_PROMPTS = ["The history of", "Once upon a time", "In the beginning", "To be, or not to be",
@@ -50,6 +52,9 @@ def parse_args(argv):
     p.add_argument("--requests", type=int, default=48, help="requests per level at most")
     p.add_argument("--duration", type=float, default=90.0, help="seconds per level at most (requests in flight finish)")
     p.add_argument("--max-tokens", type=int, default=32, help="max_new_tokens of every request")
+    p.add_argument("--level-timeout", type=float, default=None,
+                   help="seconds a level may take at most: requests still streaming then are cut (closed; "
+                        "their tokens count toward tok/s, not their latency). Default: they finish")
     p.add_argument("--cache-fraction", type=float, default=None, help="server --cache-fraction")
     p.add_argument("--gpu-memory", help="server --gpu-memory (the memory plan sizes the expert slots)")
     p.add_argument("--host-memory", help="server --host-memory (the pinned host tier's cap)")
@@ -114,28 +119,37 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600) -> Non
     raise RuntimeError("server not ready in time")
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, results: list[dict]) -> None:
+    """Stream one /generate request; its result goes into `results`, also when the level's
+    time is up and the request is cancelled mid-stream ("cut", with the tokens it had)."""
     started = time.perf_counter()
-    first = None
+    first, streamed = None, 0
     try:
         async with client.stream("POST", f"{url}/generate", json={"prompt": prompt, "max_new_tokens": max_tokens,
                                                                    "stream": True}) as response:
             if response.status_code != 200:
                 await response.aread()
-                return {"status": response.status_code}
+                results.append({"status": response.status_code})
+                return
             final = None
             async for line in response.aiter_lines():
-                if line.startswith("event: token") and first is None:
-                    first = time.perf_counter()
+                if line.startswith("event: token"):
+                    streamed += 1
+                    first = first or time.perf_counter()
                 elif line.startswith("data: ") and '"finish_reason"' in line:
                     final = json.loads(line[len("data: "):])
             if final is None:
-                return {"status": "no final event"}
+                results.append({"status": "no final event"})
+                return
     except httpx.HTTPError as exc:
-        return {"status": type(exc).__name__}
+        results.append({"status": type(exc).__name__})
+        return
+    except asyncio.CancelledError:  # the level's time is up: closing the stream cancels it on the server
+        results.append({"status": "cut", "tokens": streamed, "end": time.perf_counter()})
+        raise
     end = time.perf_counter()
-    return {"status": 200, "latency": end - started, "ttft": (first or end) - started,
-            "tokens": final["usage"]["completion_tokens"], "end": end}
+    results.append({"status": 200, "latency": end - started, "ttft": (first or end) - started,
+                    "tokens": final["usage"]["completion_tokens"], "end": end})
 
 
 async def run_level(url: str, clients: int, prompts: list[str], args) -> dict:
@@ -148,12 +162,17 @@ async def run_level(url: str, clients: int, prompts: list[str], args) -> dict:
         for i in remaining:
             if time.perf_counter() > deadline:
                 return
-            results.append(await one_request(client, url, prompts[i % len(prompts)], args.max_tokens))
+            await one_request(client, url, prompts[i % len(prompts)], args.max_tokens, results)
 
     limits = httpx.Limits(max_connections=clients + 1)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         before = (await client.get(f"{url}/v1/experts")).json()["cache"]
-        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        loops = [asyncio.create_task(client_loop(client)) for _ in range(clients)]
+        # --level-timeout: the requests still streaming then are cut, so a slow level still ends
+        _, unfinished = await asyncio.wait(loops, timeout=args.level_timeout)
+        for loop in unfinished:
+            loop.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
         after = (await client.get(f"{url}/v1/experts")).json()["cache"]
     return {**summarize(clients, results, started), **cache_delta(before, after)}
 
@@ -172,15 +191,20 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summarize(clients: int, results: list[dict], started: float) -> dict:
+    """A level's row: completed requests' latencies; tok/s over every token streamed, the cut
+    requests' (--level-timeout) included, until the last stream ended."""
     ok = [r for r in results if r["status"] == 200]
-    wall = (max(r["end"] for r in ok) - started) if ok else float("nan")
+    cut = [r for r in results if r["status"] == "cut"]
+    ended = ok + cut
+    wall = (max(r["end"] for r in ended) - started) if ended else float("nan")
     latencies, ttfts = [r["latency"] for r in ok], [r["ttft"] for r in ok]
     return {
-        "clients": clients, "requests": len(ok), "wall_s": wall,
-        "errors": len(results) - len(ok),
+        "clients": clients, "requests": len(ok), "cut": len(cut), "wall_s": wall,
+        "errors": len(results) - len(ended),
         "errors_5xx": sum(1 for r in results if isinstance(r["status"], int) and r["status"] >= 500),
         "req_s": len(ok) / wall if ok else 0.0,
-        "tok_s": sum(r["tokens"] for r in ok) / wall if ok else 0.0,
+        "tokens": sum(r["tokens"] for r in ended),
+        "tok_s": sum(r["tokens"] for r in ended) / wall if ended else 0.0,
         "tokens_per_request": sum(r["tokens"] for r in ok) / len(ok) if ok else 0.0,
         "latency_p50": percentile(latencies, 50) if ok else None, "latency_p99": percentile(latencies, 99) if ok else None,
         "ttft_p50": percentile(ttfts, 50) if ok else None, "ttft_p99": percentile(ttfts, 99) if ok else None,
@@ -287,16 +311,17 @@ def fraction(value) -> str:
 
 def print_results(levels: list[dict], reference: list[dict], description: str) -> None:
     print(f"\n{description}")
-    print(f"{'round':>5} {'clients':>7} {'requests':>8} {'errors':>6} {'5xx':>4} {'req/s':>7} {'tok/s':>8} {'tok/req':>7} "
+    print(f"{'round':>5} {'clients':>7} {'requests':>8} {'cut':>4} {'errors':>6} {'5xx':>4} {'req/s':>7} {'tok/s':>8} {'tok/req':>7} "
           f"{'p50 lat s':>9} {'p99 lat s':>9} {'p50 TTFT s':>10} {'p99 TTFT s':>10} {'hit rate':>8} {'loads/tok':>9}")
     for r in levels:
         if not r["requests"]:
-            print(f"{r['round']:>5} {r['clients']:>7} {0:>8} {r['errors']:>6} {r['errors_5xx']:>4}  (no request succeeded)")
+            print(f"{r['round']:>5} {r['clients']:>7} {0:>8} {r.get('cut', 0):>4} {r['errors']:>6} {r['errors_5xx']:>4}  "
+                  f"(no request completed; {r['tok_s']:.1f} tok/s streamed)")
             continue
-        print(f"{r['round']:>5} {r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['errors_5xx']:>4} {r['req_s']:>7.2f} "
-              f"{r['tok_s']:>8.1f} {r['tokens_per_request']:>7.1f} {r['latency_p50']:>9.2f} {r['latency_p99']:>9.2f} "
-              f"{r['ttft_p50']:>10.3f} {r['ttft_p99']:>10.3f} {fraction(r['hit_rate']):>8} "
-              f"{r['loads'] / max(1, r['tokens_per_request'] * r['requests']):>9.2f}")
+        print(f"{r['round']:>5} {r['clients']:>7} {r['requests']:>8} {r.get('cut', 0):>4} {r['errors']:>6} {r['errors_5xx']:>4} "
+              f"{r['req_s']:>7.2f} {r['tok_s']:>8.1f} {r['tokens_per_request']:>7.1f} {r['latency_p50']:>9.2f} "
+              f"{r['latency_p99']:>9.2f} {r['ttft_p50']:>10.3f} {r['ttft_p99']:>10.3f} {fraction(r['hit_rate']):>8} "
+              f"{r['loads'] / max(1, tokens_of(r)):>9.2f}")
     medians = {c: median(r["tok_s"] for r in levels if r["clients"] == c)
                for c in sorted({r["clients"] for r in levels})}
     print("median aggregate tok/s over rounds: " + ", ".join(f"{c} clients {t:.1f}" for c, t in medians.items()))
@@ -333,7 +358,8 @@ def main(argv) -> int:
         for round_ in range(args.rounds):
             for clients in levels_wanted:
                 levels.append({"round": round_ + 1, **asyncio.run(run_level(url, clients, prompts, args))})
-                print(f"  round {round_ + 1}, {clients} clients: {levels[-1]['requests']} requests, "
+                print(f"  round {round_ + 1}, {clients} clients: {levels[-1]['requests']} requests "
+                      f"({levels[-1]['cut']} cut), "
                       f"{levels[-1]['tok_s']:.1f} tok/s", file=sys.stderr)
             if with_reference:  # the server idles meanwhile (it holds no work)
                 reference += reference_round(_provenance.without_outputs(argv), round_ + 1)

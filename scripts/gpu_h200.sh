@@ -106,8 +106,9 @@ for stage in "$@"; do
         --decode-only --host-profile 30 --tokens 16 --json "$OUT/breakdown_h200_full_fp8.json" 2>&1 \
         | tee "$OUT/breakdown_h200_full_fp8.log" | quiet | tail -3 ;;
     serve-full)  # the server on the full-depth store at 24 GiB GPU / 32 GiB host, 1/4/16 streaming clients
+      # (each level, the warm-up too, cut at 50 s: at 580eacb the 16-client level outran the stage)
       timeout 300 python3 -m bench serve --store $FULL --device cuda --dtype bfloat16 --gpu-memory 24GiB \
-        --host-memory 32GiB --clients 1,4,16 --requests 16 --duration 25 --max-tokens 32 --rounds 1 \
+        --host-memory 32GiB --clients 1,4,16 --requests 16 --duration 25 --level-timeout 50 --max-tokens 32 --rounds 1 \
         --json "$OUT/serve_h200_full.json" 2>&1 | tee "$OUT/serve_h200_full.log" | quiet | tail -10 ;;
     smoke-full)  # python -m server --store --gpu-memory 24GiB: /generate with trace, a chat request, the plan
       timeout 75 bash scripts/smoke_full_depth.sh $FULL 2>&1 | tee "$OUT/smoke_full.log" | tail -12 ;;
