@@ -52,6 +52,11 @@ def parse_args(argv):
     p.add_argument("--requests", type=int, default=48, help="requests per level at most")
     p.add_argument("--duration", type=float, default=90.0, help="seconds per level at most (requests in flight finish)")
     p.add_argument("--max-tokens", type=int, default=32, help="max_new_tokens of every request")
+    p.add_argument("--profile", type=int, metavar="CLIENTS",
+                   help="sample the server's threads (server --enable-profiling, POST /debug/profile) during the "
+                        "first round's level of CLIENTS clients: collapsed stacks to --profile-out, a summary printed")
+    p.add_argument("--profile-seconds", type=float, default=8.0, help="how long --profile samples")
+    p.add_argument("--profile-out", type=Path, help="collapsed stacks file (default: beside --json, .stacks.txt)")
     p.add_argument("--level-timeout", type=float, default=None,
                    help="seconds a level may take at most: requests still streaming then are cut (closed; "
                         "their tokens count toward tok/s, not their latency). Default: they finish")
@@ -101,6 +106,8 @@ def start_server(args, port: int, max_concurrency: int) -> subprocess.Popen:
             command += [flag, value]
     if args.compile_step:
         command.append("--compile-step")
+    if args.profile:
+        command.append("--enable-profiling")
     command += ["--eviction", args.eviction, "--engine", args.engine, "--max-model-len", str(args.max_model_len)]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -152,7 +159,9 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
                     "tokens": final["usage"]["completion_tokens"], "end": end})
 
 
-async def run_level(url: str, clients: int, prompts: list[str], args) -> dict:
+async def run_level(url: str, clients: int, prompts: list[str], args, profile: bool = False) -> dict:
+    """One concurrency level; with `profile`, the server's threads sampled while it runs (the
+    row's "stacks": collapsed stacks, text)."""
     remaining = iter(range(args.requests))
     results: list[dict] = []
     started = time.perf_counter()
@@ -168,13 +177,54 @@ async def run_level(url: str, clients: int, prompts: list[str], args) -> dict:
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         before = (await client.get(f"{url}/v1/experts")).json()["cache"]
         loops = [asyncio.create_task(client_loop(client)) for _ in range(clients)]
+        sampling = asyncio.create_task(sample_server(client, url, args)) if profile else None
         # --level-timeout: the requests still streaming then are cut, so a slow level still ends
         _, unfinished = await asyncio.wait(loops, timeout=args.level_timeout)
         for loop in unfinished:
             loop.cancel()
         await asyncio.gather(*unfinished, return_exceptions=True)
+        stacks = await sampling if sampling is not None else None
         after = (await client.get(f"{url}/v1/experts")).json()["cache"]
-    return {**summarize(clients, results, started), **cache_delta(before, after)}
+    row = {**summarize(clients, results, started), **cache_delta(before, after)}
+    return row if stacks is None else {**row, "stacks": stacks}
+
+
+async def sample_server(client: httpx.AsyncClient, url: str, args) -> str:
+    """The server's threads, sampled once the level has settled (a second in, or a quarter of it)."""
+    await asyncio.sleep(min(1.0, args.duration / 4))
+    response = await client.post(f"{url}/debug/profile", params={"seconds": args.profile_seconds},
+                                 timeout=args.profile_seconds + 60)
+    response.raise_for_status()
+    return response.text
+
+
+def profile_summary(stacks: str, top: int = 12) -> list[str]:
+    """Per server thread: its samples, and the cadre functions (models/, server/, router/) most
+    often on its stack, with the share of the thread's samples each was on."""
+    threads, inclusive = {}, {}
+    for line in stacks.splitlines():
+        stack, count = line.rsplit(" ", 1)
+        thread, *frames = stack.split(";")
+        threads[thread] = threads.get(thread, 0) + int(count)
+        for frame in dict.fromkeys(f.rsplit(":", 1)[0] for f in frames if f.startswith(("models/", "server/", "router/"))):
+            inclusive[(thread, frame)] = inclusive.get((thread, frame), 0) + int(count)
+    lines = []
+    for thread, samples in sorted(threads.items(), key=lambda kv: -kv[1]):
+        mine = sorted(((n, f) for (t, f), n in inclusive.items() if t == thread), reverse=True)[:top]
+        if not mine:
+            continue
+        lines.append(f"  {thread}: {samples} samples")
+        lines += [f"    {n / samples:6.1%}  {frame}" for n, frame in mine]
+    return lines
+
+
+def save_profile(stacks: str, clients: int, args) -> None:
+    out = args.profile_out or (args.json.with_suffix(".stacks.txt") if args.json else None)
+    if out is not None:
+        Path(out).write_text(stacks)
+    print(f"server threads sampled for {args.profile_seconds:g} s at {clients} clients"
+          + (f" (collapsed stacks: {out})" if out else "") + ":", file=sys.stderr)
+    print("\n".join(profile_summary(stacks)), file=sys.stderr)
 
 
 def cache_delta(before: dict, after: dict) -> dict:
@@ -357,7 +407,10 @@ def main(argv) -> int:
         asyncio.run(run_level(url, max(levels_wanted), prompts, warm))
         for round_ in range(args.rounds):
             for clients in levels_wanted:
-                levels.append({"round": round_ + 1, **asyncio.run(run_level(url, clients, prompts, args))})
+                profile = round_ == 0 and clients == args.profile
+                levels.append({"round": round_ + 1, **asyncio.run(run_level(url, clients, prompts, args, profile))})
+                if profile:
+                    save_profile(levels[-1].pop("stacks"), clients, args)
                 print(f"  round {round_ + 1}, {clients} clients: {levels[-1]['requests']} requests "
                       f"({levels[-1]['cut']} cut), "
                       f"{levels[-1]['tok_s']:.1f} tok/s", file=sys.stderr)

@@ -129,11 +129,19 @@ for stage in "$@"; do
           --cache-fraction "$fraction" --clients 1,4,16 --requests 24 --duration 15 --max-tokens 64 --rounds 1 --no-reference \
           --json "$OUT/serve_h200_8l_${fraction}${tag}.json" 2>&1 | tee "$OUT/serve_h200_8l_${fraction}${tag}.log" | quiet | tail -8)
       done ;;
+    profile-serve8l)  # where the server's threads spend a level: 1 client at 25%, 16 clients at 100% (~100 s)
+      for level in "0.25 1" "1.0 16"; do
+        read -r fraction clients <<< "$level"
+        timeout 75 python3 -m bench serve --store /tmp/bw/store --device cuda --dtype bfloat16 --cache-fraction "$fraction" \
+          --clients "$clients" --requests 64 --duration 15 --level-timeout 30 --max-tokens 64 --rounds 1 --no-reference \
+          --profile "$clients" --profile-seconds 8 --json "$OUT/profile_serve_h200_8l_${fraction}_${clients}.json" 2>&1 \
+          | tee "$OUT/profile_serve_h200_8l_${fraction}_${clients}.log" | quiet | tail -30
+      done ;;
     fp8)  # FP8 vs bf16 experts at 25%: tok/s, loads and bytes per token (issue 13)
       timeout 300 python3 -m bench decode "${MODEL[@]}" --budgets 0.25 --expert-formats bf16,fp8 --impls grouped_mm \
         --tokens 64 --repeats 3 --json "$OUT/decode_h200_8l_fp8.json" 2>&1 | tee "$OUT/decode_h200_8l_fp8.log" \
         | quiet | tail -8 ;;
-    *) echo "unknown stage $stage (tests tests-quick decode8l decode8l-b16 breakdown8l serve-demo serve8l fp8 synth full" \
+    *) echo "unknown stage $stage (tests tests-quick decode8l decode8l-b16 breakdown8l serve-demo serve8l profile-serve8l fp8 synth full" \
          "full24 full-loaders full-accelerate fp8-full breakdown-fp8 serve-full smoke-full breakdown-full)" >&2; exit 2 ;;
   esac
 done

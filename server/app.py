@@ -17,7 +17,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from . import api_generate, api_openai, api_tokenize
+from . import api_generate, api_openai, api_tokenize, profiling
 from .config import DEFAULT_MAX_CONCURRENCY, ServerConfig
 from .engine import MAX_BATCH_TOKENS, Engine, EngineConfig
 from .errors import APIError, BearerAuth, BodySizeLimit, install_error_handlers
@@ -219,10 +219,23 @@ def create_app(config: ServerConfig, runtime=None, plan=None) -> FastAPI:
     app.include_router(api_openai.router)
     app.include_router(api_tokenize.router)
     add_ops_routes(app, state)
+    if config.enable_profiling:
+        add_profile_route(app)
     app.add_middleware(BodySizeLimit, limit=config.max_body_bytes)
     if config.api_key:
         app.add_middleware(BearerAuth, api_key=config.api_key, exempt=config.auth_exempt)
     return app
+
+
+def add_profile_route(app: FastAPI) -> None:
+    @app.post("/debug/profile", tags=["ops"], response_class=Response,
+              summary="Sample every server thread for `seconds` (--enable-profiling): collapsed stacks, text",
+              responses={400: {"model": ErrorResponse}})
+    async def profile(seconds: float = 10.0):
+        if not 0 < seconds <= profiling.MAX_SECONDS:
+            raise APIError(400, f"seconds must be in (0, {profiling.MAX_SECONDS:g}], got {seconds:g}", param="seconds")
+        stacks = await asyncio.to_thread(profiling.sample_stacks, seconds)
+        return Response(profiling.render(stacks), media_type="text/plain")
 
 
 def add_ops_routes(app: FastAPI, state: AppState) -> None:

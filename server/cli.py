@@ -113,6 +113,9 @@ def build_parser(prog: str = PROG) -> OneLineParser:
                    help="seconds without a generation step, while requests are in flight, after which /ready "
                         "answers 503 (the engine is stuck)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    p.add_argument("--enable-profiling", action="store_true",
+                   help="serve POST /debug/profile?seconds=N: where every server thread spent those seconds, "
+                        "as collapsed stacks (flamegraph.pl, speedscope); off by default")
     return p
 
 

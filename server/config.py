@@ -34,6 +34,7 @@ class ServerConfig:
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
     stall_timeout: float = 60.0  # /ready is 503 after this long without a step while work is in flight
     log_level: str = "info"
+    enable_profiling: bool = False  # POST /debug/profile samples the server's threads (server.profiling)
 
     @property
     def batch_slots(self) -> int:
