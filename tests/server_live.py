@@ -87,7 +87,7 @@ def tiny_checkpoint(path, **overrides):
     return checkpoint
 
 
-def tiny_runtime(tmp_path, cache_fraction: float = 0.5, routing: str = "exact", **overrides):
+def tiny_runtime(tmp_path, cache_fraction: float = 0.5, routing: str = "exact", device: str = "cpu", **overrides):
     """(checkpoint, runtime): half the experts fit, and a miss prefetches deeper layers, so
     traces and metrics see hits, misses, prefetches and evictions."""
     from extractor import extract_store
@@ -95,7 +95,7 @@ def tiny_runtime(tmp_path, cache_fraction: float = 0.5, routing: str = "exact", 
 
     checkpoint = tiny_checkpoint(tmp_path / "checkpoint", **overrides)
     extract_store(checkpoint, tmp_path / "store", quiet=True)
-    config = RuntimeConfig(device="cpu", cache_fraction=cache_fraction, full_depth=True, routing=routing)
+    config = RuntimeConfig(device=device, cache_fraction=cache_fraction, full_depth=True, routing=routing)
     return checkpoint, Runtime.from_store(tmp_path / "store", config)
 
 

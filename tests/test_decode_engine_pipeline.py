@@ -17,9 +17,11 @@ from server.threads import in_passing_thread
 from server_live import tiny_runtime
 
 
-@pytest.fixture(scope="module")
-def runtime(tmp_path_factory):
-    _, runtime = tiny_runtime(tmp_path_factory.mktemp("pipeline"))
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def runtime(request, tmp_path_factory):
+    """On the CPU the bookkeeping runs without the overlap; on CUDA the steps are graphs and each
+    step's routing is copied behind it and emitted when the step is read (Decoder.defer_routing)."""
+    _, runtime = tiny_runtime(tmp_path_factory.mktemp("pipeline"), device=request.param)
     yield runtime
     runtime.close()
 
