@@ -17,8 +17,8 @@
 # $OUT returns at most 8 files.
 #
 # The machine has python3 with torch 2.11 and transformers 5.17; cadre is tested on 5.24, carried
-# as a wheel in .whl/ (pip download transformers==5.24.0 --no-deps -d .whl) and put first on
-# PYTHONPATH; the transformers reference rows run in child processes on the machine's own 5.17
+# in .whl/ (bash scripts/pack_gpu_wheels.sh: its files as a 3.8 MB .tar.xz, not the 13.5 MB wheel)
+# and put first on PYTHONPATH; the transformers reference rows run in child processes on the machine's own 5.17
 # (stock, as a user of that machine has it; each row names its version). Stages share /tmp/bw
 # (the 8-layer slice) and /tmp/s48 (the full-depth synthetic store), so run them on one warm
 # machine; the disk (64 GiB) holds one of the two, so the full-depth stages delete /tmp/bw.
@@ -28,8 +28,11 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 # .whl also carries the server's packages the image lacks (fastapi, uvicorn, pydantic, outlines-core)
-[ -d /tmp/site/transformers ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-  .whl/*.whl 2>&1 | grep -v WARNING
+if [ ! -d /tmp/site/transformers ]; then
+  mkdir -p /tmp/site
+  for packed in .whl/*.tar.xz; do [ -f "$packed" ] && tar -xJf "$packed" -C /tmp/site; done
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
+fi
 export PYTHONPATH=/tmp/site
 STOCK=(--isolate --reference-pythonpath "")
 FULL=/tmp/s48
@@ -137,11 +140,18 @@ for stage in "$@"; do
           --profile "$clients" --profile-seconds 8 --json "$OUT/profile_serve_h200_8l_${fraction}_${clients}.json" 2>&1 \
           | tee "$OUT/profile_serve_h200_8l_${fraction}_${clients}.log" | quiet | tail -30
       done ;;
+    ray2gpu)  # nvidia-h200-x2 only: Ray Serve, one replica per H200 against one, 16 clients, the slice (docs/ray.md)
+      [ -d /tmp/site/ray ] || { tar -xJf .whl/ray/ray-2.60.0-slim.tar.xz -C /tmp/site && python3 -m pip install -q \
+        --no-index --no-deps --no-compile --target /tmp/site .whl/ray/*.whl 2>&1 | grep -v WARNING; }
+      PYTHONPATH=/tmp/site:$PWD RAY_USAGE_STATS_ENABLED=0 timeout 540 python3 -m bench ray_scaling \
+        --model qwen3-30b-a3b-8l --device cuda --replicas 2 --gpus-per-replica 1 --cpus-per-replica 4 --clients 16 \
+        --requests 128 --warmup 32 --max-tokens 32 --routers affinity,power-of-two --workdir /tmp/cadre-bench \
+        --json "$OUT/ray_scaling_h200x2.json" 2>&1 | tee "$OUT/ray_scaling_h200x2.log" | quiet | tail -12 ;;
     fp8)  # FP8 vs bf16 experts at 25%: tok/s, loads and bytes per token (issue 13)
       timeout 300 python3 -m bench decode "${MODEL[@]}" --budgets 0.25 --expert-formats bf16,fp8 --impls grouped_mm \
         --tokens 64 --repeats 3 --json "$OUT/decode_h200_8l_fp8.json" 2>&1 | tee "$OUT/decode_h200_8l_fp8.log" \
         | quiet | tail -8 ;;
-    *) echo "unknown stage $stage (tests tests-quick decode8l decode8l-b16 breakdown8l serve-demo serve8l profile-serve8l fp8 synth full" \
+    *) echo "unknown stage $stage (tests tests-quick decode8l decode8l-b16 breakdown8l serve-demo serve8l profile-serve8l ray2gpu fp8 synth full" \
          "full24 full-loaders full-accelerate fp8-full breakdown-fp8 serve-full smoke-full breakdown-full)" >&2; exit 2 ;;
   esac
 done
