@@ -28,9 +28,12 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 # .whl also carries the server's packages the image lacks (fastapi, uvicorn, pydantic, outlines-core)
+unpack() {  # a .tar.xz into a directory, with Python's own lzma (the image need not have xz)
+  python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' "$1" "$2"
+}
 if [ ! -d /tmp/site/transformers ]; then
   mkdir -p /tmp/site
-  for packed in .whl/*.tar.xz; do [ -f "$packed" ] && tar -xJf "$packed" -C /tmp/site; done
+  for packed in .whl/*.tar.xz; do [ -f "$packed" ] && unpack "$packed" /tmp/site; done
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
 fi
 export PYTHONPATH=/tmp/site
@@ -141,7 +144,7 @@ for stage in "$@"; do
           | tee "$OUT/profile_serve_h200_8l_${fraction}_${clients}.log" | quiet | tail -30
       done ;;
     ray2gpu)  # nvidia-h200-x2 only: Ray Serve, one replica per H200 against one, 16 clients, the slice (docs/ray.md)
-      [ -d /tmp/site/ray ] || { tar -xJf .whl/ray/ray-2.60.0-slim.tar.xz -C /tmp/site && python3 -m pip install -q \
+      [ -d /tmp/site/ray ] || { unpack .whl/ray/ray-2.60.0-slim.tar.xz /tmp/site && python3 -m pip install -q \
         --no-index --no-deps --no-compile --target /tmp/site .whl/ray/*.whl 2>&1 | grep -v WARNING; }
       PYTHONPATH=/tmp/site:$PWD RAY_USAGE_STATS_ENABLED=0 timeout 540 python3 -m bench ray_scaling \
         --model qwen3-30b-a3b-8l --device cuda --replicas 2 --gpus-per-replica 1 --cpus-per-replica 4 --clients 16 \
