@@ -17,8 +17,8 @@
 # $OUT returns at most 8 files.
 #
 # The machine has python3 with torch 2.11 and transformers 5.17; cadre is tested on 5.24, carried
-# in .whl/ (bash scripts/pack_gpu_wheels.sh: its files as a 3.8 MB .tar.xz, not the 13.5 MB wheel)
-# and put first on PYTHONPATH; the transformers reference rows run in child processes on the machine's own 5.17
+# in .whl/base/ (bash scripts/pack_gpu_wheels.sh: its files as a 3.8 MB .tar.xz, not the 13.5 MB
+# wheel; carry [".whl/base"], or [".whl"] for ray2gpu) and put first on PYTHONPATH; the transformers reference rows run in child processes on the machine's own 5.17
 # (stock, as a user of that machine has it; each row names its version). Stages share /tmp/bw
 # (the 8-layer slice) and /tmp/s48 (the full-depth synthetic store), so run them on one warm
 # machine; the disk (64 GiB) holds one of the two, so the full-depth stages delete /tmp/bw.
@@ -31,10 +31,11 @@ mkdir -p "$OUT"
 unpack() {  # a .tar.xz into a directory, with Python's own lzma (the image need not have xz)
   python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' "$1" "$2"
 }
+BASE=$([ -d .whl/base ] && echo .whl/base || echo .whl)  # scripts/pack_gpu_wheels.sh's, or wheels as they were
 if [ ! -d /tmp/site/transformers ]; then
   mkdir -p /tmp/site
-  for packed in .whl/*.tar.xz; do [ -f "$packed" ] && unpack "$packed" /tmp/site; done
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
+  for packed in "$BASE"/*.tar.xz; do [ -f "$packed" ] && unpack "$packed" /tmp/site; done
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$BASE"/*.whl 2>&1 | grep -v WARNING
 fi
 export PYTHONPATH=/tmp/site
 STOCK=(--isolate --reference-pythonpath "")
