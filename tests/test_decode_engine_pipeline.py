@@ -37,7 +37,7 @@ def serve(runtime, pipeline: bool, requests) -> tuple[list, dict]:
     steps = {"queued": 0, "synchronous": 0}
 
     async def main():
-        engine = DecoderEngine(runtime, EngineConfig(max_concurrency=4, max_queue=8, max_model_len=128), Metrics())
+        engine = DecoderEngine(runtime, EngineConfig(max_concurrency=4, max_queue=16, max_model_len=128), Metrics())
         engine.pipeline = pipeline
         await in_passing_thread(engine.start)
         await engine.warmup()
@@ -99,3 +99,48 @@ async def _one(engine, prompt, params):
     stream = await engine.submit(prompt, params, trace=True)
     await stream.result()
     return stream
+
+
+def test_a_mixed_crowd_leaves_every_greedy_request_its_solo_tokens_and_nothing_held(runtime):
+    """Greedy, sampled and stopped requests, some cancelled mid-stream, arriving in bursts past
+    the engine's four rows: with steps pipelined, every greedy request that ran to its end has
+    the tokens it has alone, and afterwards no row, sampler or routing record is held."""
+    texts = ["hello world", "to be or not", "the cache holds", "a model of experts", "once upon a time"]
+    prompts = [runtime.tokenizer(t)["input_ids"] for t in texts]
+    greedy = lambda n: SamplingParams(max_new_tokens=n, ignore_eos=True)
+
+    async def alone(engine):
+        return [await _one(engine, p, greedy(6 + i)) for i, p in enumerate(prompts)]
+
+    solo = [s.token_ids for s in serve(runtime, False, alone)[0]]
+
+    async def crowd(engine):
+        streams, cancelled = [], []
+        for wave in range(3):
+            for i, prompt in enumerate(prompts):
+                params = (greedy(6 + i) if (wave + i) % 3 else
+                          SamplingParams(max_new_tokens=5, temperature=0.8, seed=wave * 10 + i, ignore_eos=True))
+                streams.append((i, params, await engine.submit(prompt, params, trace=wave == 1)))
+            victim = streams[-len(prompts)][2]  # the wave's first: running by now, or soon
+            for _ in range(200):
+                if victim.finished or len(victim.token_ids) >= 2:
+                    break
+                await asyncio.sleep(0.005)
+            if not victim.finished:  # cancelled mid-stream, a step of it likely queued
+                victim.cancel()
+                cancelled.append(victim)
+        for _, _, stream in streams:
+            await stream.result()
+        assert engine.num_running == 0 and len(engine.samplers) == 0 and engine.recorder._requests == {}
+        assert engine.kv_pages_in_use() == 0 and engine.is_alive
+        return [(i, params, stream, stream in cancelled) for i, params, stream in streams]
+
+    done, steps = serve(runtime, True, crowd)
+    assert steps["queued"] > 0 and steps["synchronous"] > 0
+    for i, params, stream, was_cancelled in done:
+        if was_cancelled:
+            assert stream.finish_reason in ("cancelled", "length")
+        elif params.temperature == 0:
+            assert (stream.finish_reason, stream.token_ids) == ("length", solo[i])
+        else:
+            assert stream.finish_reason == "length" and len(stream.token_ids) == 5
