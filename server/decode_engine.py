@@ -32,6 +32,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -82,7 +83,7 @@ class _QueuedStep:
     layout: list[BatchSlot]
     tokens: torch.Tensor  # [batch size] by row, host (pinned on CUDA): valid once `ready` has passed
     ready: torch.cuda.Event | None
-    emit_routing: object  # () -> None, or None (Decoder.take_routing)
+    emit_routing: Callable[[], None] | None  # Decoder.take_routing's
 
 
 class DecoderEngine(Engine):
