@@ -305,15 +305,9 @@ class Decoder:
     def decode(self, tokens: dict[int, int]) -> torch.Tensor:
         """One token for each row of `tokens` {row: its last token} -> logits [len(tokens),V] in row order."""
         rows = sorted(tokens)
-        batch, attend = self._shape(rows)
-        input_ids = torch.zeros((batch, 1), dtype=torch.long)
-        positions = torch.zeros((batch, 1), dtype=torch.long)
-        for r in rows:
-            input_ids[r, 0], positions[r, 0] = tokens[r], self.lengths[r]
-        logits = self._step(batch, attend, input_ids, positions)
-        for r in rows:
-            self.lengths[r] += 1
-        return logits[rows]
+        by_row = torch.zeros(self.max_batch, dtype=torch.long)  # rows not given decode padding
+        by_row[rows] = torch.tensor([tokens[r] for r in rows])
+        return self._decode_rows(rows, by_row)[rows]
 
     @torch.inference_mode()
     def decode_queued(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
@@ -323,6 +317,11 @@ class Decoder:
         for the device, so the caller can read the last step's tokens while this one runs
         (the server's decode loop); the rows below the batch size that are not in `rows` decode
         padding, as in decode()."""
+        return self._decode_rows(rows, tokens)
+
+    def _decode_rows(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """The step of decode() and decode_queued(): `tokens` [>= batch] by row, on the host or the
+        device -> logits [batch,V] by row."""
         batch, attend = self._shape(rows)
         positions = torch.zeros((batch, 1), dtype=torch.long)
         for r in rows:

@@ -222,7 +222,7 @@ class DecoderEngine(Engine):
 
     def _queue_step(self, rows, free, batch: list[_Sequence]) -> _QueuedStep | None:
         """Queue one step of `batch` (every row greedy) fed from the device; None if it failed."""
-        layout = [BatchSlot(s.request_id, s.row, s.row + 1, s.issued) for s in batch]
+        layout = self._decode_layout(batch)
         self._layout = layout  # an uncaptured step emits its routing as it runs
         try:
             logits = self.decoder.decode_queued([s.row for s in batch], self._next_tokens)  # [b,V] by row
@@ -235,6 +235,12 @@ class DecoderEngine(Engine):
             seq.issued += 1
         tokens, ready = copy_to_host_behind(chosen)
         return _QueuedStep(batch, layout, tokens, ready, self.decoder.take_routing())
+
+    @staticmethod
+    def _decode_layout(batch: list[_Sequence]) -> list[BatchSlot]:
+        """Each row's place in a decode step and the index of the token the step makes for it
+        (`issued`: len(tokens) in a synchronous step, + 1 behind a queued one)."""
+        return [BatchSlot(s.request_id, s.row, s.row + 1, s.issued) for s in batch]
 
     def _complete_queued(self, rows, free) -> None:
         queued, self._queued = self._queued, None
@@ -262,7 +268,7 @@ class DecoderEngine(Engine):
                     return
                 logits = self.decoder.prefill_rows({s.row: s.prompt for s in batch}, self._prefill_layout(batch))
             else:
-                self._layout = [BatchSlot(s.request_id, s.row, s.row + 1, len(s.tokens)) for s in batch]
+                self._layout = self._decode_layout(batch)
                 logits = self.decoder.decode({s.row: s.last for s in batch})  # [B,V] in row order
                 emit_routing = self.decoder.take_routing()
                 if emit_routing is not None:
