@@ -449,12 +449,13 @@ class ExpertCache:
     def prefetch(self, keys: Iterable[Key]) -> int:
         """Start loading experts that are not resident, only into free slots or by
         evicting unpinned ones; never blocks. Returns how many loads it started."""
-        started, misses = 0, _Misses()
+        started, misses, keys = 0, _Misses(), list(keys)
+        keep = frozenset(keys)  # evicting one of its own keys to load another would only churn
         with self._lock:
             for key in keys:
                 if key in self._slots or not self.store.has_expert(*key):
                     continue
-                slot = self._reserve(key, misses)
+                slot = self._reserve(key, misses, keep=keep)
                 if slot is None:
                     break
                 slot.prefetched = True
@@ -465,11 +466,11 @@ class ExpertCache:
         return started
 
     # --- internals (called with the lock held) ------------------------------------
-    def _reserve(self, key: Key, misses: _Misses, force: bool = False) -> _Slot | None:
+    def _reserve(self, key: Key, misses: _Misses, force: bool = False, keep: frozenset = frozenset()) -> _Slot | None:
         if self._spare_slots:
-            while len(self._free) <= self._spare_slots and self._evict_one(key, misses):
+            while len(self._free) <= self._spare_slots and self._evict_one(key, misses, keep=keep):
                 pass
-        if not self._free and not self._evict_one(key, misses, force):
+        if not self._free and not self._evict_one(key, misses, force, keep):
             return None
         slot = _Slot(index=self._free.popleft())
         if slot.index in self._deferred_slots:  # its old expert must reach the host tier first
@@ -479,8 +480,8 @@ class ExpertCache:
         assert len(self._slots) <= self.num_slots, "cache over its byte budget"
         return slot
 
-    def _evict_one(self, incoming: Key, misses: _Misses, force: bool = False) -> bool:
-        candidates = (k for k, s in self._slots.items() if s.pins == 0 and s.ready)
+    def _evict_one(self, incoming: Key, misses: _Misses, force: bool = False, keep: frozenset = frozenset()) -> bool:
+        candidates = (k for k, s in self._slots.items() if s.pins == 0 and s.ready and k not in keep)
         victim = self.policy.victim(candidates, self, incoming)
         if victim is None and force:
             victim = next((k for k, s in self._slots.items() if s.pins == 0 and s.ready), None)
@@ -513,11 +514,14 @@ class ExpertCache:
             misses.from_disk.append((key, slot))
 
     def _issue(self, misses: _Misses, defer_writebacks: bool = False) -> None:
-        """Queue a batch's device work (lock held), in the order its slots allow. Loads into
-        slots evicted by earlier batches (their write-backs long queued) go first: they are
-        what the compute waits for, and they give their host entries back for the write-backs
-        to land in. Then the evicted experts leave the table (before any later load refills
-        their slots: same stream), then the write-backs, each group followed by the loads that
+        """Queue a batch's device work (lock held), in the order its slots allow. The evicted
+        experts leave the table first (one small write on the copy stream): before any load
+        refills their slots, and before the load of an expert this same batch evicted and
+        brings back (a prefetch can evict a key further down its own list), whose entry would
+        otherwise be overwritten with -1 while it is resident. Then the loads into slots
+        evicted by earlier batches (their write-backs long queued): they are what the compute
+        waits for, and they give their host entries back for the write-backs to land in.
+        Then the write-backs, each group followed by the loads that
         refill its slots (a group no larger than the host tier's spare slots: a larger one
         would evict cached entries to make room); store reads go to the loader threads last
         (each waits for its slot's write-back on the device). With `defer_writebacks` and no
@@ -527,8 +531,8 @@ class ExpertCache:
             return
         evicted = {slot.index for _, slot in misses.writebacks}
         refills = {slot.index: (key, slot) for key, slot in misses.from_memory if slot.index in evicted}
-        self._load_batch([(key, slot) for key, slot in misses.from_memory if slot.index not in refills])
         self._put_table([(key, -1) for key in misses.unmapped])
+        self._load_batch([(key, slot) for key, slot in misses.from_memory if slot.index not in refills])
         if defer_writebacks and not refills and not any(slot.index in evicted for _, slot in misses.from_disk):
             self._deferred.extend(misses.writebacks)
             self._deferred_slots.update(evicted)
