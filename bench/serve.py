@@ -50,6 +50,9 @@ def parse_args(argv):
     p.add_argument("--dtype", default="auto", help="server --dtype (auto: float32 on CPU)")
     p.add_argument("--clients", default="1,4,16", help="concurrency levels")
     p.add_argument("--requests", type=int, default=48, help="requests per level at most")
+    p.add_argument("--requests-per-client", type=int, default=None, metavar="N",
+                   help="a level's requests are N x its clients (replaces --requests): every client stays busy "
+                        "for N requests, where a fixed count leaves a 16-client level's last wave half empty")
     p.add_argument("--duration", type=float, default=90.0, help="seconds per level at most (requests in flight finish)")
     p.add_argument("--max-tokens", type=int, default=32, help="max_new_tokens of every request")
     p.add_argument("--profile", type=int, metavar="CLIENTS",
@@ -159,10 +162,16 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
                     "tokens": final["usage"]["completion_tokens"], "end": end})
 
 
+def level_requests(args, clients: int) -> int:
+    """How many requests a level of `clients` sends (at most: --duration may end it first)."""
+    per_client = getattr(args, "requests_per_client", None)
+    return args.requests if per_client is None else per_client * clients
+
+
 async def run_level(url: str, clients: int, prompts: list[str], args, profile: bool = False) -> dict:
     """One concurrency level; with `profile`, the server's threads sampled while it runs (the
     row's "stacks": collapsed stacks, text)."""
-    remaining = iter(range(args.requests))
+    remaining = iter(range(level_requests(args, clients)))
     results: list[dict] = []
     started = time.perf_counter()
     deadline = started + args.duration

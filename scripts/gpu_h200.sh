@@ -132,8 +132,9 @@ for stage in "$@"; do
       # (default: this tree) for an A/B of two versions in one call, as full24 (needs /tmp/bw: run after decode8l)
       src=${CADRE_SRC:-.}; tag=$([ -n "${CADRE_SRC:-}" ] && echo "_$(basename "$src")")
       for fraction in 0.25 1.0; do
-        (cd "$src" && timeout 75 python3 -m bench serve --store /tmp/bw/store --device cuda --dtype bfloat16 \
-          --cache-fraction "$fraction" --clients 1,4,16 --requests 24 --duration 15 --max-tokens 64 --rounds 1 --no-reference \
+        (cd "$src" && timeout 100 python3 -m bench serve --store /tmp/bw/store --device cuda --dtype bfloat16 \
+          --cache-fraction "$fraction" --clients 1,4,16 --requests-per-client 8 --duration 15 --max-tokens 64 --rounds 1 \
+          --no-reference \
           --json "$OUT/serve_h200_8l_${fraction}${tag}.json" 2>&1 | tee "$OUT/serve_h200_8l_${fraction}${tag}.log" | quiet | tail -8)
       done ;;
     profile-serve8l)  # where the server's threads spend a level: 1 client at 25%, 16 clients at 100% (~100 s)
