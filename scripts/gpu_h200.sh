@@ -65,8 +65,8 @@ for stage in "$@"; do
     kernels8l)  # what one token launches: cadre's compiled step beside transformers' (gpt-fast), 100%
       timeout 200 python3 -m bench kernels --model qwen3-30b-a3b-8l --workdir /tmp/bw --tokens 16 \
         --json "$OUT/kernels_h200_8l.json" 2>&1 | tee "$OUT/kernels_h200_8l.log" | quiet | tail -20 ;;
-    breakdown8l)  # per-token compute / copies / GPU idle at 25%, graphs and eager
-      timeout 60 python3 -m bench breakdown --model qwen3-30b-a3b-8l --workdir /tmp/bw --budget 0.25 \
+    breakdown8l)  # per-token compute / copies / GPU idle at 25%, graphs and eager (120 s: it builds the slice on a cold machine)
+      timeout 120 python3 -m bench breakdown --model qwen3-30b-a3b-8l --workdir /tmp/bw --budget 0.25 \
         --json "$OUT/breakdown_h200_8l.json" 2>&1 | tee "$OUT/breakdown_h200_8l.log" | quiet | tail -4 ;;
     synth)  # the full-depth Qwen3-30B-A3B store (48 layers, 61 GB; 46 if the disk is short)
       rm -rf /tmp/bw

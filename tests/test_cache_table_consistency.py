@@ -14,6 +14,9 @@ from extractor.store import ExpertStore
 from models.cache import ExpertCache
 from models.runtime import expert_bytes
 
+from test_cache_deferred_writebacks import host_entries_match
+from test_host_tier_exclusive import make_cache as exclusive_make_cache, weights_match
+
 
 @pytest.fixture()
 def store(store_factory):
@@ -29,6 +32,7 @@ def assert_table_matches(cache):
     for slot in list(cache._slots.values()):  # store reads still on the loader threads land first
         if slot.future is not None:
             slot.future.result()
+    assert all(slot.ready for slot in cache._slots.values())
     want = torch.full_like(cache.table[:, :-1], -1)
     for (layer, expert), slot in cache._slots.items():
         want[layer, expert] = slot.index
@@ -53,14 +57,41 @@ def test_a_prefetch_keeps_its_own_keys_and_the_table(store):
     assert_table_matches(cache)
 
 
-def test_random_acquires_and_prefetches_keep_the_table(store):
+TIERS = {
+    "no host tier": lambda store: ExpertCache(store, capacity_bytes=6 * expert_bytes(store, store.dtype),
+                                              host_tier=False),
+    "inclusive host tier": lambda store: make_cache(store, slots=6),
+    "exclusive host tier, deferred write-backs": lambda store: exclusive_cache(store),
+}
+
+
+def exclusive_cache(store):
+    """Capped below the store, with the GPU's spare slots switched on (test_cache_deferred_writebacks)."""
+    total = sum(len(store.experts_present(layer)) for layer in store.moe_layers)
+    cache = exclusive_make_cache(store, 2 * store.top_k, max(1, total // 2))
+    cache._spare_slots = store.top_k
+    return cache
+
+
+@pytest.mark.parametrize("tier", list(TIERS))
+def test_random_acquires_and_prefetches_keep_table_slots_and_host_entries_true(store, tier):
+    """Acquires (some forced, some deferring their write-backs), releases, prefetches of deeper
+    layers and flushes in a random order: after each round the table maps exactly the resident
+    experts, every slot and host entry holds its own expert's weights."""
     rng = random.Random(0)
-    layers, experts = store.moe_layers, store.num_experts
-    cache = make_cache(store, slots=6)
-    for _ in range(300):
+    layers = store.moe_layers
+    cache = TIERS[tier](store)
+    for _ in range(150):
         layer = rng.choice(layers)
-        cache.release(cache.acquire(layer, rng.sample(range(experts), 2)))
+        experts = rng.sample(store.experts_present(layer), store.top_k)
+        lease = cache.acquire(layer, experts, force=True, defer_writebacks=rng.random() < 0.5)
+        for expert, slot in lease.slots.items():
+            assert weights_match(cache, store, layer, expert, slot), (tier, layer, expert, lease.outcomes)
+        cache.release(lease)
         deeper = [l for l in layers if l > layer]
-        cache.prefetch([(l, e) for l in deeper for e in rng.sample(range(experts), 2)])
-        cache.flush_writebacks()
+        cache.prefetch([(l, e) for l in deeper for e in rng.sample(store.experts_present(l), 2)])
+        if rng.random() < 0.7:
+            cache.flush_writebacks()
         assert_table_matches(cache)
+        if cache.host is not None:
+            assert host_entries_match(cache, store), tier
