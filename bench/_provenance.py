@@ -54,7 +54,21 @@ def machine() -> str:
 
         if torch.cuda.is_available():
             described += f"; {torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
+    else:  # a client (bench serve) never imports torch: ask the driver's tool, as a user would
+        gpus = _nvidia_smi_gpus()
+        if gpus:
+            described += f"; {len(gpus)} x {gpus[0]}"
     return described
+
+
+def _nvidia_smi_gpus() -> list[str]:
+    """The GPUs' names from nvidia-smi, [] where it is absent or fails."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in listed.splitlines() if line.strip()]
 
 
 def load_average() -> float:

@@ -106,7 +106,7 @@ def decode_gpu_table(name: str, results: Path) -> str:
                      "copy floor tok/s", "decode copy floor", "GPU peak GiB"], body) + "\n\n" + source(name, record))
 
 
-for _name in ("decode_h200_8l_b1", "decode_h200_8l_fp8", "decode_h200_full", "decode_h200_full24", "decode_h200_full_fp8"):
+for _name in ("decode_h200_8l_b1", "decode_h200_8l_25pct", "decode_h200_8l_fp8", "decode_h200_full", "decode_h200_full24", "decode_h200_full_fp8"):
     renderer(_name.replace("_", "-"))(lambda results, _name=_name: decode_gpu_table(_name, results))
 
 
@@ -183,7 +183,8 @@ def serve_levels(record: dict) -> dict[int, dict]:
 def serve_h200_8l(results: Path) -> str:
     """The server on the GPU at 25% and 100% of experts: aggregate tok/s per concurrency level."""
     body, sources = [], []
-    for name, budget in (("serve_h200_8l_25pct", "25%"), ("serve_h200_8l_100pct", "100%")):
+    for name, budget in (("serve_h200_8l_25pct", "25%"), ("serve_h200_8l_25pct_rpc24", "25%, 24 requests a client"),
+                         ("serve_h200_8l_100pct", "100%")):
         record = load(name, results)
         levels = serve_levels(record)
         one = levels[min(levels)]["tok_s"]
