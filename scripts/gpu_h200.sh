@@ -13,6 +13,8 @@
 #   3. smoke-full breakdown-full                ~ 130 s (serve-full did not finish within 110 s, twice: startup
 #                                               22 s, captures, then 3 levels of up to 25 s at ~7 tok/s; it now has
 #                                               300 s: give it a call of its own, after synth)
+# At e2e27f4 (2026-11-30, fourth lease): `tests breakdown8l serve8l` 403 s on a cold machine (the 117
+# GPU tests 200 s; serve8l with --requests-per-client 8, both budgets, ~150 s); `tests decode8l` 504 s.
 # End each command with `cd $OUT && tar czf /tmp/r.tgz * && rm -rf $OUT/* && mv /tmp/r.tgz $OUT/`:
 # $OUT returns at most 8 files.
 #
