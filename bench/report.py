@@ -258,12 +258,15 @@ POLICY_HEADERS = ["budget", "eviction", "prefetch", "hit rate", "loads / token",
                   "prefetch precision", "prefetch recall", "tokens/s"]
 
 
-@renderer("policies-batch1")
-def policies_batch1(results: Path) -> str:
-    record = load("policies_cpu_demo", results)
+def policies_table(name: str, results: Path) -> str:
+    record = load(name, results)
     return (table(POLICY_HEADERS, policy_rows(record["rows"])) + "\n\n"
             + f"transformers, every expert in memory, same tokens in the same run: "
-              f"{record['reference_tokens_per_s']:.1f} tokens/s.\n\n" + source("policies_cpu_demo", record))
+              f"{record['reference_tokens_per_s']:.1f} tokens/s.\n\n" + source(name, record))
+
+
+renderer("policies-batch1")(lambda results: policies_table("policies_cpu_demo", results))
+renderer("policies-batch16")(lambda results: policies_table("policies_batch16_cpu_demo", results))
 
 
 @renderer("policies-surprise")
