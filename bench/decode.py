@@ -466,12 +466,12 @@ def gptfast_generate(model, max_len: int):
     """gpt-fast's loop on a transformers model: one StaticCache allocated once, the prompt
     prefilled eagerly (so the cache's buffers are created outside the compiler and marked
     static), then each token from a decode step compiled with mode="reduce-overhead"."""
-    import inspect
-
     from transformers import StaticCache
 
+    from models.loading import cache_keyword
+
     cache = StaticCache(config=model.config, max_cache_len=max_len)
-    kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kwarg = cache_keyword(model)
 
     def step(token, position):  # [B,1], [B,1] -> next token [B,1]
         logits = model(input_ids=token, position_ids=position, use_cache=True, **{kwarg: cache}).logits

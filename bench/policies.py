@@ -109,11 +109,13 @@ def main(argv: list[str] | None = None) -> int:
 @torch.inference_mode()
 def decode(model, ids: torch.Tensor) -> float:
     """Seconds to run `ids` [B,T] through `model` one position per forward, with the KV cache."""
+    from models.loading import cache_keyword, cache_of
+
     past = None
     started = time.perf_counter()
     for t in range(ids.shape[1]):
-        out = model(input_ids=ids[:, t: t + 1], past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=ids[:, t: t + 1], use_cache=True, **{cache_keyword(model): past})
+        past = cache_of(out)
         out.logits[:, -1].argmax(-1).tolist()  # a decoder reads its tokens every step: include the sync
     return time.perf_counter() - started
 

@@ -197,6 +197,7 @@ def score_windows(name, store, policy, windows, ref_top1, against: Row | None = 
 def score_decode(name, store, policy, fraction, windows, ref_top1) -> Row:
     """Teacher-forced decode, one token per forward, through a cache of `fraction` of the experts."""
     from models import Runtime, RuntimeConfig
+    from models.loading import cache_keyword, cache_of
 
     runtime = Runtime.from_store(store, RuntimeConfig(dtype=DTYPE, cache_fraction=fraction), policy=policy)
     events = []
@@ -206,8 +207,9 @@ def score_decode(name, store, policy, fraction, windows, ref_top1) -> Row:
     for window in windows:
         past, steps = None, []
         for t in range(window.numel()):
-            out = runtime.model(input_ids=window[t: t + 1].unsqueeze(0), past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = runtime.model(input_ids=window[t: t + 1].unsqueeze(0), use_cache=True,
+                                **{cache_keyword(runtime.model): past})
+            past = cache_of(out)
             steps.append(out.logits[:, -1])  # [1,V]
         all_logits.append(torch.cat(steps))  # [S,V]
     logits = torch.stack(all_logits)  # [W,S,V]

@@ -31,7 +31,6 @@ server can queue the next step before it reads this one's.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ import torch
 
 from .experts import EAGER, ExpertLayer, StepHooks
 from .kv_cache import SlotCache
-from .loading import expert_layers
+from .loading import cache_keyword, expert_layers
 
 log = logging.getLogger("cadre.decoder")
 
@@ -163,7 +162,7 @@ class Decoder:
         self.kv = SlotCache(self.model.config.num_hidden_layers, max_batch, max_len, self.device)
         self.lengths = [0] * max_batch  # tokens in each row's cache
         self.layers = expert_layers(self.model)
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._cache_kwarg = cache_keyword(self.model)
         self._arange = torch.arange(max_batch, device=self.device)
         self._steps: dict[tuple[int, int], _CapturedStep] = {}
         self.split_times = SplitTimes()  # host time at the splits of replayed steps (bench reads it)

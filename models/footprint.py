@@ -27,6 +27,8 @@ import torch
 from extractor.families import per_layer_value
 from extractor.formats import DENSE
 
+from .loading import cache_of
+
 logger = logging.getLogger("cadre.plan")
 
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -203,7 +205,7 @@ def _cache_elements(model, tokens: int) -> int:
     ids = torch.zeros((1, tokens), dtype=torch.long, device="meta")
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
-    cache = next(v for k, v in out.items() if k in ("cache", "past_key_values"))
+    cache = cache_of(out)
     return sum(_tensor_elements(layer) for layer in getattr(cache, "layers", [cache]))
 
 

@@ -13,6 +13,7 @@ routes through `router.exact` with the store's mask.
 
 from __future__ import annotations
 
+import inspect
 import re
 import types
 from functools import lru_cache
@@ -248,3 +249,14 @@ def _install_block_routing(block, router, route_fn, probe, probe_logits) -> None
         return tuple(named[name] for name in order)
 
     block.route_tokens_to_experts = route_tokens_to_experts
+
+
+def cache_keyword(model) -> str:
+    """The forward's KV-cache keyword: `cache` since transformers renamed it (5.2x), where
+    `past_key_values` warns and goes in 5.40; `past_key_values` on the versions before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output):
+    """The KV cache a forward returned, under either name (see cache_keyword)."""
+    return next(value for key, value in output.items() if key in ("cache", "past_key_values"))
