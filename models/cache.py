@@ -517,8 +517,9 @@ class ExpertCache:
         """Queue a batch's device work (lock held), in the order its slots allow. The evicted
         experts leave the table first (one small write on the copy stream): before any load
         refills their slots, and before the load of an expert this same batch evicted and
-        brings back (a prefetch can evict a key further down its own list), whose entry would
-        otherwise be overwritten with -1 while it is resident. Then the loads into slots
+        brings back (as a prefetch once did with a key further down its own list: it now keeps
+        its own keys), whose entry would otherwise be overwritten with -1 while it is resident.
+        Then the loads into slots
         evicted by earlier batches (their write-backs long queued): they are what the compute
         waits for, and they give their host entries back for the write-backs to land in.
         Then the write-backs, each group followed by the loads that
