@@ -6,6 +6,7 @@ built here with `tokenizers`, extracted to an expert store, served by the real r
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -106,3 +107,15 @@ def serve(runtime, **config):
 
     config = {"served_model_name": MODEL_NAME, "max_model_len": 256, "max_concurrency": 4, **config}
     return LiveServer(create_app(ServerConfig(**config), runtime=runtime))
+
+
+@contextlib.contextmanager
+def tiny_server(tmp_path):
+    """A ready LiveServer on a tiny_runtime in `tmp_path` (a module's fixture); the runtime is closed after."""
+    _, runtime = tiny_runtime(tmp_path)
+    try:
+        with serve(runtime) as live:
+            live.wait_ready()
+            yield live
+    finally:
+        runtime.close()

@@ -10,16 +10,13 @@ import asyncio
 import pytest
 
 from bench.serve import run_level
-from server_live import serve, tiny_runtime
+from server_live import tiny_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    _, runtime = tiny_runtime(tmp_path_factory.mktemp("level-timeout"))
-    with serve(runtime) as live:
-        live.wait_ready()
+    with tiny_server(tmp_path_factory.mktemp("level-timeout")) as live:
         yield live
-    runtime.close()
 
 
 def level(server, timeout, max_tokens):

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from bench.serve import level_requests, run_level
-from server_live import serve, tiny_runtime
+from server_live import tiny_server
 
 
 def args(**overrides):
@@ -24,11 +24,8 @@ def test_the_count_scales_with_clients_only_when_asked():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    _, runtime = tiny_runtime(tmp_path_factory.mktemp("per-client"))
-    with serve(runtime) as live:
-        live.wait_ready()
+    with tiny_server(tmp_path_factory.mktemp("per-client")) as live:
         yield live
-    runtime.close()
 
 
 def test_a_level_sends_n_requests_per_client(server):
