@@ -164,8 +164,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
 
 def level_requests(args, clients: int) -> int:
     """How many requests a level of `clients` sends (at most: --duration may end it first)."""
-    per_client = getattr(args, "requests_per_client", None)
-    return args.requests if per_client is None else per_client * clients
+    return args.requests if args.requests_per_client is None else args.requests_per_client * clients
 
 
 async def run_level(url: str, clients: int, prompts: list[str], args, profile: bool = False) -> dict:
@@ -411,8 +410,9 @@ def main(argv) -> int:
     load_before = os.getloadavg()[0]
     try:
         wait_ready(url, process)
-        # Warm-up at the highest concurrency: first batches of each size allocate and settle.
-        warm = argparse.Namespace(**{**vars(args), "requests": max(levels_wanted)})
+        # Warm-up at the highest concurrency: first batches of each size allocate and settle
+        # (one request a client, whatever --requests-per-client asks of the levels).
+        warm = argparse.Namespace(**{**vars(args), "requests": max(levels_wanted), "requests_per_client": None})
         asyncio.run(run_level(url, max(levels_wanted), prompts, warm))
         for round_ in range(args.rounds):
             for clients in levels_wanted:

@@ -20,7 +20,8 @@ def server(tmp_path_factory):
 
 
 def level(server, timeout, max_tokens):
-    args = argparse.Namespace(requests=8, duration=60.0, max_tokens=max_tokens, level_timeout=timeout)
+    args = argparse.Namespace(requests=8, requests_per_client=None, duration=60.0, max_tokens=max_tokens,
+                              level_timeout=timeout)
     return asyncio.run(run_level(server.url, 4, ["hello world", "the cache holds"], args))
 
 
