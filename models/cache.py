@@ -519,10 +519,9 @@ class ExpertCache:
         refills their slots, and before the load of an expert this same batch evicted and
         brings back (as a prefetch once did with a key further down its own list: it now keeps
         its own keys), whose entry would otherwise be overwritten with -1 while it is resident.
-        Then the loads into slots
-        evicted by earlier batches (their write-backs long queued): they are what the compute
-        waits for, and they give their host entries back for the write-backs to land in.
-        Then the write-backs, each group followed by the loads that
+        Then the loads into slots evicted by earlier batches (their write-backs long queued):
+        they are what the compute waits for, and they give their host entries back for the
+        write-backs to land in. Then the write-backs, each group followed by the loads that
         refill its slots (a group no larger than the host tier's spare slots: a larger one
         would evict cached entries to make room); store reads go to the loader threads last
         (each waits for its slot's write-back on the device). With `defer_writebacks` and no
