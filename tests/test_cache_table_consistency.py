@@ -15,17 +15,12 @@ from models.cache import ExpertCache
 from models.runtime import expert_bytes
 
 from test_cache_deferred_writebacks import host_entries_match
-from test_host_tier_exclusive import make_cache as exclusive_make_cache, weights_match
+from test_host_tier_exclusive import make_cache, weights_match
 
 
 @pytest.fixture()
 def store(store_factory):
     return ExpertStore.open(store_factory("qwen3_moe")[1])
-
-
-def make_cache(store, slots):
-    return ExpertCache(store, capacity_bytes=slots * expert_bytes(store, store.dtype), host_tier=True,
-                       host_capacity_bytes=None)
 
 
 def assert_table_matches(cache):
@@ -45,7 +40,7 @@ def test_a_prefetch_keeps_its_own_keys_and_the_table(store):
     must not evict the ones further down its own list to make room (an evict-and-reload churn,
     and the case whose table entry went stale)."""
     layers = store.moe_layers
-    cache = make_cache(store, slots=4)
+    cache = make_cache(store, slots=4, host_entries=None)
     deep = [(layers[-1], e) for e in range(4)]
     for layer, expert in deep:  # resident and oldest: LRU picks these first
         cache.release(cache.acquire(layer, [expert]))
@@ -60,7 +55,7 @@ def test_a_prefetch_keeps_its_own_keys_and_the_table(store):
 TIERS = {
     "no host tier": lambda store: ExpertCache(store, capacity_bytes=6 * expert_bytes(store, store.dtype),
                                               host_tier=False),
-    "inclusive host tier": lambda store: make_cache(store, slots=6),
+    "inclusive host tier": lambda store: make_cache(store, slots=6, host_entries=None),
     "exclusive host tier, deferred write-backs": lambda store: exclusive_cache(store),
 }
 
@@ -68,7 +63,7 @@ TIERS = {
 def exclusive_cache(store):
     """Capped below the store, with the GPU's spare slots switched on (test_cache_deferred_writebacks)."""
     total = sum(len(store.experts_present(layer)) for layer in store.moe_layers)
-    cache = exclusive_make_cache(store, 2 * store.top_k, max(1, total // 2))
+    cache = make_cache(store, 2 * store.top_k, max(1, total // 2))
     cache._spare_slots = store.top_k
     return cache
 
