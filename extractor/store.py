@@ -25,9 +25,11 @@ from safetensors import SafetensorError, safe_open
 
 from .families import Family, detect_family
 from .formats import DENSE, tensor_names
-from .safetensors_format import TORCH_NAMES, TensorInfo, pread_into, read_header
+from .safetensors_format import TORCH_NAMES, TensorInfo, pread_spans_into, read_header
 
 if TYPE_CHECKING:  # imported where tensors are made: the extractor copies bytes without its ~200 MB
+    from concurrent.futures import Executor
+
     import torch
 
 FORMAT_VERSION = 1
@@ -138,19 +140,21 @@ class ExpertStore:
             raise StoreError(f"{path}: cannot load expert shard: {exc}") from exc
         return tensors
 
-    def read_expert_into(self, layer: int, expert: int, out: dict[str, "torch.Tensor"]) -> None:
+    def read_expert_into(self, layer: int, expert: int, out: dict[str, "torch.Tensor"],
+                         readers: "Executor | None" = None) -> None:
         """Read the shard's tensors straight into `out` ({name: contiguous CPU tensor} of the
-        stored dtypes and shapes, e.g. a pinned host-tier entry) with one pread each: a
-        page-cache or disk read straight into the destination, no memory map to fault in and
-        no intermediate copy (what load_expert + a copy cost). StoreError names the shard
-        and what does not match."""
+        stored dtypes and shapes, e.g. a pinned host-tier entry) with pread: a page-cache or
+        disk read straight into the destination, no memory map to fault in and no
+        intermediate copy (what load_expert + a copy cost); with `readers`, in chunks read by
+        its threads at once (pread_spans_into). StoreError names the shard and what does not
+        match."""
         path = self.expert_path(layer, expert)
         try:
             stored = {info.name: info for info in read_header(path)}
+            spans = [(_bytes_of(tensor), _matching(stored, name, tensor).begin) for name, tensor in out.items()]
             fd = os.open(path, os.O_RDONLY)
             try:
-                for name, tensor in out.items():
-                    pread_into(fd, _bytes_of(tensor), _matching(stored, name, tensor).begin)
+                pread_spans_into(fd, spans, readers)
             finally:
                 os.close(fd)
         except (OSError, ValueError, KeyError, EOFError) as exc:

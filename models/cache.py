@@ -187,6 +187,11 @@ class ExpertCache:
         self._writeback_stream = None
         if self.exclusive and self._copy_stream is not None:
             self._writeback_stream = self.host.writeback_stream = torch.cuda.Stream(self.device)
+        # Threads that read one shard in parallel chunks into a staged host slot: a miss in every
+        # memory tier is on its step's critical path, and one thread's page-cache copy is slow
+        # (a pool of its own: a loader thread waits on these reads)
+        self._readers = ThreadPoolExecutor(max_workers=self.load_workers, thread_name_prefix="cadre-reader") \
+            if self.exclusive and self.load_workers > 1 else None
         self._written_back: dict[int, "torch.cuda.Event"] = {}  # slot index -> its write-back copied
         self._taken: dict[Key, dict[str, torch.Tensor]] = {}  # exclusive: taken up ahead of a write-back
         self._deferred: list[tuple[Key, _Slot]] = []  # write-backs left for flush_writebacks()
@@ -635,7 +640,7 @@ class ExpertCache:
         if staged is None:  # every slot lent: read as the inclusive path does
             return "disk", host_parts(self.store.load_expert(*key), self.format, self.dtype)
         if self.store.dtype == self.dtype:
-            self.store.read_expert_into(*key, staged)
+            self.store.read_expert_into(*key, staged, readers=self._readers)
         else:  # a cast on the way: read, cast, copy
             for name, part in host_parts(self.store.load_expert(*key), self.format, self.dtype).items():
                 staged[name].copy_(part)
@@ -779,6 +784,8 @@ class ExpertCache:
 
     def close(self) -> None:
         self._loader.shutdown(wait=True)
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
 
 
 def _distinct_events(events: Iterable["torch.cuda.Event | None"]) -> list["torch.cuda.Event"]:
