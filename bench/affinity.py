@@ -146,7 +146,7 @@ async def drive(url: str, prompts: dict[str, list[str]], clients: int, requests:
     async def client_loop(client, index: int):
         own = prompts[sources[index % len(sources)]]  # each client sticks to one source
         for i in remaining:
-            results.append(await one_request(client, url, own[(i // clients + index) % len(own)], max_tokens))
+            await one_request(client, url, own[(i // clients + index) % len(own)], max_tokens, results)
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=clients + 1)) \
             as client:

