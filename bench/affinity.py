@@ -33,6 +33,7 @@ from statistics import median
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from . import _provenance
 from .serve import free_port, one_request, summarize
 
 ROUTERS = ("affinity", "power-of-two", "round-robin")
@@ -242,14 +243,12 @@ def build_profile_for(args, calibration: str, workdir: Path) -> str:
     return str(path)
 
 
-def result_record(argv, rows: list[dict], summary: dict, description: str) -> dict:
-    import platform
-    import subprocess
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {"command": " ".join(["python -m bench affinity", *argv]), "commit": commit,
-            "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}",
-            "date": time.strftime("%Y-%m-%d"), "description": description, "summary": summary, "rows": rows}
+def result_record(name: str, argv, rows: list[dict], summary: dict, description: str) -> dict:
+    """The run's record, with the provenance every bench result has (the commit from
+    $CADRE_COMMIT on the GPU machine, whose copy of the tree has no history of its own)."""
+    return {"command": _provenance.command(name, argv), "commit": _provenance.commit(),
+            "machine": _provenance.machine(), "date": time.strftime("%Y-%m-%d"), "description": description,
+            "summary": summary, "rows": rows}
 
 
 def chosen_routers(args) -> list[str] | None:
@@ -301,5 +300,5 @@ def main(argv) -> int:
                    f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     summary = print_results(rows, description)
     if args.json:
-        args.json.write_text(json.dumps(result_record(argv, rows, summary, description), indent=2))
+        args.json.write_text(json.dumps(result_record("affinity", argv, rows, summary, description), indent=2))
     return 0 if all(r["errors_5xx"] == 0 for r in rows) else 1

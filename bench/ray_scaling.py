@@ -103,7 +103,6 @@ def main(argv) -> int:
         import json
 
         summary = {f"{r['replicas']}x {r['router']}": r["tok_s"] / one for r in rows}
-        record = result_record(argv, rows, summary, description)
-        record["command"] = " ".join(["python -m bench ray_scaling", *argv])
+        record = result_record("ray_scaling", argv, rows, summary, description)
         args.json.write_text(json.dumps(record, indent=2))
     return 0 if all(r["errors_5xx"] == 0 for r in rows) else 1

@@ -196,6 +196,18 @@ def serve_h200_8l(results: Path) -> str:
                    "hit rate", "loads / token", "errors"], body) + "\n\n" + "\n\n".join(sources))
 
 
+@renderer("ray-scaling-h200x2")
+def ray_scaling_h200x2(results: Path) -> str:
+    """Ray Serve on the 2-GPU machine: one replica against one per H200, each router."""
+    record = load("ray_scaling_h200x2", results)
+    one = record["rows"][0]["tok_s"]
+    body = [[row["replicas"], row["router"], row["requests"], row["errors"], num(row["tok_s"], 1),
+             f"{row['tok_s'] / one:.2f}×", num(row["latency_p50"], 2), num(row["latency_p99"], 2),
+             pct(row["hit_rate"]), num(row["loads_per_token"])] for row in record["rows"]]
+    return (table(["replicas", "router", "requests", "errors", "tok/s (aggregate)", "vs 1 replica", "latency p50 s",
+                   "latency p99 s", "hit rate", "loads / token"], body) + "\n\n" + source("ray_scaling_h200x2", record))
+
+
 @renderer("serve-cpu")
 def serve_cpu(results: Path) -> str:
     record = load("serve_cpu_demo", results)
