@@ -84,10 +84,12 @@ for stage in "$@"; do
         --gpu-memory 24GiB,16GiB --host-memory 32GiB --tokens 32 --repeats 2 --json "$OUT/decode_h200_full.json" 2>&1 \
         | tee "$OUT/decode_h200_full.log" | quiet | tail -12 ;;
     full24)  # the 24 GiB row alone (~90 s), run from CADRE_SRC (default: this tree): an A/B of two versions
-      # in one call, e.g. `git archive next/miss-path | tar -x -C .ab/next` here, carry .ab, CADRE_SRC=.ab/next
+      # in one call, e.g. `git archive next/miss-path | tar -x -C .ab/next` here, carry .ab, CADRE_SRC=.ab/next;
+      # FULL24_ARGS adds bench decode options (e.g. "--prefetch 0,1": a row each, ~60 s more)
       src=${CADRE_SRC:-.}; tag=$(basename "$(cd "$src" && pwd)")
-      (cd "$src" && timeout 150 python3 -m bench decode --store $FULL --device cuda --sequential --impls "" --budgets "" \
-        --gpu-memory 24GiB --host-memory 32GiB --tokens 32 --repeats 2 --json "$OUT/decode_h200_full24_$tag.json" 2>&1 \
+      (cd "$src" && timeout 240 python3 -m bench decode --store $FULL --device cuda --sequential --impls "" --budgets "" \
+        --gpu-memory 24GiB --host-memory 32GiB --tokens 32 --repeats 2 ${FULL24_ARGS:-} \
+        --json "$OUT/decode_h200_full24_$tag.json" 2>&1 \
         | tee "$OUT/decode_h200_full24_$tag.log" | quiet | tail -5) ;;
     full-loaders)  # the 24 GiB row with one loader thread, then eight: what parallel store reads buy
       for workers in 1 8; do
