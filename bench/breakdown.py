@@ -43,6 +43,8 @@ def parse_args(argv):
                    help="then decode once more under cProfile and print the N functions with the most host time")
     p.add_argument("--decode-only", action="store_true",
                    help="profile from the first token on, leaving the prompt's prefill out (with --no-eager)")
+    p.add_argument("--prefetch", type=int, default=0, metavar="N",
+                   help="speculative prefetch of the next N MoE layers' experts (RuntimeConfig.prefetch_layers)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.decode_only and not args.no_eager:
@@ -140,11 +142,13 @@ def main(argv) -> int:
     ids = prompt_ids(config.get("vocab_size", 512), 1)
     max_len = PROMPT_LEN + args.tokens + 8
     caps = (args.gpu_memory, args.host_memory) if args.gpu_memory else None
-    runtime = cadre_runtime(store, args.device, "bfloat16", args.budget, caps, max_len, batch=1)
+    runtime = cadre_runtime(store, args.device, "bfloat16", args.budget, caps, max_len, batch=1,
+                            prefetch_layers=args.prefetch)
     decoder = runtime.decoder(max_batch=1, max_len=max_len)
     eager = lambda ids, tokens: runtime.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens)
     share = runtime.cache.num_slots / len(all_experts(runtime.store))
-    label = f"cadre {share:.0%} of experts" + (f" ({args.gpu_memory} GPU)" if args.gpu_memory else "")
+    label = f"cadre {share:.0%} of experts" + (f" ({args.gpu_memory} GPU)" if args.gpu_memory else "") \
+        + (f", prefetch {args.prefetch} layer" + "s" * (args.prefetch > 1) if args.prefetch else "")
     systems = [("slot-cache decoder (CUDA graphs)", decoder.generate)]
     if not args.no_eager:
         systems.append(("transformers generate() (eager)", eager))

@@ -81,9 +81,12 @@ class ExactPolicy:
         probs = router_probs(self.spec, logits.float(), self.absent[layer])  # [T,E]
         width = self.spec.top_k + (self.widen if self._surprised else 0)
         top = probs.topk(min(width, probs.shape[-1]), dim=-1)  # [T,W]
-        mass = torch.zeros(probs.shape[-1]).index_add_(0, top.indices.flatten().cpu(), top.values.flatten().cpu())
-        ranked = [e for e in mass.argsort(descending=True).tolist() if mass[e] > 0]
-        return [(layer, e) for e in ranked]
+        mass = probs.new_zeros(probs.shape[-1]).index_add_(0, top.indices.flatten(), top.values.flatten())  # [E]
+        ranked, order = mass.sort(descending=True, stable=True)  # [E] each
+        # one transfer to the host (on a GPU this runs at every MoE layer of a step: a read per
+        # expert cost more than the loads it started)
+        ranked = torch.stack([ranked, order.to(ranked.dtype)]).tolist()  # ids exact in float32 up to 2^24
+        return [(layer, int(e)) for m, e in zip(*ranked) if m > 0]
 
     def route(self, layer: int, logits: torch.Tensor, gate, hidden_dtype: torch.dtype | None = None,
               bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -126,6 +126,10 @@ for stage in "$@"; do
     breakdown-full)  # per decode step (the prefill left out): compute / copies / GPU idle per MoE layer, full depth, 24 GiB
       timeout 150 python3 -m bench breakdown --store $FULL --gpu-memory 24GiB --host-memory 32GiB --no-eager --decode-only \
         --host-profile 25 --tokens 16 --json "$OUT/breakdown_h200_full.json" 2>&1 | tee "$OUT/breakdown_h200_full.log" | quiet | tail -3 ;;
+    breakdown-full-prefetch)  # the same with speculative prefetch of the next MoE layer: where its host time goes
+      timeout 150 python3 -m bench breakdown --store $FULL --gpu-memory 24GiB --host-memory 32GiB --no-eager --decode-only \
+        --host-profile 30 --tokens 16 --prefetch 1 --json "$OUT/breakdown_h200_full_prefetch.json" 2>&1 \
+        | tee "$OUT/breakdown_h200_full_prefetch.log" | quiet | tail -3 ;;
     serve-demo)  # the server's decoder engine (CUDA graphs) on the demo model: real routing, 25% and 100%
       for fraction in 0.25 1.0; do
         timeout 150 python3 -m bench serve --device cuda --dtype bfloat16 --cache-fraction "$fraction" \
@@ -161,6 +165,6 @@ for stage in "$@"; do
         --tokens 64 --repeats 3 --json "$OUT/decode_h200_8l_fp8.json" 2>&1 | tee "$OUT/decode_h200_8l_fp8.log" \
         | quiet | tail -8 ;;
     *) echo "unknown stage $stage (tests tests-quick decode8l decode8l-b16 breakdown8l serve-demo serve8l profile-serve8l ray2gpu fp8 synth full" \
-         "full24 full-loaders full-accelerate fp8-full breakdown-fp8 serve-full smoke-full breakdown-full)" >&2; exit 2 ;;
+         "full24 full-loaders full-accelerate fp8-full breakdown-fp8 serve-full smoke-full breakdown-full breakdown-full-prefetch)" >&2; exit 2 ;;
   esac
 done
