@@ -110,6 +110,28 @@ for _name in ("decode_h200_8l_b1", "decode_h200_8l_25pct", "decode_h200_8l_fp8",
     renderer(_name.replace("_", "-"))(lambda results, _name=_name: decode_gpu_table(_name, results))
 
 
+@renderer("decode-h200-full24-reads")
+def decode_h200_full24_reads(results: Path) -> str:
+    """The 24 GiB row before and after parallel store reads, in the order the runs were made:
+    one lease's pair, then another's two pairs on one warm machine."""
+    body, sources = [], []
+    runs = [("base_0", 1), ("main_0", 1), ("base_1", 2), ("main_1", 2), ("base_2", 2), ("main_2", 2)]
+    for order, (run, lease) in enumerate(runs, 1):
+        name = f"decode_h200_full24_reads_{run}"
+        record = load(name, results)
+        row = record["rows"][0]  # the plain row (main_0 also has a prefetch row, in decode_h200_full24's table)
+        split = row.get("split_us", {})
+        body.append([order, lease, f"`{record['commit']}`", "one thread" if run.startswith("base") else "parallel",
+                     num(row["tok_s"], 1), num(row["decode_tok_s"], 1), num(split.get("sync"), 0),
+                     num(split.get("issue"), 0), num(split.get("after"), 0)])
+        sources.append(f"[{run}](../bench/results/{name}.json)")
+    return (table(["run", "lease", "commit", "a store read", "tok/s", "decode tok/s", "µs waiting for routing",
+                   "µs deciding and queuing loads", "µs after"], body)
+            + "\n\n<sub>each `python -m bench decode --store /tmp/s48 --device cuda --sequential --impls '' --budgets '' "
+              "--gpu-memory 24GiB --host-memory 32GiB --tokens 32 --repeats 2` on one NVIDIA H200, 2026-11-30 (host µs "
+              "per MoE layer that can miss, per replayed decode step) · " + " · ".join(sources) + "</sub>")
+
+
 @renderer("decode-h200-8l-b16")
 def decode_h200_8l_b16(results: Path) -> str:
     """Batch 16: the stage's run, then cadre's compiled step beside the stronger reference."""
@@ -123,7 +145,8 @@ def breakdown_h200(results: Path) -> str:
 
 @renderer("breakdown-h200-full")
 def breakdown_h200_full(results: Path) -> str:
-    return breakdown_table("breakdown_h200_full", results)
+    """Without prefetch, then with the next MoE layer's experts predicted and loaded ahead."""
+    return "\n\n".join(breakdown_table(name, results) for name in ("breakdown_h200_full", "breakdown_h200_full_prefetch"))
 
 
 def breakdown_table(name: str, results: Path) -> str:
