@@ -195,17 +195,14 @@ def main(argv: list[str]) -> int:
 
 
 def run_facts(argv: list[str]) -> dict:
-    """command, commit, machine and date of this run (bench/results convention)."""
+    """command, commit, machine and date of this run (bench/results convention, bench._provenance:
+    the commit from $CADRE_COMMIT where the tree is a copy without history, as on the GPU machine)."""
     import datetime
-    import os
-    import platform
-    import subprocess
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    return {"command": "python -m bench synth-calibrate " + " ".join(argv), "commit": commit or "unknown",
-            "machine": f"{platform.machine()} {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end",
-            "date": datetime.date.today().isoformat()}
+    from bench import _provenance
+
+    return {"command": _provenance.command("synth-calibrate", argv), "commit": _provenance.commit(),
+            "machine": _provenance.machine(), "date": datetime.date.today().isoformat()}
 
 
 def print_row(row: dict) -> None:

@@ -24,13 +24,3 @@ def test_every_request_of_every_client_comes_back(server):
     assert [r["status"] for r in results] == [200] * 5
     assert all(r["tokens"] == 3 and r["end"] > started for r in results)
 
-
-def test_the_record_names_the_commit_that_ran(monkeypatch):
-    """On the GPU machine the tree is a copy whose git HEAD is stale: $CADRE_COMMIT names the commit
-    (the 2-GPU ray_scaling record once carried the stale one)."""
-    from bench.affinity import result_record
-
-    monkeypatch.setenv("CADRE_COMMIT", "abc1234")
-    record = result_record("ray_scaling", ["--replicas", "2", "--json", "/tmp/x.json"], [{"tok_s": 1.0}], {}, "d")
-    assert record["commit"] == "abc1234"
-    assert record["command"] == "python -m bench ray_scaling --replicas 2"
