@@ -83,8 +83,8 @@ class ExactPolicy:
         top = probs.topk(min(width, probs.shape[-1]), dim=-1)  # [T,W]
         mass = probs.new_zeros(probs.shape[-1]).index_add_(0, top.indices.flatten(), top.values.flatten())  # [E]
         ranked, order = mass.sort(descending=True, stable=True)  # [E] each
-        # one transfer to the host (on a GPU this runs at every MoE layer of a step: a read per
-        # expert cost more than the loads it started)
+        # one transfer to the host, not a read per expert: on a GPU this runs at every MoE layer
+        # of a decode step
         ranked = torch.stack([ranked, order.to(ranked.dtype)]).tolist()  # ids exact in float32 up to 2^24
         return [(layer, int(e)) for m, e in zip(*ranked) if m > 0]
 
