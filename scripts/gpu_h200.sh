@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu_h200.sh decode8l tests serve8l           # results and logs under $OUT
 #   bash scripts/gpu_h200.sh synth full                      # then: serve-full smoke-full breakdown-full
+#   CADRE_SRC=.ab/base AB_BASE_COMMIT=<sha> bash scripts/gpu_h200.sh synth full24-ab   # a change, A/B, alternated
 #
 # A session's 30 device minutes hold three calls, each sent the moment the last returns (the
 # machine stays warm 30 s; a cold one starts in ~35 s and loses /tmp). `tests synth full` in one call took
@@ -91,6 +92,17 @@ for stage in "$@"; do
         --gpu-memory 24GiB --host-memory 32GiB --tokens 32 --repeats 2 ${FULL24_ARGS:-} \
         --json "$OUT/decode_h200_full24_$tag.json" 2>&1 \
         | tee "$OUT/decode_h200_full24_$tag.log" | quiet | tail -5) ;;
+    full24-ab)  # the 24 GiB row from CADRE_SRC (the code before, its commit in AB_BASE_COMMIT) and from this
+      # tree, alternated AB_ROUNDS times (default 2; ~50 s a run): runs of one code spread as widely as a
+      # 10% change (docs/memory-plan.md, parallel reads), so only alternation shows one. FULL24_ARGS applies
+      # to both; results decode_h200_full24_ab_{base,main}_N
+      : "${CADRE_SRC:?full24-ab needs CADRE_SRC, the code before}"
+      for i in $(seq 1 "${AB_ROUNDS:-2}"); do
+        CADRE_COMMIT=${AB_BASE_COMMIT:-unknown} bash "$0" full24
+        for f in "$OUT"/decode_h200_full24_"$(basename "$CADRE_SRC")".*; do mv "$f" "$OUT/decode_h200_full24_ab_base_$i.${f##*.}"; done
+        CADRE_SRC=. bash "$0" full24
+        for f in "$OUT"/decode_h200_full24_"$(basename "$PWD")".*; do mv "$f" "$OUT/decode_h200_full24_ab_main_$i.${f##*.}"; done
+      done ;;
     full-loaders)  # the 24 GiB row with one loader thread, then eight: what parallel store reads buy
       for workers in 1 8; do
         timeout 150 python3 -m bench decode --store $FULL --device cuda --sequential --impls "" --budgets "" \
@@ -165,6 +177,6 @@ for stage in "$@"; do
         --tokens 64 --repeats 3 --json "$OUT/decode_h200_8l_fp8.json" 2>&1 | tee "$OUT/decode_h200_8l_fp8.log" \
         | quiet | tail -8 ;;
     *) echo "unknown stage $stage (tests tests-quick decode8l decode8l-b16 breakdown8l serve-demo serve8l profile-serve8l ray2gpu fp8 synth full" \
-         "full24 full-loaders full-accelerate fp8-full breakdown-fp8 serve-full smoke-full breakdown-full breakdown-full-prefetch)" >&2; exit 2 ;;
+         "full24 full24-ab full-loaders full-accelerate fp8-full breakdown-fp8 serve-full smoke-full breakdown-full breakdown-full-prefetch)" >&2; exit 2 ;;
   esac
 done
