@@ -10,11 +10,12 @@ so `bench affinity`'s four sources (two held-out plays, English prose, Python so
 almost alike once decoding starts, and no request router can place them better than round-robin
 (`bench affinity-bound`: 1.01x). This starts from that model and trains on equal thirds of
 Shakespeare's training plays, Python standard-library source and standard-library docstrings,
-so that prompts are continued in their own kind of text. Nothing that `bench affinity` prompts
+so that prompts are continued in their own kind of text (it prints each source's greedy
+continuation of its first prompt, before and after). Nothing that `bench affinity` prompts
 with or calibrates on is trained on: the held-out plays stay held out, and the modules below are
-disjoint from bench.affinity's. The tokenizer is the demo's. Prints each kind's training loss
-before and after, and how far apart the kinds route (per-layer Jensen-Shannon divergence of
-their expert usage, in bits) before and after.
+disjoint from bench.affinity's. The tokenizer is the demo's. Prints each kind's loss on windows
+of its own training text, and how far apart the kinds route (per-layer Jensen-Shannon divergence
+of their expert usage, in bits), before and after.
 """
 
 from __future__ import annotations
@@ -116,6 +117,20 @@ def losses(model, probes: dict[str, torch.Tensor]) -> dict[str, float]:
                                             b[:, 1:].flatten())) for kind, b in probes.items()}
 
 
+def samples(model, tokenizer, tokens: int = 24) -> dict[str, str]:
+    """Each source's first bench affinity prompt and its greedy continuation: in kind or not."""
+    from bench.affinity import workload
+
+    prompts, _ = workload(160, 1)
+    out = {}
+    for source, (prompt,) in prompts.items():
+        ids = tokenizer(prompt, return_tensors="pt").input_ids  # [1,T]
+        with torch.no_grad():
+            new = model.generate(ids, max_new_tokens=tokens, do_sample=False)[0, ids.shape[1]:]
+        out[source] = tokenizer.decode(new)
+    return out
+
+
 def main(argv) -> int:
     args = parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -129,8 +144,10 @@ def main(argv) -> int:
     ids = {kind: torch.tensor(tokenizer(text).input_ids) for kind, text in texts(args.sdist).items()}
     probes = {kind: windows(t, 8, args.seq_len, torch.Generator().manual_seed(7)) for kind, t in ids.items()}
     model = AutoModelForCausalLM.from_pretrained(DEMO_CHECKPOINT, dtype=torch.float32)
-    before = {"loss": losses(model.eval(), probes), "separation_bits": separation(model, probes)}
-    print(f"before: loss {before['loss']}, routing separation {before['separation_bits']:.3f} bits", flush=True)
+    before = {"loss": losses(model.eval(), probes), "separation_bits": separation(model, probes),
+              "samples": samples(model, tokenizer)}
+    print(f"before: loss {before['loss']}, routing separation {before['separation_bits']:.3f} bits, "
+          f"continuations {before['samples']}", flush=True)
     settings = Settings(steps=args.steps, batch_size=args.batch * len(KINDS), seq_len=args.seq_len, lr=args.lr,
                         min_lr=args.lr / 10, warmup_steps=max(1, args.steps // 10))
     optimizer = build_optimizer(model, settings, torch.device("cpu"))
@@ -151,8 +168,10 @@ def main(argv) -> int:
             print(f"  step {step + 1}/{args.steps}: loss {lm.item():.3f}, {time.perf_counter() - started:.0f} s",
                   flush=True)
     model.eval()
-    after = {"loss": losses(model, probes), "separation_bits": separation(model, probes)}
-    print(f"after: loss {after['loss']}, routing separation {after['separation_bits']:.3f} bits", flush=True)
+    after = {"loss": losses(model, probes), "separation_bits": separation(model, probes),
+             "samples": samples(model, tokenizer)}
+    print(f"after: loss {after['loss']}, routing separation {after['separation_bits']:.3f} bits, "
+          f"continuations {after['samples']}", flush=True)
     save_model(model, tokenizer, args.out)
     record = {"command": _provenance.command("mixed-demo", argv), "commit": _provenance.commit(),
               "machine": _provenance.machine(), "date": time.strftime("%Y-%m-%d"),
