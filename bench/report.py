@@ -231,6 +231,23 @@ def ray_scaling_h200x2(results: Path) -> str:
                    "latency p99 s", "hit rate", "loads / token"], body) + "\n\n" + source("ray_scaling_h200x2", record))
 
 
+@renderer("affinity-bound-mixed")
+def affinity_bound_mixed(results: Path) -> str:
+    """The demo model and its mixed-text fine-tune: how far apart the sources route, and the best
+    placement of whole requests by source against round-robin (bench affinity-bound)."""
+    tuned, bound = load("mixed_demo_cpu", results), load("affinity_bound_cpu_mixed_demo", results)
+    demo_bound = load("affinity_bound_cpu_demo", results)
+    best = {"demo (Shakespeare only)": demo_bound["best_over_round_robin"], "mixed demo": bound["best_over_round_robin"]}
+    body = [[row["model"], num(row["separation_bits"], 3), " / ".join(num(row["loss"][k]) for k in
+                                                                   ("shakespeare", "code", "prose")),
+             f"{best[row['model']]:.2f}×"] for row in tuned["rows"]]
+    return (table(["model", "routing separation, bits (of 1.58)", "loss: Shakespeare / code / prose",
+                   "best placement by source / round-robin"], body)
+            + "\n\n" + "\n\n".join(source(name, record) for name, record in (
+                ("mixed_demo_cpu", tuned), ("affinity_bound_cpu_mixed_demo", bound),
+                ("affinity_bound_cpu_demo", demo_bound))))
+
+
 @renderer("serve-cpu")
 def serve_cpu(results: Path) -> str:
     record = load("serve_cpu_demo", results)
