@@ -248,6 +248,16 @@ def affinity_bound_mixed(results: Path) -> str:
                 ("affinity_bound_cpu_demo", demo_bound))))
 
 
+@renderer("affinity-cpu-mixed")
+def affinity_cpu_mixed(results: Path) -> str:
+    """bench affinity live on the mixed demo: each router's medians over the rounds."""
+    record = load("affinity_cpu_mixed_demo", results)
+    body = [[router, pct(m["hit_rate"]), num(m["loads_per_token"]), num(m["tok_s"], 1), f"{m['latency_p99']:.2f} s"]
+            for router, m in record["summary"].items()]
+    return (table(["router", "hit rate", "loads / token", "tok/s", "p99 latency"], body) + "\n\n"
+            + source("affinity_cpu_mixed_demo", record))
+
+
 @renderer("serve-cpu")
 def serve_cpu(results: Path) -> str:
     record = load("serve_cpu_demo", results)
