@@ -233,29 +233,37 @@ def ray_scaling_h200x2(results: Path) -> str:
 
 @renderer("affinity-bound-mixed")
 def affinity_bound_mixed(results: Path) -> str:
-    """The demo model and its mixed-text fine-tune: how far apart the sources route, and the best
-    placement of whole requests by source against round-robin (bench affinity-bound)."""
-    tuned, bound = load("mixed_demo_cpu", results), load("affinity_bound_cpu_mixed_demo", results)
-    demo_bound = load("affinity_bound_cpu_demo", results)
-    best = {"demo (Shakespeare only)": demo_bound["best_over_round_robin"], "mixed demo": bound["best_over_round_robin"]}
-    body = [[row["model"], num(row["separation_bits"], 3), " / ".join(num(row["loss"][k]) for k in
-                                                                   ("shakespeare", "code", "prose")),
-             f"{best[row['model']]:.2f}×"] for row in tuned["rows"]]
+    """The demo model, its mixed-text fine-tune and the same architecture trained on mixed text from
+    random weights: how far apart the sources route, and the best placement of whole requests by
+    source against round-robin (bench affinity-bound)."""
+    tuned, scratch = load("mixed_demo_cpu", results), load("mixed_scratch_cpu", results)
+    bounds = {name: load(name, results) for name in ("affinity_bound_cpu_demo", "affinity_bound_cpu_mixed_demo",
+                                                     "affinity_bound_cpu_mixed_scratch")}
+    models = [("demo (Shakespeare only)", tuned["rows"][0], "affinity_bound_cpu_demo"),
+              ("demo fine-tuned on mixed text, 300 steps", tuned["rows"][1], "affinity_bound_cpu_mixed_demo"),
+              ("demo's shapes trained on mixed text from random weights, 900 steps", scratch["rows"][1],
+               "affinity_bound_cpu_mixed_scratch")]
+    body = [[label, num(row["separation_bits"], 3),
+             " / ".join(num(row["loss"][k]) for k in ("shakespeare", "code", "prose")),
+             f"{bounds[bound]['best_over_round_robin']:.2f}×"] for label, row, bound in models]
+    sources = [("mixed_demo_cpu", tuned), ("mixed_scratch_cpu", scratch)] + list(bounds.items())
     return (table(["model", "routing separation, bits (of 1.58)", "loss: Shakespeare / code / prose",
                    "best placement by source / round-robin"], body)
-            + "\n\n" + "\n\n".join(source(name, record) for name, record in (
-                ("mixed_demo_cpu", tuned), ("affinity_bound_cpu_mixed_demo", bound),
-                ("affinity_bound_cpu_demo", demo_bound))))
+            + "\n\n" + "\n\n".join(source(name, record) for name, record in sources))
 
 
 @renderer("affinity-cpu-mixed")
 def affinity_cpu_mixed(results: Path) -> str:
-    """bench affinity live on the mixed demo: each router's medians over the rounds."""
-    record = load("affinity_cpu_mixed_demo", results)
-    body = [[router, pct(m["hit_rate"]), num(m["loads_per_token"]), num(m["tok_s"], 1), f"{m['latency_p99']:.2f} s"]
-            for router, m in record["summary"].items()]
-    return (table(["router", "hit rate", "loads / token", "tok/s", "p99 latency"], body) + "\n\n"
-            + source("affinity_cpu_mixed_demo", record))
+    """bench affinity live on the two mixed-text models: each router's medians over the rounds."""
+    body, sources = [], []
+    for name, model in (("affinity_cpu_mixed_demo", "demo fine-tuned"), ("affinity_cpu_mixed_scratch", "from scratch"),
+                        ("affinity_cpu_mixed_scratch_imbalance2", "from scratch, --affinity-imbalance 2")):
+        record = load(name, results)
+        body += [[model, router, pct(m["hit_rate"]), num(m["loads_per_token"]), num(m["tok_s"], 1),
+                  f"{m['latency_p99']:.2f} s"] for router, m in record["summary"].items()]
+        sources.append(source(name, record))
+    return (table(["model", "router", "hit rate", "loads / token", "tok/s", "p99 latency"], body) + "\n\n"
+            + "\n\n".join(sources))
 
 
 @renderer("serve-cpu")
