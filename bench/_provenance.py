@@ -93,10 +93,14 @@ def command(name: str, argv: list[str]) -> str:
     return " ".join(["python -m bench", name, *map(shlex.quote, without_outputs(argv))])
 
 
+def header(name: str, argv: list[str]) -> dict:
+    """{command, commit, machine, date}: what every bench/results record starts with."""
+    return {"command": command(name, argv), "commit": commit(), "machine": machine(),
+            "date": datetime.date.today().isoformat()}
+
+
 def write(path: Path, name: str, argv: list[str], rows: list[dict], load_before: float, **extra) -> None:
     """bench/results/<name>.json: {command, commit, machine, date, load_average, rows, ...}."""
-    record = {"command": command(name, argv), "commit": commit(), "machine": machine(),
-              "date": datetime.date.today().isoformat(),
-              "load_average": {"before": load_before, "after": load_average()},
+    record = {**header(name, argv), "load_average": {"before": load_before, "after": load_average()},
               "rows": rows, **extra}
     Path(path).write_text(json.dumps(record, indent=1) + "\n")

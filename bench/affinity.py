@@ -246,9 +246,7 @@ def build_profile_for(args, calibration: str, workdir: Path) -> str:
 def result_record(name: str, argv, rows: list[dict], summary: dict, description: str) -> dict:
     """The run's record, with the provenance every bench result has (the commit from
     $CADRE_COMMIT on the GPU machine, whose copy of the tree has no history of its own)."""
-    return {"command": _provenance.command(name, argv), "commit": _provenance.commit(),
-            "machine": _provenance.machine(), "date": time.strftime("%Y-%m-%d"), "description": description,
-            "summary": summary, "rows": rows}
+    return {**_provenance.header(name, argv), "description": description, "summary": summary, "rows": rows}
 
 
 def chosen_routers(args) -> list[str] | None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from bench import _provenance
 from bench.locality import consecutive_overlap, lru_hit_rate
 from bench.synth_weights import Spread, expert_tensor, trunk_tensor
 
@@ -189,20 +190,10 @@ def main(argv: list[str]) -> int:
         f"L{i} {r['entropy']:.3f} " + "/".join(f"{r[f'lru{int(s * 100)}']:.2f}" for s in SHARES)
         for i, r in enumerate(best["layers"])))
     if args.json:
-        args.json.write_text(json.dumps({**run_facts(argv), "config": args.config, "layers": args.layers,
-                                         "tokens": windows.numel(), "rows": rows, "best": best["system"]}, indent=1))
+        record = {**_provenance.header("synth-calibrate", argv), "config": args.config, "layers": args.layers,
+                  "tokens": windows.numel(), "rows": rows, "best": best["system"]}
+        args.json.write_text(json.dumps(record, indent=1))
     return 0
-
-
-def run_facts(argv: list[str]) -> dict:
-    """command, commit, machine and date of this run (bench/results convention, bench._provenance:
-    the commit from $CADRE_COMMIT where the tree is a copy without history, as on the GPU machine)."""
-    import datetime
-
-    from bench import _provenance
-
-    return {"command": _provenance.command("synth-calibrate", argv), "commit": _provenance.commit(),
-            "machine": _provenance.machine(), "date": datetime.date.today().isoformat()}
 
 
 def print_row(row: dict) -> None:
