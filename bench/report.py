@@ -124,12 +124,10 @@ def decode_h200_full24_reads(results: Path) -> str:
         body.append([order, lease, f"`{record['commit']}`", "one thread" if run.startswith("base") else "parallel",
                      num(row["tok_s"], 1), num(row["decode_tok_s"], 1), num(split.get("sync"), 0),
                      num(split.get("issue"), 0), num(split.get("after"), 0)])
-        sources.append(f"[{run}](../bench/results/{name}.json)")
+        sources.append(source(name, record))
     return (table(["run", "lease", "commit", "a store read", "tok/s", "decode tok/s", "µs waiting for routing",
                    "µs deciding and queuing loads", "µs after"], body)
-            + "\n\n<sub>each `python -m bench decode --store /tmp/s48 --device cuda --sequential --impls '' --budgets '' "
-              "--gpu-memory 24GiB --host-memory 32GiB --tokens 32 --repeats 2` on one NVIDIA H200, 2026-11-30 (host µs "
-              "per MoE layer that can miss, per replayed decode step) · " + " · ".join(sources) + "</sub>")
+            + "\n\n*host µs per MoE layer that can miss, per replayed decode step*\n\n" + "\n\n".join(sources))
 
 
 @renderer("decode-h200-8l-b16")
