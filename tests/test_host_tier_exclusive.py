@@ -30,10 +30,10 @@ def host_cap_for(store, entries: int) -> int:
     return cap
 
 
-def make_cache(store, slots: int, host_entries: int | None) -> ExpertCache:
+def make_cache(store, slots: int, host_entries: int | None, **options) -> ExpertCache:
     cap = None if host_entries is None else host_cap_for(store, host_entries)
     return ExpertCache(store, capacity_bytes=slots * expert_bytes(store, store.dtype), host_capacity_bytes=cap,
-                       host_tier=True)
+                       host_tier=True, **options)
 
 
 def weights_match(cache, store, layer, expert, slot) -> bool:

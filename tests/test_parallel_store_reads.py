@@ -13,9 +13,7 @@ import torch
 
 from extractor.safetensors_format import pread_spans_into
 from extractor.store import ExpertStore, StoreError
-from tests.test_host_tier_exclusive import host_cap_for, run_pattern
-from models.cache import ExpertCache
-from models.runtime import expert_bytes
+from test_host_tier_exclusive import make_cache, run_pattern
 
 
 @pytest.fixture()
@@ -77,9 +75,7 @@ def test_a_truncated_shard_read_in_parallel_names_the_shard(store_factory, tmp_p
 def test_an_exclusive_cache_with_reader_threads_loads_the_stores_weights(store):
     layer = store.moe_layers[0]
     total = len(store.experts_present(layer))
-    cache = ExpertCache(store, capacity_bytes=store.top_k * expert_bytes(store, store.dtype),
-                        host_capacity_bytes=host_cap_for(store, max(1, total - store.top_k - 1)),
-                        host_tier=True, load_workers=2)
+    cache = make_cache(store, store.top_k, max(1, total - store.top_k - 1), load_workers=2)
     try:
         assert cache.exclusive and cache._readers is not None
         run_pattern(cache, store, steps=40)  # every lease's weights checked against the store
