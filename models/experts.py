@@ -171,20 +171,27 @@ class ExpertLayer:
         return sorted(set(index.reshape(-1).tolist()) - {UNUSED})
 
     def acquire(self, experts: list[int], hidden: torch.Tensor, force: bool = False,
-                defer_writebacks: bool = False):
+                defer_writebacks: bool = False, speculate: bool = True):
         """Pin `experts` (as many as fit unless `force`), loading misses; records outcomes,
-        stall time and full-depth prefetches."""
+        stall time and full-depth prefetches. `speculate=False` leaves the speculative
+        prefetch to the caller (`speculate()`), which can queue this layer's compute first."""
         started = time.perf_counter()
         lease = self.cache.acquire(self.layer, experts, force=force, defer_writebacks=defer_writebacks)
         self.stall += time.perf_counter() - started
-        if self.before is not None and not self.outcomes:
+        if speculate and not self.outcomes:
             # Speculate only once this layer's first experts are pinned, so a prefetch for
             # deeper layers can never evict what is about to run; its loads then overlap
             # this layer's compute.
-            self.before(self.layer, hidden)
+            self.speculate(hidden)
         self.outcomes.update(lease.outcomes)
         if self.on_miss is not None:
             missed = [e for e, outcome in lease.outcomes.items() if outcome == "miss"]
             if missed:
                 self.on_miss(self.layer, missed)
         return lease
+
+    def speculate(self, hidden: torch.Tensor) -> None:
+        """Start loading what the routing policy predicts deeper layers will choose for
+        `hidden` [T,H] (this layer's input); nothing without a speculative policy."""
+        if self.before is not None:
+            self.before(self.layer, hidden)
