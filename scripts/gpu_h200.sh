@@ -103,6 +103,26 @@ for stage in "$@"; do
         CADRE_SRC=. bash "$0" full24
         for f in "$OUT"/decode_h200_full24_"$(basename "$PWD")".*; do mv "$f" "$OUT/decode_h200_full24_ab_main_$i.${f##*.}"; done
       done ;;
+    spy-full24)  # the 24 GiB row, without and with prefetch, sampled by py-spy (carry .whl/prof): where the
+      # host's time per MoE layer goes, every thread, waits included (collapsed stacks; bench spy-report reads them)
+      [ -x /tmp/site/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/prof/*.whl
+      timeout 240 /tmp/site/bin/py-spy record --idle --threads --nonblocking --subprocesses -r 200 -f raw \
+        -o "$OUT/spy_full24.txt" -- python3 -m bench decode --store $FULL --device cuda --sequential --impls "" \
+        --budgets "" --gpu-memory 24GiB --host-memory 32GiB --tokens 32 --repeats 2 --prefetch 0,1 \
+        --json "$OUT/decode_h200_full24_spy.json" 2>&1 | tee "$OUT/decode_h200_full24_spy.log" | quiet | tail -8 ;;
+    full24-host64)  # 24 GiB GPU beside a host tier that holds the whole store: no write-backs, no disk after warm-up
+      timeout 200 python3 -m bench decode --store $FULL --device cuda --sequential --impls "" --budgets "" \
+        --gpu-memory 24GiB --host-memory 64GiB --tokens 32 --repeats 2 ${FULL24_ARGS:-} \
+        --json "$OUT/decode_h200_full24_host64.json" 2>&1 | tee "$OUT/decode_h200_full24_host64.log" | quiet | tail -6 ;;
+    mixed-gpu)  # issue 16: the demo's shapes trained from scratch on mixed text on the GPU, then bench affinity-bound
+      # (carry .cache/demo/sdist); the checkpoint comes back in 15 MB pieces (cat mixed_gpu.tgz.* | tar xz)
+      timeout 300 python3 -m bench mixed-demo --out /tmp/mx --from-scratch --device cuda --steps "${MIXED_STEPS:-3000}" \
+        --batch "${MIXED_BATCH:-24}" --lr 2e-3 --json "$OUT/mixed_scratch_h200.json" 2>&1 | tee "$OUT/mixed_scratch_h200.log" \
+        | grep -v "^step" | tail -3 | cut -c1-400
+      timeout 60 python3 -m extractor --model /tmp/mx --out /tmp/mx-store --experts all --layers all >/dev/null 2>&1
+      timeout 240 python3 -m bench affinity-bound --store /tmp/mx-store --json "$OUT/affinity_bound_h200_mixed_scratch.json" \
+        2>&1 | tee "$OUT/affinity_bound_h200_mixed_scratch.log" | quiet | tail -6
+      tar czf /tmp/mx.tgz -C /tmp mx && split -b 15M /tmp/mx.tgz "$OUT/mixed_gpu.tgz." ;;
     full-loaders)  # the 24 GiB row with one loader thread, then eight: what parallel store reads buy
       for workers in 1 8; do
         timeout 150 python3 -m bench decode --store $FULL --device cuda --sequential --impls "" --budgets "" \
@@ -177,6 +197,6 @@ for stage in "$@"; do
         --tokens 64 --repeats 3 --json "$OUT/decode_h200_8l_fp8.json" 2>&1 | tee "$OUT/decode_h200_8l_fp8.log" \
         | quiet | tail -8 ;;
     *) echo "unknown stage $stage (tests tests-quick decode8l decode8l-b16 breakdown8l serve-demo serve8l profile-serve8l ray2gpu fp8 synth full" \
-         "full24 full24-ab full-loaders full-accelerate fp8-full breakdown-fp8 serve-full smoke-full breakdown-full breakdown-full-prefetch)" >&2; exit 2 ;;
+         "full24 full24-ab spy-full24 full24-host64 mixed-gpu full-loaders full-accelerate fp8-full breakdown-fp8 serve-full smoke-full breakdown-full breakdown-full-prefetch)" >&2; exit 2 ;;
   esac
 done
