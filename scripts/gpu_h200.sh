@@ -105,8 +105,8 @@ for stage in "$@"; do
       done ;;
     spy-full24)  # the 24 GiB row, without and with prefetch, sampled by py-spy (carry .whl/prof): where the
       # host's time per MoE layer goes, every thread, waits included (collapsed stacks; bench spy-report reads them)
-      [ -x /tmp/site/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/prof/*.whl
-      timeout 240 /tmp/site/bin/py-spy record --idle --threads --nonblocking --subprocesses -r 200 -f raw \
+      [ -x /tmp/spy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --target /tmp/spy .whl/prof/*.whl
+      timeout 240 /tmp/spy/bin/py-spy record --idle --threads --nonblocking --subprocesses -r 200 -f raw \
         -o "$OUT/spy_full24.txt" -- python3 -m bench decode --store $FULL --device cuda --sequential --impls "" \
         --budgets "" --gpu-memory 24GiB --host-memory 32GiB --tokens 32 --repeats 2 --prefetch 0,1 \
         --json "$OUT/decode_h200_full24_spy.json" 2>&1 | tee "$OUT/decode_h200_full24_spy.log" | quiet | tail -8 ;;
