@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -62,6 +62,9 @@ class ExpertStore:
     manifest: dict
     config: dict
     family: Family
+    # shard path -> its tensors by name, parsed once: a read on a decode step's critical path
+    # otherwise opened and parsed the header first (the store is read-only while in use)
+    _headers: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, root: str | Path) -> "ExpertStore":
@@ -150,7 +153,9 @@ class ExpertStore:
         match."""
         path = self.expert_path(layer, expert)
         try:
-            stored = {info.name: info for info in read_header(path)}
+            stored = self._headers.get(path)
+            if stored is None:
+                stored = self._headers[path] = {info.name: info for info in read_header(path)}
             spans = [(_bytes_of(tensor), _matching(stored, name, tensor).begin) for name, tensor in out.items()]
             fd = os.open(path, os.O_RDONLY)
             try:

@@ -22,6 +22,7 @@ among unpinned slots. A pinned slot is never evicted.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -39,6 +40,7 @@ from .quantised_fill import QuantisedFill
 from .host_tier import HostTier, entries_within
 
 Key = tuple[int, int]  # (layer, expert)
+log = logging.getLogger("cadre.cache")
 
 @dataclass
 class CacheStats:
@@ -181,6 +183,9 @@ class ExpertCache:
                                  min_entries=store.top_k, copy_stream=self._copy_stream)
         total = sum(len(store.experts_present(layer)) for layer in store.moe_layers)
         self.exclusive = self._host_is_exclusive(host_capacity_bytes, total)
+        if self.exclusive and self.host.pin:
+            seconds = self.host.pin_all()
+            log.info("host tier: %.1f GiB pinned up front in %.1f s", self.host.pinned_bytes / 2**30, seconds)
         # Write-backs (device -> host) on a stream of their own: they run beside the loads'
         # host -> device copies on the other copy engine, where one stream queued each load
         # behind the write-back that frees its slot (a miss cost two copies, one after the other)

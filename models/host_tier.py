@@ -29,6 +29,7 @@ last touched on one stream is used on the other only after a device-side wait on
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -200,6 +201,18 @@ class HostTier:
         self.max_entries = max(self.min_entries, held - spares)
         self.spares = held - self.max_entries
 
+    def pin_all(self) -> float:
+        """Allocate every chunk the cap allows now; returns the seconds it took. For exclusive use,
+        where the tier is sure to fill: allocated as it filled, the chunks were pinned during the
+        first minutes of decoding, and each cudaHostAlloc held the driver's lock, stalling every
+        thread's copies (at full depth under a 32 GiB tier: 14% of the decoding thread's time,
+        py-spy, bench/results/spy_full24_summary.txt)."""
+        started = time.perf_counter()
+        with self._lock:
+            while self._grow():
+                pass
+        return time.perf_counter() - started
+
     def take(self, key: Key) -> dict[str, torch.Tensor] | None:
         """The entry's views, and the entry leaves the tier: its slot is free again once the
         borrower has dropped the views (after queuing its copy)."""
@@ -267,26 +280,29 @@ class HostTier:
 
     # --- slots (called with the lock held, except the allocation) ------------------------------
     def _take_slot(self) -> _Slot | None:
-        if self._free:
+        if self._free or self._grow():
             return self._free.popleft()
-        size = self._next_chunk()
-        if size is not None:
-            self._pinned += size  # reserved before pinning: concurrent puts see it at once
-            self._peak = max(self._peak, self._pinned)
-            assert self.capacity_bytes is None or self._pinned <= self.capacity_bytes, "host tier over its cap"
-            self._lock.release()
-            try:
-                chunk = _allocate(size, self.pin)
-            except BaseException:
-                with self._lock:
-                    self._pinned -= size
-                raise
-            finally:
-                self._lock.acquire()
-            slots = [_Slot(chunk, offset) for offset in range(0, size - self._entry_bytes + 1, self._entry_bytes)]
-            self._free.extend(slots[1:])
-            return slots[0]
         return self._evict_one()
+
+    def _grow(self) -> bool:
+        """Allocate the next chunk the cap allows, its slots onto the free list (False: at the cap)."""
+        size = self._next_chunk()
+        if size is None:
+            return False
+        self._pinned += size  # reserved before pinning: concurrent puts see it at once
+        self._peak = max(self._peak, self._pinned)
+        assert self.capacity_bytes is None or self._pinned <= self.capacity_bytes, "host tier over its cap"
+        self._lock.release()
+        try:
+            chunk = _allocate(size, self.pin)
+        except BaseException:
+            with self._lock:
+                self._pinned -= size
+            raise
+        finally:
+            self._lock.acquire()
+        self._free.extend(_Slot(chunk, offset) for offset in range(0, size - self._entry_bytes + 1, self._entry_bytes))
+        return True
 
     def _next_chunk(self) -> int | None:
         left = None if self.capacity_bytes is None else self.capacity_bytes - self._pinned

@@ -30,6 +30,8 @@ def test_speculative_prefetch_in_replayed_steps_keeps_tokens(store_factory, dtyp
                                                       host_memory=host))
     try:
         assert runtime.cache.exclusive == (host_entries is not None)
+        if runtime.cache.exclusive:  # pinned up front (HostTier.pin_all), within its cap
+            assert 0 < runtime.cache.host.pinned_bytes <= runtime.plan.host_tier_bytes
         decoder = runtime.decoder(max_batch=1, max_len=64)
         for _ in range(3):  # capture, then replays
             assert torch.equal(decoder.generate(ids, 40), want)
