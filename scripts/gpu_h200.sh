@@ -104,7 +104,7 @@ for stage in "$@"; do
         for f in "$OUT"/decode_h200_full24_"$(basename "$PWD")".*; do mv "$f" "$OUT/decode_h200_full24_ab_main_$i.${f##*.}"; done
       done ;;
     spy-full24)  # the 24 GiB row, without and with prefetch, sampled by py-spy (carry .whl/prof): where the
-      # host's time per MoE layer goes, every thread, waits included (collapsed stacks; bench spy-report reads them)
+      # host's time per MoE layer goes, every thread, waits included (collapsed stacks: python -m bench spy-report spy_full24.txt)
       [ -x /tmp/spy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --target /tmp/spy .whl/prof/*.whl
       timeout 240 /tmp/spy/bin/py-spy record --idle --threads --nonblocking --subprocesses -r 200 -f raw \
         -o "$OUT/spy_full24.txt" -- python3 -m bench decode --store $FULL --device cuda --sequential --impls "" \
