@@ -130,6 +130,50 @@ def decode_h200_full24_reads(results: Path) -> str:
             + "\n\n*host µs per MoE layer that can miss, per replayed decode step*\n\n" + "\n\n".join(sources))
 
 
+@renderer("decode-h200-full24-host-path")
+def decode_h200_full24_host_path(results: Path) -> str:
+    """The 24 GiB rows of 2026-12-01, in the order they ran (each run a lease call of its own, the store
+    written just before): the speculation queued behind the next piece; the run py-spy sampled; a
+    host tier holding the whole store; the code before and after pinning the tier up front."""
+    runs = [("decode_h200_full24_prefetch_e4ffb6a", "speculation behind the piece"),
+            ("decode_h200_full24_host64", "host tier 64 GiB (holds the store)"),
+            ("decode_h200_full24_spy", "under py-spy"),
+            ("decode_h200_full24_pin_base", "A/B: before pinning up front"),
+            ("decode_h200_full24_pin_main", "A/B: tier pinned up front, headers parsed once")]
+    body, sources = [], []
+    for name, what in runs:
+        record = load(name, results)
+        for row in record["rows"]:
+            split = row.get("split_us", {})
+            prefetch = row["system"].partition("prefetch ")[2].partition(",")[0] or "—"
+            body.append([f"`{record['commit']}`", what, f"{row['host_cap_gib']:.0f}", prefetch, num(row["tok_s"], 1),
+                         num(row["decode_tok_s"], 1), num(row["decode_loads_per_token"], 1),
+                         num(row["disk_loads_per_token"], 1), num(split.get("sync"), 0), num(split.get("issue"), 0),
+                         num(split.get("after"), 0)])
+        sources.append(source(name, record))
+    return (table(["commit", "run", "host GiB", "prefetch", "tok/s", "decode tok/s", "decode loads / token",
+                   "store reads / token", "µs waiting for routing", "µs deciding and queuing loads", "µs after"], body)
+            + "\n\n*24 GiB GPU; host µs per MoE layer that can miss, per replayed decode step*\n\n"
+            + "\n\n".join(sources))
+
+
+@renderer("serve-h200-full")
+def serve_h200_full(results: Path) -> str:
+    """The server at full depth under 24 GiB GPU + 32 GiB host: each level's round (a level whose
+    requests were all cut at its timeout counts the tokens it streamed)."""
+    record = load("serve_h200_full", results)
+    one = record["rows"][0]["tok_s"]
+    body = [[r["clients"], r["requests"], r["cut"], r["errors"], num(r["tok_s"], 1), f"{r['tok_s'] / one:.2f}×",
+             num(r["ttft_p50"], 2) if r["requests"] else "—", num(r["latency_p50"], 1) if r["requests"] else "—",
+             pct(r["hit_rate"]), num(r["loads"] / max(1, tokens_of(r)), 1)] for r in record["rows"]]
+    memory = {name: value / 2**30 for name, value in record.get("memory", {}).items()}  # bytes, from /metrics
+    peaks = (f"\n\n*from the server's /metrics: GPU peak {memory['GPU peak']:.2f} GiB of a {memory['GPU budget']:.0f} GiB "
+             f"budget, pinned host peak {memory['pinned host peak']:.2f} GiB of a {memory['host tier cap']:.0f} GiB cap*"
+             if {"GPU peak", "GPU budget", "pinned host peak", "host tier cap"} <= set(memory) else "")
+    return (table(["clients", "requests done", "cut", "errors", "tok/s (aggregate)", "vs 1 client", "TTFT p50 s",
+                   "latency p50 s", "hit rate", "loads / token"], body) + peaks + "\n\n" + source("serve_h200_full", record))
+
+
 @renderer("decode-h200-8l-b16")
 def decode_h200_8l_b16(results: Path) -> str:
     """Batch 16: the stage's run, then cadre's compiled step beside the stronger reference."""
@@ -235,16 +279,19 @@ def affinity_bound_mixed(results: Path) -> str:
     random weights: how far apart the sources route, and the best placement of whole requests by
     source against round-robin (bench affinity-bound)."""
     tuned, scratch = load("mixed_demo_cpu", results), load("mixed_scratch_cpu", results)
+    gpu = load("mixed_scratch_h200", results)
     bounds = {name: load(name, results) for name in ("affinity_bound_cpu_demo", "affinity_bound_cpu_mixed_demo",
-                                                     "affinity_bound_cpu_mixed_scratch")}
+                                                     "affinity_bound_cpu_mixed_scratch",
+                                                     "affinity_bound_h200_mixed_scratch")}
     models = [("demo (Shakespeare only)", tuned["rows"][0], "affinity_bound_cpu_demo"),
               ("demo fine-tuned on mixed text, 300 steps", tuned["rows"][1], "affinity_bound_cpu_mixed_demo"),
               ("demo's shapes trained on mixed text from random weights, 900 steps", scratch["rows"][1],
-               "affinity_bound_cpu_mixed_scratch")]
+               "affinity_bound_cpu_mixed_scratch"),
+              ("the same on the H200, 3000 steps of 4x the batch", gpu["rows"][1], "affinity_bound_h200_mixed_scratch")]
     body = [[label, num(row["separation_bits"], 3),
              " / ".join(num(row["loss"][k]) for k in ("shakespeare", "code", "prose")),
              f"{bounds[bound]['best_over_round_robin']:.2f}×"] for label, row, bound in models]
-    sources = [("mixed_demo_cpu", tuned), ("mixed_scratch_cpu", scratch)] + list(bounds.items())
+    sources = [("mixed_demo_cpu", tuned), ("mixed_scratch_cpu", scratch), ("mixed_scratch_h200", gpu)] + list(bounds.items())
     return (table(["model", "routing separation, bits (of 1.58)", "loss: Shakespeare / code / prose",
                    "best placement by source / round-robin"], body)
             + "\n\n" + "\n\n".join(source(name, record) for name, record in sources))
