@@ -209,8 +209,8 @@ class HostTier:
         py-spy, bench/results/spy_full24_summary.txt)."""
         started = time.perf_counter()
         with self._lock:
-            while self._grow():
-                pass
+            while (slot := self._grow()) is not None:
+                self._free.append(slot)
         return time.perf_counter() - started
 
     def take(self, key: Key) -> dict[str, torch.Tensor] | None:
@@ -280,15 +280,17 @@ class HostTier:
 
     # --- slots (called with the lock held, except the allocation) ------------------------------
     def _take_slot(self) -> _Slot | None:
-        if self._free or self._grow():
+        if self._free:
             return self._free.popleft()
-        return self._evict_one()
+        slot = self._grow()
+        return slot if slot is not None else self._evict_one()
 
-    def _grow(self) -> bool:
-        """Allocate the next chunk the cap allows, its slots onto the free list (False: at the cap)."""
+    def _grow(self) -> _Slot | None:
+        """Allocate the next chunk the cap allows: its first slot for the caller (other threads may
+        take the rest while this one pins), the others onto the free list; None at the cap."""
         size = self._next_chunk()
         if size is None:
-            return False
+            return None
         self._pinned += size  # reserved before pinning: concurrent puts see it at once
         self._peak = max(self._peak, self._pinned)
         assert self.capacity_bytes is None or self._pinned <= self.capacity_bytes, "host tier over its cap"
@@ -301,8 +303,9 @@ class HostTier:
             raise
         finally:
             self._lock.acquire()
-        self._free.extend(_Slot(chunk, offset) for offset in range(0, size - self._entry_bytes + 1, self._entry_bytes))
-        return True
+        slots = [_Slot(chunk, offset) for offset in range(0, size - self._entry_bytes + 1, self._entry_bytes)]
+        self._free.extend(slots[1:])
+        return slots[0]
 
     def _next_chunk(self) -> int | None:
         left = None if self.capacity_bytes is None else self.capacity_bytes - self._pinned
