@@ -56,6 +56,9 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="cpu", help="where to train (cuda: many more steps in minutes)")
+    p.add_argument("--experts", type=int, default=None,
+                   help="with --from-scratch: experts per layer, each 32/N times the demo's width (same "
+                        "parameters; finer experts, as DeepSeekMoE argues, may specialise more)")
     p.add_argument("--aux-coef", type=float, default=None,
                    help="load-balancing loss coefficient (default: the demo's, 0.01; at 0.001 the kinds routed "
                         "closer, 0.30 bits against 0.39: docs/ray.md)")
@@ -88,6 +91,20 @@ def usage(model, batch: torch.Tensor) -> torch.Tensor:
         chosen = logits.topk(top_k, dim=-1).indices  # [T,K]
         shares.append(F.one_hot(chosen, logits.shape[-1]).float().mean(dim=(0, 1)))  # [E]
     return torch.stack(shares)
+
+
+def scratch_config(experts: int | None):
+    """The demo's config, or the same parameters split into `experts` experts a layer (top-k and
+    the balancing loss unchanged)."""
+    from models.demo.architecture import moe_config
+
+    config = moe_config()
+    if experts is not None:
+        width = config.num_experts * config.moe_intermediate_size
+        if experts < config.num_experts_per_tok or width % experts:
+            raise SystemExit(f"mixed-demo: --experts {experts} must divide {width} and be at least the top-k")
+        config.num_experts, config.moe_intermediate_size = experts, width // experts
+    return config
 
 
 def separation(model, probes: dict[str, torch.Tensor]) -> float:
@@ -132,10 +149,12 @@ def main(argv) -> int:
     ids = {kind: torch.tensor(tokenizer(text).input_ids) for kind, text in texts(args.sdist).items()}
     device = torch.device(args.device)
     probes = {kind: windows(t, 8, args.seq_len, torch.Generator().manual_seed(7)).to(device) for kind, t in ids.items()}
+    if args.experts is not None and not args.from_scratch:
+        print("mixed-demo: --experts needs --from-scratch (the demo's own weights have 32 experts a layer)",
+              file=sys.stderr)
+        return 2
     if args.from_scratch:  # the demo's shapes (its tokenizer too), random weights
-        from models.demo.architecture import moe_config
-
-        model = AutoModelForCausalLM.from_config(moe_config(), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(scratch_config(args.experts), dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(DEMO_CHECKPOINT, dtype=torch.float32)
     model = model.to(device)
