@@ -138,6 +138,10 @@ def samples(model, tokenizer, tokens: int = 24) -> dict[str, str]:
 
 def main(argv) -> int:
     args = parse_args(argv)
+    if args.experts is not None and not args.from_scratch:
+        print("mixed-demo: --experts needs --from-scratch (the demo's own weights have 32 experts a layer)",
+              file=sys.stderr)
+        return 2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from models.demo import CHECKPOINT_DIR as DEMO_CHECKPOINT
@@ -149,10 +153,6 @@ def main(argv) -> int:
     ids = {kind: torch.tensor(tokenizer(text).input_ids) for kind, text in texts(args.sdist).items()}
     device = torch.device(args.device)
     probes = {kind: windows(t, 8, args.seq_len, torch.Generator().manual_seed(7)).to(device) for kind, t in ids.items()}
-    if args.experts is not None and not args.from_scratch:
-        print("mixed-demo: --experts needs --from-scratch (the demo's own weights have 32 experts a layer)",
-              file=sys.stderr)
-        return 2
     if args.from_scratch:  # the demo's shapes (its tokenizer too), random weights
         model = AutoModelForCausalLM.from_config(scratch_config(args.experts), dtype=torch.float32)
     else:

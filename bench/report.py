@@ -280,21 +280,24 @@ def affinity_bound_mixed(results: Path) -> str:
     source against round-robin (bench affinity-bound)."""
     tuned, scratch = load("mixed_demo_cpu", results), load("mixed_scratch_cpu", results)
     gpu, aux = load("mixed_scratch_h200", results), load("mixed_scratch_aux_cpu", results)
+    fine = load("mixed_scratch_64_cpu", results)
     bounds = {name: load(name, results) for name in ("affinity_bound_cpu_demo", "affinity_bound_cpu_mixed_demo",
                                                      "affinity_bound_cpu_mixed_scratch",
                                                      "affinity_bound_h200_mixed_scratch",
-                                                     "affinity_bound_cpu_mixed_aux")}
+                                                     "affinity_bound_cpu_mixed_aux", "affinity_bound_cpu_mixed_64")}
     models = [("demo (Shakespeare only)", tuned["rows"][0], "affinity_bound_cpu_demo"),
               ("demo fine-tuned on mixed text, 300 steps", tuned["rows"][1], "affinity_bound_cpu_mixed_demo"),
               ("demo's shapes trained on mixed text from random weights, 900 steps", scratch["rows"][1],
                "affinity_bound_cpu_mixed_scratch"),
               ("the same on the H200, 3000 steps of 4x the batch", gpu["rows"][1], "affinity_bound_h200_mixed_scratch"),
-              ("900 steps on the CPU, balancing loss 0.001 (not 0.01)", aux["rows"][1], "affinity_bound_cpu_mixed_aux")]
+              ("900 steps on the CPU, balancing loss 0.001 (not 0.01)", aux["rows"][1], "affinity_bound_cpu_mixed_aux"),
+              ("900 steps on the CPU, 64 experts of half the width a layer (top-4)", fine["rows"][1],
+               "affinity_bound_cpu_mixed_64")]
     body = [[label, num(row["separation_bits"], 3),
              " / ".join(num(row["loss"][k]) for k in ("shakespeare", "code", "prose")),
              f"{bounds[bound]['best_over_round_robin']:.2f}×"] for label, row, bound in models]
     sources = [("mixed_demo_cpu", tuned), ("mixed_scratch_cpu", scratch), ("mixed_scratch_h200", gpu),
-               ("mixed_scratch_aux_cpu", aux)] + list(bounds.items())
+               ("mixed_scratch_aux_cpu", aux), ("mixed_scratch_64_cpu", fine)] + list(bounds.items())
     return (table(["model", "routing separation, bits (of 1.58)", "loss: Shakespeare / code / prose",
                    "best placement by source / round-robin"], body)
             + "\n\n" + "\n\n".join(source(name, record) for name, record in sources))

@@ -21,3 +21,14 @@ def test_no_benchmark_text_is_trained_on():
     held = set(affinity.CODE_MODULES + affinity.CODE_CALIBRATION + affinity.PROSE_MODULES
                + affinity.PROSE_CALIBRATION)
     assert not held & set(mixed_demo.TRAIN_CODE + mixed_demo.TRAIN_PROSE)
+
+
+def test_finer_experts_keep_the_demos_parameters_and_bad_counts_are_refused():
+    import pytest
+
+    base, fine = mixed_demo.scratch_config(None), mixed_demo.scratch_config(64)
+    assert fine.num_experts == 64 and fine.num_experts_per_tok == base.num_experts_per_tok
+    assert fine.num_experts * fine.moe_intermediate_size == base.num_experts * base.moe_intermediate_size
+    with pytest.raises(SystemExit, match="--experts 3 must divide"):
+        mixed_demo.scratch_config(3)
+    assert mixed_demo.main(["--out", "/tmp/unused", "--experts", "64"]) == 2  # the demo's own weights have 32
