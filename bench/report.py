@@ -305,10 +305,15 @@ def affinity_bound_mixed(results: Path) -> str:
 
 @renderer("affinity-cpu-mixed")
 def affinity_cpu_mixed(results: Path) -> str:
-    """bench affinity live on the two mixed-text models: each router's medians over the rounds."""
+    """bench affinity live on the mixed-text models: each router's medians over the rounds, and how
+    often it sent a request to its favourite replica."""
     body, sources = [], []
     for name, model in (("affinity_cpu_mixed_demo", "demo fine-tuned"), ("affinity_cpu_mixed_scratch", "from scratch"),
-                        ("affinity_cpu_mixed_scratch_imbalance2", "from scratch, --affinity-imbalance 2")):
+                        ("affinity_cpu_mixed_scratch_imbalance2", "from scratch, --affinity-imbalance 2"),
+                        ("affinity_cpu_mixed_64_imbalance0", "64 finer experts"),
+                        ("affinity_cpu_mixed_64_imbalance2", "64 finer experts, --affinity-imbalance 2"),
+                        ("affinity_cpu_mixed_64_r4_imbalance0", "64 finer experts, 4 rounds"),
+                        ("affinity_cpu_mixed_64_r4_imbalance2", "64 finer experts, 4 rounds, --affinity-imbalance 2")):
         record = load(name, results)
         body += [[model, router, pct(m["hit_rate"]), num(m["loads_per_token"]), num(m["tok_s"], 1),
                   f"{m['latency_p99']:.2f} s"] for router, m in record["summary"].items()]
