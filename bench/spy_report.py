@@ -19,7 +19,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-REPLAY = "Decoder._replay "
+REPLAY = "Decoder._replay"
 WORKERS = ("cadre-loader", "cadre-reader")
 IDLE_LEAVES = ("_worker", "Condition.wait", "Event.wait")  # a pool thread with nothing to do
 
@@ -41,12 +41,13 @@ def stacks(path: Path):
             continue
         frames = stack.split(";")
         thread = next((f for f in frames if f.startswith("thread (")), "")
-        yield thread.split(": ", 1)[-1], [f.split(" (")[0] + _line(f) for f in frames if not f.startswith(("process ", "thread ("))], int(count)
+        functions = [f.split(" (")[0] + _line(f) for f in frames if not f.startswith(("process ", "thread ("))]
+        yield thread.split(": ", 1)[-1], functions, int(count)
 
 
 def _line(frame: str) -> str:
     """':N' for a frame of _replay (which step of its loop), '' for the rest."""
-    return ":" + frame.rsplit(":", 1)[-1].rstrip(")") if frame.startswith(REPLAY) else ""
+    return ":" + frame.rsplit(":", 1)[-1].rstrip(")") if frame.startswith(REPLAY + " (") else ""
 
 
 def summarise(path: Path, depth: int) -> dict[str, Counter]:
@@ -56,7 +57,7 @@ def summarise(path: Path, depth: int) -> dict[str, Counter]:
             if frames and frames[-1] not in IDLE_LEAVES:
                 tables["workers"][f"{thread.split('_')[0]}: " + " > ".join(frames[-3:])] += count
             continue
-        replay = [i for i, f in enumerate(frames) if f.startswith(REPLAY.strip())]
+        replay = [i for i, f in enumerate(frames) if f.startswith(REPLAY + ":")]
         if thread != "MainThread" or not replay:
             continue
         below = frames[replay[-1] + 1:]

@@ -2,17 +2,8 @@
 allocated before decoding, so no cudaHostAlloc (which holds the driver's lock) runs between a
 step's copies. The cap still holds, and filling the tier allocates nothing more."""
 
-import torch
-
 from models.host_tier import HostTier, chunk_sizes, entries_within
-
-INTER, HIDDEN = 16, 8
-ENTRY = 3 * INTER * HIDDEN * 4
-
-
-def parts(value: float) -> dict:
-    gate = torch.full((INTER, HIDDEN), float(value))
-    return {"gate_proj": gate, "up_proj": gate + 0.5, "down_proj": torch.full((HIDDEN, INTER), -float(value))}
+from test_host_tier import ENTRY, parts
 
 
 def test_pin_all_allocates_every_chunk_within_the_cap_and_nothing_after(monkeypatch):
