@@ -87,6 +87,9 @@ def parse_args(argv):
     p.add_argument("--prefetch", default="0",
                    help="cadre rows at these prefetch depths (comma-separated; 1 = predict the next MoE "
                         "layer's experts from this layer's input and load them while it computes)")
+    p.add_argument("--prefetch-tiers", default=["device"], type=prefetch_tiers,
+                   help="where the prefetch rows' loads go (comma-separated, a row each): device (slots) | host "
+                        "(store reads of predicted experts into the host tier only)")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per prompt per timed run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
     p.add_argument("--compile", action="store_true", help="also transformers static cache + torch.compile")
@@ -519,6 +522,15 @@ def _compile_kwargs(model, mode: str) -> dict:
     return {"cache_implementation": "static"}  # transformers compiles the forward itself
 
 
+def prefetch_tiers(value: str) -> list[str]:
+    """--prefetch-tiers: comma-separated device | host."""
+    tiers = [tier for tier in value.split(",") if tier]
+    unknown = sorted(set(tiers) - {"device", "host"})
+    if not tiers or unknown:
+        raise argparse.ArgumentTypeError(f"unknown prefetch tier(s) {', '.join(unknown) or '(none)'}: device or host")
+    return tiers
+
+
 def cadre_runtime(store: Path, device, dtype_name, fraction, caps: tuple[str, str | None] | None, max_len: int,
                   batch: int, **config):
     """A runtime at `fraction` of all experts, every expert warmed into the pinned host tier
@@ -534,7 +546,7 @@ def cadre_runtime(store: Path, device, dtype_name, fraction, caps: tuple[str, st
     return runtime
 
 
-def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool, prefetch: int,
+def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool, prefetch: tuple[int, str],
                     args, compiled: bool = False, label: str = "", caps: tuple[str, str] | None = None,
                     compile_step: bool = False, gather_rows: int | None = None) -> Contender:
     """cadre at a budget: `fraction` of all experts, or (caps) the memory plan's slots under a
@@ -544,8 +556,9 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     max_len = PROMPT_LEN + args.tokens + 8
+    prefetch, prefetch_tier = prefetch  # (depth, tier)
     runtime = cadre_runtime(store, device, dtype_name, fraction, caps, max_len, ids.shape[0], prefetch_layers=prefetch,
-                            compile=compiled, compile_step=compile_step, load_workers=args.load_workers,
+                            prefetch_tier=prefetch_tier, compile=compiled, compile_step=compile_step, load_workers=args.load_workers,
                             gather_rows=gather_rows)
     loads = lambda: sum(runtime.cache.stats().loads.values())
     decode_loads, at_first = [], [0]  # per run: the loads after its first token (the prefill's apart)
@@ -585,6 +598,9 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
             if decode_loads and args.tokens > 1 else None,  # after the first token: the prefill's apart
             "disk_loads_per_token": (after.loads["disk"] - before.loads["disk"]) / tokens,
             "writebacks_per_token": (after.writebacks - before.writebacks) / tokens,  # exclusive host tier
+            # speculative reads into the host tier (prefetch to host), and those a load then found there
+            "host_prefetch_per_token": {kind: (after.prefetch[f"host_{kind}"] - before.prefetch[f"host_{kind}"]) / tokens
+                                        for kind in ("issued", "used")},
             "bytes_per_token": (after.bytes_loaded - before.bytes_loaded) / tokens,  # as moved: quantised stays so
             "expert_bytes": runtime.cache.slot_bytes,
             "cache_gib": after.capacity_bytes / 2**30,
@@ -612,7 +628,8 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
         name = f"cadre {fraction:.0%} of experts{label}"
     name += ", " + ("slot-cache decoder" + (" (CUDA graphs)" if on_gpu else "") if graphs else "transformers generate()")
     if prefetch:
-        name += f", prefetch {prefetch} layer" + ("s" if prefetch > 1 else "")
+        name += f", prefetch {prefetch} layer" + ("s" if prefetch > 1 else "") + \
+            (" to host" if prefetch_tier == "host" else "")
     if compiled:
         name += ", compiled leaves"
     if compile_step:
@@ -763,6 +780,12 @@ def print_table(title: str, rows: list[dict]) -> None:
         for r in split:
             times = r["split_us"]
             print(f"  {r['system']:<64} {times['sync']:>7.0f} {times['issue']:>7.0f} {times['after']:>7.0f}")
+    ahead = [r for r in rows if (r.get("host_prefetch_per_token") or {}).get("issued")]
+    if ahead:
+        print("store reads into the host tier ahead of need, per token: started / found there by a load")
+        for r in ahead:
+            counts = r["host_prefetch_per_token"]
+            print(f"  {r['system']:<64} {counts['issued']:>7.2f} {counts['used']:>7.2f}")
 
 
 def cadre_factories(checkpoint: Path, store: Path, workdir: Path, device, dtype_name, ids, args) -> list:
@@ -771,21 +794,22 @@ def cadre_factories(checkpoint: Path, store: Path, workdir: Path, device, dtype_
     budgets = [float(f) for f in args.budgets.split(",") if f]
     caps = [(gpu, host) for gpu in args.gpu_memory.split(",") if gpu for host in (args.host_memory.split(",") or [""])]
     modes = [True, False] if args.cadre_eager else [True]
-    depths = [int(d) for d in args.prefetch.split(",")]
+    depths = [(d, tier) for d in (int(d) for d in args.prefetch.split(","))
+              for tier in (args.prefetch_tiers if d else ["device"])]
     build = lambda path, fraction, graphs, depth, **kw: \
         lambda: cadre_contender(path, device, dtype_name, ids, fraction, graphs, depth, args, **kw)
     factories = [build(path, fraction, graphs, depth, label=label)
                  for label, path in expert_stores(checkpoint, store, workdir, args.expert_formats).items()
-                 for fraction in budgets for graphs in modes for depth in (depths if fraction < 1 else [0])]
+                 for fraction in budgets for graphs in modes for depth in (depths if fraction < 1 else [(0, "device")])]
     factories += [build(store, None, True, depth, caps=cap) for cap in caps for depth in depths]
     if args.cadre_compile:
-        factories += [build(store, fraction, True, 0, compiled=True) for fraction in budgets]
+        factories += [build(store, fraction, True, (0, "device"), compiled=True) for fraction in budgets]
     if args.cadre_compile_step:  # only a budget holding every expert compiles its step
-        factories += [build(store, 1.0, True, 0, compile_step=True)]
+        factories += [build(store, 1.0, True, (0, "device"), compile_step=True)]
     for rows in (int(r) for r in args.gather_rows.split(",") if r):  # the same rows, experts gathered up to `rows`
-        factories += [build(store, fraction, True, 0, gather_rows=rows) for fraction in budgets]
+        factories += [build(store, fraction, True, (0, "device"), gather_rows=rows) for fraction in budgets]
         if args.cadre_compile_step:
-            factories += [build(store, 1.0, True, 0, compile_step=True, gather_rows=rows)]
+            factories += [build(store, 1.0, True, (0, "device"), compile_step=True, gather_rows=rows)]
     return factories
 
 

@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -41,6 +41,8 @@ from .host_tier import HostTier, entries_within
 
 Key = tuple[int, int]  # (layer, expert)
 log = logging.getLogger("cadre.cache")
+HOST_READERS = 2  # threads reading predicted experts into the host tier (each read fans out to the readers)
+HOST_READS_IN_FLIGHT = 16  # at most this many such reads queued or running: two layers' top-8 at batch 1
 
 @dataclass
 class CacheStats:
@@ -198,6 +200,11 @@ class ExpertCache:
         self._readers = ThreadPoolExecutor(max_workers=self.load_workers, thread_name_prefix="cadre-reader") \
             if self.exclusive and self.load_workers > 1 else None
         self._written_back: dict[int, "torch.cuda.Event"] = {}  # slot index -> its write-back copied
+        # Store reads into the host tier ahead of need (prefetch_host): a pool of their own, so a
+        # loader thread may wait on one (the loaders' pool could be full of such waiters)
+        self._host_readers: ThreadPoolExecutor | None = None
+        self._host_reads: dict[Key, Future] = {}
+        self._host_prefetched: set[Key] = set()  # read ahead and not yet used
         self._taken: dict[Key, dict[str, torch.Tensor]] = {}  # exclusive: taken up ahead of a write-back
         self._deferred: list[tuple[Key, _Slot]] = []  # write-backs left for flush_writebacks()
         self._deferred_slots: set[int] = set()  # their slots (free, not to be refilled before)
@@ -475,6 +482,69 @@ class ExpertCache:
             self._issue(misses)
         return started
 
+    def prefetch_host(self, keys: Iterable[Key]) -> int:
+        """Start store reads of predicted experts that no memory tier holds into the host tier,
+        on threads of their own; never blocks, never touches the device. Returns how many it
+        started. A miss in every memory tier waits on the step's critical path for its shard to
+        be read (at full depth under 24 GiB GPU and 32 GiB host: 31% of the decoding thread's
+        time, py-spy): read a layer or two ahead, the same miss is a host-tier hit, one copy.
+        Unlike prefetch(), a wrong guess costs a host entry and a read, no device slot, no
+        eviction from the device and no copy on the link the step's own loads use."""
+        if self.host is None or not self.host.has_layout:
+            return 0
+        started = 0
+        with self._lock:
+            for key in keys:
+                if len(self._host_reads) >= HOST_READS_IN_FLIGHT:
+                    break
+                if key in self._slots or key in self._host_reads or key in self._taken \
+                        or not self.store.has_expert(*key) or key in self.host:
+                    continue
+                if self._host_readers is None:
+                    self._host_readers = ThreadPoolExecutor(max_workers=HOST_READERS,
+                                                            thread_name_prefix="cadre-host-read")
+                future = self._host_readers.submit(self._read_into_host, key)
+                self._host_reads[key] = future
+                future.add_done_callback(lambda done, key=key: self._host_read_done(key, done))
+                self._stats.prefetch["host_issued"] += 1
+                started += 1
+        return started
+
+    def _read_into_host(self, key: Key) -> None:
+        if self.host.read_in(key, lambda views: self._read_shard_into(key, views)):
+            with self._lock:
+                self._host_prefetched.add(key)
+
+    def _read_shard_into(self, key: Key, views: dict[str, torch.Tensor]) -> None:
+        """The shard of `key` into host views of the tier's layout: read straight in where the
+        store holds the compute dtype, else read, cast and copied."""
+        if self.store.dtype == self.dtype or self.format["weights"] != DENSE:
+            self.store.read_expert_into(*key, views, readers=self._readers)
+        else:
+            for name, part in host_parts(self.store.load_expert(*key), self.format, self.dtype).items():
+                views[name].copy_(part)
+
+    def _host_read_done(self, key: Key, future: Future) -> None:
+        with self._lock:
+            if self._host_reads.get(key) is future:
+                del self._host_reads[key]
+        if not future.cancelled() and future.exception() is not None:  # the demand load reports it
+            log.debug("host-tier prefetch of expert %d of layer %d failed: %s", key[1], key[0], future.exception())
+
+    def _await_host_read(self, key: Key) -> None:
+        """A prefetch_host read of `key` under way: wait for it rather than read the shard twice
+        (one not yet started is cancelled: the caller reads it itself)."""
+        with self._lock:
+            pending = self._host_reads.get(key)
+        if pending is not None and not pending.cancel():
+            wait([pending])  # a failed read leaves the store to the caller
+
+    def _count_host_prefetch_use(self, key: Key) -> None:
+        with self._lock:
+            if key in self._host_prefetched:
+                self._host_prefetched.discard(key)
+                self._stats.prefetch["host_used"] += 1
+
     # --- internals (called with the lock held) ------------------------------------
     def _reserve(self, key: Key, misses: _Misses, force: bool = False, keep: frozenset = frozenset()) -> _Slot | None:
         if self._spare_slots:
@@ -623,8 +693,10 @@ class ExpertCache:
         if self.exclusive:
             return self._fetch_exclusive(key)
         if self.host is not None:
+            self._await_host_read(key)
             cached = self.host.get(key)
             if cached is not None:
+                self._count_host_prefetch_use(key)
                 return "host", cached
         parts = host_parts(self.store.load_expert(*key), self.format, self.dtype)
         if self.format["weights"] == DENSE:
@@ -638,8 +710,11 @@ class ExpertCache:
         store straight into a staged host slot, which is free again once the copy is queued."""
         with self._lock:
             taken = self._taken.pop(key, None)
-        taken = taken or self.host.take(key)
+        if taken is None:
+            self._await_host_read(key)
+            taken = self.host.take(key)
         if taken is not None:
+            self._count_host_prefetch_use(key)
             return "host", taken
         staged = self.host.stage()
         if staged is None:  # every slot lent: read as the inclusive path does
@@ -788,6 +863,8 @@ class ExpertCache:
         self._lock.notify_all()
 
     def close(self) -> None:
+        if self._host_readers is not None:
+            self._host_readers.shutdown(wait=True, cancel_futures=True)
         self._loader.shutdown(wait=True)
         if self._readers is not None:
             self._readers.shutdown(wait=True)

@@ -38,6 +38,8 @@ from typing import Callable
 
 import torch
 
+from router.exact import UNUSED
+
 from .experts import EAGER, ExpertLayer, StepHooks
 from .kv_cache import SlotCache
 from .loading import cache_keyword, expert_layers
@@ -71,6 +73,25 @@ class _Split:
     layer: ExpertLayer
     index: torch.Tensor  # [B,K] that layer's choice, in the graphs' memory
     hidden: torch.Tensor  # [B,H] its input (for speculative prefetch)
+    # With speculation: the deeper layers predicted here, and [B, K + layers*K] = index beside their
+    # predicted experts (ExactPolicy.predict_ahead), computed in the piece: one host read for both
+    ahead: list[int] | None = None
+    read: torch.Tensor | None = None
+
+    def routing(self) -> tuple[list[int], list[tuple[int, int]]]:
+        """This layer's distinct experts, sorted, and the deeper layers' predicted (layer, expert)
+        keys, best first: one synchronisation (the piece before must have been replayed)."""
+        if self.ahead is None:
+            return self.layer.needed(self.index), []
+        top_k = self.index.shape[-1]
+        rows = self.read.tolist()
+        needed = sorted({e for row in rows for e in row[:top_k]} - {UNUSED})
+        predicted = {}  # the nearest layer first; in it rank by rank over the rows (a dict keeps the first)
+        for d, deeper in enumerate(self.ahead):
+            start = top_k * (d + 1)
+            for rank in range(top_k):
+                predicted.update({(deeper, row[start + rank]): None for row in rows})
+        return needed, list(predicted)
 
 
 @dataclass
@@ -116,10 +137,17 @@ class _CaptureHooks(StepHooks):
         self.routes: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def resident(self, layer, index, hidden):
+        split = _Split(layer, index, hidden)
+        predict_ahead = getattr(self.decoder.runtime.policy, "predict_ahead", None)
+        if layer.before is not None and predict_ahead is not None:  # speculation, predicted in the graph
+            predicted = predict_ahead(layer.layer, hidden)
+            if predicted is not None:
+                split.ahead, columns = predicted
+                split.read = torch.cat([index, columns], dim=-1)  # [B, K + layers*K]
         self.pieces[-1].capture_end()
         self.pieces.append(torch.cuda.CUDAGraph())
         self.pieces[-1].capture_begin(pool=self.decoder.pool)
-        self.splits.append(_Split(layer, index, hidden))
+        self.splits.append(split)
         return _WholeBuffer(layer.cache.all_slots())
 
     def release(self, layer, lease) -> None:
@@ -479,7 +507,7 @@ class Decoder:
             layer = split.layer
             layer.outcomes, layer.stall = {}, 0.0
             started = time.perf_counter()
-            needed = layer.needed(split.index)  # waits for the GPU to reach this layer's router
+            needed, predicted = split.routing()  # waits for the GPU to reach this layer's router
             routed = time.perf_counter()
             # the loads go out first and the next piece right behind them; the speculative
             # loads of deeper layers and the write-backs of this layer's evictions are queued
@@ -487,7 +515,10 @@ class Decoder:
             lease = layer.acquire(needed, split.hidden, force=True, defer_writebacks=True, speculate=False)
             issued = time.perf_counter()
             piece.replay()
-            self._speculate(layer, split.hidden)  # while the lease still pins what the piece reads
+            if split.ahead is None:
+                self._speculate(layer, split.hidden)  # while the lease still pins what the piece reads
+            else:
+                self.runtime.prefetch(predicted)
             layer.cache.release(lease)  # after the piece that computes with it is queued
             layer.cache.flush_writebacks()
             clock.add(routed - started, issued - routed, time.perf_counter() - issued)
@@ -500,12 +531,14 @@ class Decoder:
         return step.logits
 
     def _speculate(self, layer: ExpertLayer, hidden: torch.Tensor) -> None:
-        """The speculative prefetch of a replayed split, once the next piece is queued: its
-        prediction (a gate applied to this layer's input `hidden`, already computed: the host
-        has read this layer's routing) runs on a stream of its own, so reading it waits for a
-        few small kernels, not for the piece; its loads then overlap the piece's compute and
-        the loads it waits for. Run before the piece, as it was, the prediction and the queuing
-        of its loads left the GPU idle: ~1 ms a MoE layer at full depth (bench breakdown)."""
+        """The speculative prefetch of a replayed split whose policy cannot predict inside the
+        graph (no predict_ahead), once the next piece is queued: its prediction (a gate applied
+        to this layer's input `hidden`, already computed: the host has read this layer's routing)
+        runs on a stream of its own, so reading it waits for a few small kernels, not for the
+        piece; its loads then overlap the piece's compute and the loads it waits for. Run before
+        the piece, as it was, the prediction and the queuing of its loads left the GPU idle: ~1 ms
+        a MoE layer at full depth (bench breakdown). Predicted inside the piece instead, it costs
+        no synchronisation of its own (_Split.routing)."""
         if layer.before is None:
             return
         if self._speculation_stream is None:

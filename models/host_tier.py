@@ -33,7 +33,7 @@ import time
 import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -138,6 +138,11 @@ class HostTier:
     @property
     def pinned_bytes(self) -> int:
         return self._pinned
+
+    @property
+    def has_layout(self) -> bool:
+        """Whether entries' layout is known (define_layout, or a first put): read_in needs it."""
+        return bool(self._layout)
 
     def stats(self) -> HostTierStats:
         with self._lock:
@@ -257,6 +262,37 @@ class HostTier:
             stream = self.writeback_stream or self.copy_stream
             self._after_last_copy(slot, stream)  # a copy to the device may still be reading it
             return self._lend(slot, stream=stream)
+
+    def read_in(self, key: Key, fill: Callable[[dict[str, torch.Tensor]], None]) -> bool:
+        """Make `key` an entry by `fill(views)` writing it on the CPU (a store read ahead of need:
+        models.cache.prefetch_host); False, and nothing changes, when it is already here or every
+        slot is lent. The entry is registered only once filled, so no copy reads it half
+        written; a fill that raises gives its slot back."""
+        with self._lock:
+            if key in self._entries:
+                return False
+            slot = self._take_slot()
+            if slot is None:
+                return False
+        self._wait_copied(slot)  # the last copy queued from (or into) this slot is done
+        try:
+            fill(self._views(slot))
+        except BaseException:
+            with self._lock:
+                self._free.append(slot)
+            raise
+        with self._lock:
+            if key in self._entries:  # written back from the device meanwhile: keep that one
+                self._free.append(slot)
+                return False
+            while self.max_entries is not None and len(self._entries) >= self.max_entries:
+                victim = self._evict_one()
+                if victim is None:  # every entry lent: the spares stay spare
+                    self._free.append(slot)
+                    return False
+                self._free.append(victim)
+            self._entries[key] = slot
+            return True
 
     @staticmethod
     def _after_last_copy(slot: _Slot, stream: "torch.cuda.Stream | None") -> None:

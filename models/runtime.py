@@ -53,6 +53,7 @@ class RuntimeConfig:
     routing: str = "exact"  # a policy of router.policy.POLICIES
     eviction: str = "lru"  # "lru" or a policy of router.eviction (when present)
     prefetch_layers: int = 0  # > 0: predict the next N MoE layers' experts and load them ahead
+    prefetch_tier: str = "device"  # where those loads go: device slots, or "host": store reads into the host tier
     decoder: str = "auto"  # greedy generate() through models/decoder.py: auto (on CUDA) | on | off
     compile: bool = False  # torch.compile the norms, gates and experts' compute (models/compile.py)
     compile_step: bool = False  # torch.compile each decode step's forward (a budget holding every expert)
@@ -76,6 +77,8 @@ class RuntimeConfig:
             raise ValueError(f"gather_rows must be >= 0, got {self.gather_rows}")
         if self.prefetch_layers < 0:
             raise ValueError(f"prefetch_layers must be >= 0, got {self.prefetch_layers}")
+        if self.prefetch_tier not in ("device", "host"):
+            raise ValueError(f"prefetch_tier must be device or host, got {self.prefetch_tier!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         policy_class(self.routing), eviction_class(self.eviction)  # unknown names fail here, before any loading
@@ -171,6 +174,13 @@ class Runtime:
     def _router_for(self, layer: int):
         return lambda logits, gate, hidden_dtype, bias: self.policy.route(layer, logits, gate, hidden_dtype=hidden_dtype,
                                                                           bias=bias)
+
+    def prefetch(self, keys) -> int:
+        """Start loading (layer, expert) keys a speculative policy predicts: into device slots, or
+        with prefetch_tier "host" only from the store into the host tier. Returns loads started."""
+        if self.config.prefetch_tier == "host":
+            return self.cache.prefetch_host(keys)
+        return self.cache.prefetch(keys)
 
     def _prefetch_deeper(self, layer: int, experts: list[int]) -> None:
         deeper = [l for l in self.store.moe_layers if l > layer]

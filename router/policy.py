@@ -15,7 +15,8 @@ opt-in (see the README's "Router" section for their measured cost):
 
 Any policy can also prefetch speculatively (`prefetch_layers=N`): the next N MoE
 layers' gates applied to this layer's hidden state predict their experts, which the
-cache starts loading while this layer computes; a Surprise (router shift) above
+cache starts loading while this layer computes (into device slots, or with the runtime's
+`prefetch_tier="host"` only from the store into the host tier); a Surprise (router shift) above
 `surprise_threshold` widens each prediction by `widen` experts.
 
 Legend for shape comments: T tokens, E experts, H hidden, K top-k.
@@ -72,7 +73,7 @@ class ExactPolicy:
 
     def before_experts(self, layer: int, hidden: torch.Tensor) -> None:
         for deeper in self._next.get(layer, ()):
-            self.runtime.cache.prefetch(self.predict(deeper, hidden))
+            self.runtime.prefetch(self.predict(deeper, hidden))  # into device slots or the host tier
 
     def predict(self, layer: int, hidden: torch.Tensor) -> list[tuple[int, int]]:
         """(layer, expert) keys that `layer`'s gate would pick for `hidden` [T,H], most likely first."""
@@ -87,6 +88,26 @@ class ExactPolicy:
         # of a decode step
         ranked = torch.stack([ranked, order.to(ranked.dtype)]).tolist()  # ids exact in float32 up to 2^24
         return [(layer, int(e)) for m, e in zip(*ranked) if m > 0]
+
+    def predict_ahead(self, layer: int, hidden: torch.Tensor) -> tuple[list[int], torch.Tensor] | None:
+        """The deeper layers predict() would prefetch for at `layer`, and each one's top-k experts
+        for `hidden` [T,H] side by side, [T, layers*K], as device work only (no host read): a
+        captured decode step computes them inside its graph, and the host reads them with this
+        layer's own choice, one synchronisation for both (models/decoder.py). Ranked as predict()
+        ranks a single token's (the order of its router's probabilities, absent experts last);
+        None where this layer predicts nothing."""
+        deeper = self._next.get(layer, [])
+        if not deeper:
+            return None
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        columns = []
+        for d in deeper:
+            gate = self._gates[d]
+            logits = F.linear(flat.to(gate.weight.dtype), gate.weight).float()  # [T,E]
+            if self.absent[d] is not None:
+                logits = logits.masked_fill(self.absent[d], float("-inf"))
+            columns.append(logits.topk(min(self.spec.top_k, logits.shape[-1]), dim=-1).indices)  # [T,K]
+        return deeper, torch.cat(columns, dim=-1)
 
     def route(self, layer: int, logits: torch.Tensor, gate, hidden_dtype: torch.dtype | None = None,
               bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,3 +35,31 @@ def test_the_prediction_ranks_the_picked_experts_by_their_summed_probability(sto
         assert len(predicted) <= 3 * policy.spec.top_k
     finally:
         runtime.close()
+
+
+def test_the_prediction_inside_a_captured_step_picks_what_predict_picks(store_factory):
+    """predict_ahead (device work a captured step computes beside the routing, read with it in one
+    synchronisation) picks each deeper layer's top-k: for one token, predict()'s experts in its order."""
+    from models.decoder import _Split
+
+    _, store = store_factory("qwen3_moe")
+    policy = ExactPolicy(prefetch_layers=2)
+    runtime = Runtime.from_store(store, RuntimeConfig(cache_fraction=0.5), policy=policy)
+    try:
+        first = runtime.store.moe_layers[0]
+        hidden = torch.randn(1, runtime.model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+        deeper, columns = policy.predict_ahead(first, hidden)
+        assert deeper == policy._next[first] and len(deeper) == 2
+        top_k = policy.spec.top_k
+        assert columns.shape == (1, 2 * top_k)
+        index = torch.tensor([[5, 2] + [-1] * (top_k - 2)])  # this layer's own choice, -1 unused
+        split = _Split(layer=None, index=index, hidden=hidden, ahead=deeper, read=torch.cat([index, columns], dim=-1))
+        needed, predicted = split.routing()
+        assert needed == [2, 5]
+        assert [layer for layer, _ in predicted] == [deeper[0]] * top_k + [deeper[1]] * top_k  # nearest first
+        for layer in deeper:
+            want = [expert for _, expert in policy.predict(layer, hidden)]
+            assert [expert for key_layer, expert in predicted if key_layer == layer] == want
+        assert policy.predict_ahead(runtime.store.moe_layers[-1], hidden) is None  # nothing deeper
+    finally:
+        runtime.close()
