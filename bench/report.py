@@ -134,12 +134,16 @@ def decode_h200_full24_reads(results: Path) -> str:
 def decode_h200_full24_host_path(results: Path) -> str:
     """The 24 GiB rows of 2026-12-01, in the order they ran (each run a lease call of its own, the store
     written just before): the speculation queued behind the next piece; the run py-spy sampled; a
-    host tier holding the whole store; the code before and after pinning the tier up front."""
+    host tier holding the whole store; the code before and after pinning the tier up front; then
+    (one later call) speculative store reads into the host tier, and device prefetch predicted
+    inside the graph."""
     runs = [("decode_h200_full24_prefetch_e4ffb6a", "speculation behind the piece"),
             ("decode_h200_full24_host64", "host tier 64 GiB (holds the store)"),
             ("decode_h200_full24_spy", "under py-spy"),
             ("decode_h200_full24_pin_base", "A/B: before pinning up front"),
-            ("decode_h200_full24_pin_main", "A/B: tier pinned up front, headers parsed once")]
+            ("decode_h200_full24_pin_main", "A/B: tier pinned up front, headers parsed once"),
+            ("decode_h200_full24_prefetch_host", "store reads into the host tier ahead of need"),
+            ("decode_h200_full24_prefetch_fc551be", "prediction inside the graph, loads to the device")]
     body, sources = [], []
     for name, what in runs:
         record = load(name, results)
