@@ -167,6 +167,7 @@ class ExpertCache:
         self._free: deque[int] = deque(range(self.num_slots))
         self._slots: OrderedDict[Key, _Slot] = OrderedDict()  # LRU order: oldest first
         self._by_layer: dict[int, OrderedDict[int, _Slot]] = {}  # the same, per layer (per-layer policies)
+        self._keep: frozenset = frozenset()  # keys a prefetch is loading, while it asks the policy for a victim
         self._lock = threading.Condition()
         # Loader threads of one OpenMP thread each: a long-lived thread with a torch thread
         # team of its own makes every team sleep between parallel regions on a small CPU
@@ -374,11 +375,18 @@ class ExpertCache:
         return len(self._by_layer.get(layer, ()))
 
     def oldest_evictable(self, layer: int) -> Key | None:
-        """`layer`'s least recently used expert that is resident and unpinned."""
+        """`layer`'s least recently used expert that may be evicted now: resident, unpinned, and
+        not one of the keys the prefetch in progress is loading."""
         for expert, slot in self._by_layer.get(layer, {}).items():
-            if slot.pins == 0 and slot.ready:
+            if slot.pins == 0 and slot.ready and (layer, expert) not in self._keep:
                 return layer, expert
         return None
+
+    def layers_over(self, share: int) -> list[int]:
+        """Layers holding more than `share` slots, the furthest over first (O(layers), where a
+        scan of the LRU order for them is O(slots): ~2000 at full depth, per eviction)."""
+        over = sorted(((len(held), layer) for layer, held in self._by_layer.items() if len(held) > share), reverse=True)
+        return [layer for _, layer in over]
 
     def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (gate_up [2I,H], down [H,I]) of a pinned slot."""
@@ -562,7 +570,11 @@ class ExpertCache:
 
     def _evict_one(self, incoming: Key, misses: _Misses, force: bool = False, keep: frozenset = frozenset()) -> bool:
         candidates = (k for k, s in self._slots.items() if s.pins == 0 and s.ready and k not in keep)
-        victim = self.policy.victim(candidates, self, incoming)
+        self._keep = keep  # what oldest_evictable() leaves out, for the policy's call
+        try:
+            victim = self.policy.victim(candidates, self, incoming)
+        finally:
+            self._keep = frozenset()
         if victim is None and force:
             victim = self._forced_victim(incoming)
         if victim is None:
@@ -590,9 +602,17 @@ class ExpertCache:
         the furthest away (Belady's choice). The least recently used one, taken before, belonged
         to the layer just ahead, which then had to take the next layer's, and so on round the
         cycle: at full depth under 24 GiB with 16 clients, 4.6% hits (bench/results/serve_h200_full)."""
-        evictable = [(k, s) for k, s in reversed(self._slots.items()) if s.pins == 0 and s.ready]
-        other = next((k for k, _ in evictable if k[0] != incoming[0]), None)
-        return other if other is not None else next((k for k, _ in evictable), None)
+        other = self.most_recent_evictable(incoming[0])
+        return other if other is not None else self.oldest_evictable(incoming[0])
+
+    def most_recent_evictable(self, other_than: int) -> Key | None:
+        """The most recently used expert that may be evicted now, of a layer other than `other_than`:
+        in a forward, which visits the layers in a cycle, the one whose next use is the furthest
+        away. Scans from the recent end, so it stops within the lease just pinned."""
+        for key, slot in reversed(self._slots.items()):
+            if key[0] != other_than and slot.pins == 0 and slot.ready and key not in self._keep:
+                return key
+        return None
 
     def _start_load(self, key: Key, slot: _Slot, misses: _Misses) -> None:
         if any(key == deferred for deferred, _ in self._deferred):  # evicted, on its way down: land it first
