@@ -161,6 +161,21 @@ def decode_h200_full24_host_path(results: Path) -> str:
             + "\n\n".join(sources))
 
 
+@renderer("cache-host-cpu")
+def cache_host_cpu(results: Path) -> str:
+    """The cache's host time per MoE layer, before and after a9a1d69 (layer-lru's victims), by
+    policy and batch, on the same VM one after the other."""
+    body, sources = [], []
+    for name, code in (("cache_host_cpu_before", "before"), ("cache_host_cpu", "after")):
+        record = load(name, results)
+        for r in record["rows"]:
+            body.append([f"`{record['commit']}` ({code})", r["policy"], r["batch"], num(r["us_per_layer"], 0),
+                         num(r["us_per_load"], 1), num(r["loads_per_layer"], 1), pct(r["hit_rate"])])
+        sources.append(source(name, record))
+    return (table(["code", "eviction", "batch", "host µs / MoE layer", "µs / load", "loads / layer", "hit rate"], body)
+            + "\n\n" + "\n\n".join(sources))
+
+
 @renderer("serve-h200-full")
 def serve_h200_full(results: Path) -> str:
     """The server at full depth under 24 GiB GPU + 32 GiB host: each level's round (a level whose
