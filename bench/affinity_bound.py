@@ -48,6 +48,9 @@ def parse_args(argv):
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--cache-fraction", type=float, default=0.25)
     p.add_argument("--concurrency", type=int, default=4, help="requests a replica serves at once")
+    p.add_argument("--sources", default="",
+                   help="only these of the workload's sources (comma-separated: macbeth, twelfth-night, prose, code; "
+                        "default: all four)")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
 
@@ -180,6 +183,13 @@ def main(argv) -> int:
     num_experts = ExpertStore.open(store).num_experts
     capacity = max(1, round(args.cache_fraction * num_experts))
     prompts, _ = workload(args.prompt_chars, args.per_source)
+    wanted = [name for name in args.sources.split(",") if name]
+    unknown = sorted(set(wanted) - set(prompts))
+    if unknown or (wanted and len(wanted) < args.replicas):
+        print(f"error: --sources {args.sources}: " + (f"unknown {', '.join(unknown)} (known: {', '.join(prompts)})"
+              if unknown else f"fewer sources than --replicas {args.replicas}"), file=sys.stderr)
+        return 2
+    prompts = {name: texts for name, texts in prompts.items() if not wanted or name in wanted}
     traces = record_traces(store, prompts, args.max_tokens)
     rows = simulate(traces, args.replicas, capacity, args.concurrency)
     base = rows[0]["hit_rate"]

@@ -104,11 +104,12 @@ for stage in "$@"; do
         for f in "$OUT"/decode_h200_full24_"$(basename "$PWD")".*; do mv "$f" "$OUT/decode_h200_full24_ab_main_$i.${f##*.}"; done
       done ;;
     spy-full24)  # the 24 GiB row, without and with prefetch, sampled by py-spy (carry .whl/prof): where the
-      # host's time per MoE layer goes, every thread, waits included (collapsed stacks: python -m bench spy-report spy_full24.txt)
+      # host's time per MoE layer goes, every thread, waits included (collapsed stacks: python -m bench spy-report spy_full24.txt);
+      # SPY_ARGS replaces "--prefetch 0,1" (e.g. "--prefetch 1 --prefetch-tiers host": the store reads off the path)
       [ -x /tmp/spy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --target /tmp/spy .whl/prof/*.whl
       timeout 240 /tmp/spy/bin/py-spy record --idle --threads --nonblocking --subprocesses -r 200 -f raw \
         -o "$OUT/spy_full24.txt" -- python3 -m bench decode --store $FULL --device cuda --sequential --impls "" \
-        --budgets "" --gpu-memory 24GiB --host-memory 32GiB --tokens 32 --repeats 2 --prefetch 0,1 \
+        --budgets "" --gpu-memory 24GiB --host-memory 32GiB --tokens 32 --repeats 2 ${SPY_ARGS:---prefetch 0,1} \
         --json "$OUT/decode_h200_full24_spy.json" 2>&1 | tee "$OUT/decode_h200_full24_spy.log" | quiet | tail -8 ;;
     full24-host64)  # 24 GiB GPU beside a host tier that holds the whole store: no write-backs, no disk after warm-up
       timeout 200 python3 -m bench decode --store $FULL --device cuda --sequential --impls "" --budgets "" \

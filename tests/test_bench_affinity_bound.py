@@ -48,3 +48,12 @@ def test_bad_options_exit_2_naming_the_option(capsys):
     assert main(["--cache-fraction", "0"]) == 2
     err = capsys.readouterr().err
     assert "--replicas 1" in err and "--cache-fraction 0.0" in err
+
+
+def test_unknown_or_too_few_sources_exit_2_naming_them(capsys):
+    from bench.affinity_bound import main
+
+    assert main(["--sources", "macbeth,poetry"]) == 2
+    assert main(["--sources", "code"]) == 2  # one source cannot be split over two replicas
+    err = capsys.readouterr().err
+    assert "unknown poetry" in err and "fewer sources than --replicas 2" in err
