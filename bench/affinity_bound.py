@@ -1,7 +1,7 @@
 """How much any request router could raise the expert-cache hit rate on a model: a bound.
 
-    python -m bench affinity-bound [--store STORE] [--per-source 24] [--max-tokens 24]
-                                   [--replicas 2] [--cache-fraction 0.25] [--concurrency 4] [--json FILE]
+    python -m bench affinity-bound [--store STORE] [--per-source 24] [--max-tokens 24] [--sources a,b]
+                                   [--replicas 2] [--cache-fraction 0.25] [--concurrency 4[,8,...]] [--json FILE]
 
 `bench affinity` measures the expert-affinity router against power-of-two-choices and
 round-robin on live replicas. When affinity gains little, is the router at fault or the
@@ -47,7 +47,8 @@ def parse_args(argv):
     p.add_argument("--prompt-chars", type=int, default=160)
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--cache-fraction", type=float, default=0.25)
-    p.add_argument("--concurrency", type=int, default=4, help="requests a replica serves at once")
+    p.add_argument("--concurrency", default="4",
+                   help="requests a replica serves at once (comma-separated: the same traces replayed at each)")
     p.add_argument("--sources", default="",
                    help="only these of the workload's sources (comma-separated: macbeth, twelfth-night, prose, code; "
                         "default: all four)")
@@ -168,9 +169,11 @@ def record_traces(store: str, prompts: dict[str, list[str]], max_tokens: int) ->
 def main(argv) -> int:
     args = parse_args(argv)
     load_before = _provenance.load_average()
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip().lstrip("-").isdigit()]
     problems = [f"--replicas {args.replicas}: at least 2" if args.replicas < 2 else "",
                 f"--cache-fraction {args.cache_fraction}: in (0, 1]" if not 0 < args.cache_fraction <= 1 else "",
-                f"--concurrency {args.concurrency}: at least 1" if args.concurrency < 1 else "",
+                f"--concurrency {args.concurrency}: whole numbers, each at least 1"
+                if not levels or len(levels) != len(args.concurrency.split(",")) or min(levels) < 1 else "",
                 f"--per-source {args.per_source}: at least 1" if args.per_source < 1 else ""]
     if any(problems):
         print("error: " + "; ".join(p for p in problems if p), file=sys.stderr)
@@ -191,20 +194,26 @@ def main(argv) -> int:
         return 2
     prompts = {name: texts for name, texts in prompts.items() if not wanted or name in wanted}
     traces = record_traces(store, prompts, args.max_tokens)
-    rows = simulate(traces, args.replicas, capacity, args.concurrency)
-    base = rows[0]["hit_rate"]
-    best = max(rows[1:], key=lambda r: r["hit_rate"])
-    print(f"\naffinity bound: {args.store or 'demo model'}, {args.replicas} replicas x per-layer LRU of {capacity} of "
-          f"{num_experts} experts, {args.concurrency} requests at a time, {sum(map(len, traces.values()))} requests "
-          f"({args.per_source} per source: {', '.join(traces)}), {args.max_tokens} new tokens, greedy routing measured")
-    for row in rows:
-        print(f"  {row['placement']:<48} hit rate {row['hit_rate']:.1%}  ({row['hit_rate'] / base:.2f}x round-robin)")
-    print(f"best placement by source / round-robin: {best['hit_rate'] / base:.2f}x")
-    if args.json:
+    rows, best_over = [], {}
+    for level in levels:
+        level_rows = simulate(traces, args.replicas, capacity, level)
+        base = level_rows[0]["hit_rate"]
+        best = max(level_rows[1:], key=lambda r: r["hit_rate"])
+        best_over[level] = best["hit_rate"] / base
+        print(f"\naffinity bound: {args.store or 'demo model'}, {args.replicas} replicas x per-layer LRU of {capacity} "
+              f"of {num_experts} experts, {level} requests at a time, {sum(map(len, traces.values()))} requests "
+              f"({args.per_source} per source: {', '.join(traces)}), {args.max_tokens} new tokens, greedy routing measured")
+        for row in level_rows:
+            print(f"  {row['placement']:<48} hit rate {row['hit_rate']:.1%}  ({row['hit_rate'] / base:.2f}x round-robin)")
+        print(f"best placement by source / round-robin: {best_over[level]:.2f}x")
+        rows += [dict(row, concurrency=level) for row in level_rows] if len(levels) > 1 else level_rows
+    if args.json:  # one level: its figures as they always were; several: per level, keyed by it
+        one = len(levels) == 1
         _provenance.write(args.json, "affinity-bound", argv, rows, load_before, capacity=capacity,
-                          num_experts=num_experts, replicas=args.replicas, concurrency=args.concurrency,
-                          per_source=args.per_source, max_tokens=args.max_tokens,
-                          best_over_round_robin=best["hit_rate"] / base)
+                          num_experts=num_experts, replicas=args.replicas,
+                          concurrency=levels[0] if one else levels, per_source=args.per_source,
+                          max_tokens=args.max_tokens,
+                          best_over_round_robin=best_over[levels[0]] if one else {str(k): v for k, v in best_over.items()})
     return 0
 
 

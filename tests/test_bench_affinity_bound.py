@@ -46,8 +46,9 @@ def test_bad_options_exit_2_naming_the_option(capsys):
 
     assert main(["--replicas", "1"]) == 2
     assert main(["--cache-fraction", "0"]) == 2
+    assert main(["--concurrency", "4,0"]) == 2
     err = capsys.readouterr().err
-    assert "--replicas 1" in err and "--cache-fraction 0.0" in err
+    assert "--replicas 1" in err and "--cache-fraction 0.0" in err and "--concurrency 4,0" in err
 
 
 def test_unknown_or_too_few_sources_exit_2_naming_them(capsys):
