@@ -322,6 +322,21 @@ def affinity_bound_mixed(results: Path) -> str:
             + "\n\n" + "\n\n".join(source(name, record) for name, record in sources))
 
 
+@renderer("affinity-bound-concurrency")
+def affinity_bound_concurrency(results: Path) -> str:
+    """The bound on the 64-expert mixed model at each number of requests a replica serves at once:
+    round-robin's hit rate, the best placement by source, and their ratio (the same traces)."""
+    record = load("affinity_bound_cpu_mixed_64_concurrency", results)
+    body = []
+    for level in record["concurrency"]:
+        rows = [r for r in record["rows"] if r["concurrency"] == level]
+        best = max(rows[1:], key=lambda r: r["hit_rate"])
+        body.append([level, pct(rows[0]["hit_rate"]), pct(best["hit_rate"]), best["placement"].removeprefix("by source: "),
+                     f"{best['hit_rate'] / rows[0]['hit_rate']:.2f}×"])
+    return (table(["requests a replica serves at once", "round-robin hit rate", "best by source", "split",
+                   "best / round-robin"], body) + "\n\n" + source("affinity_bound_cpu_mixed_64_concurrency", record))
+
+
 @renderer("affinity-cpu-mixed")
 def affinity_cpu_mixed(results: Path) -> str:
     """bench affinity live on the mixed-text models: each router's medians over the rounds, and how
