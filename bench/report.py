@@ -331,7 +331,7 @@ def affinity_bound_concurrency(results: Path) -> str:
     for level in record["concurrency"]:
         rows = [r for r in record["rows"] if r["concurrency"] == level]
         best = max(rows[1:], key=lambda r: r["hit_rate"])
-        body.append([level, pct(rows[0]["hit_rate"]), pct(best["hit_rate"]), best["placement"].removeprefix("by source: "),
+        body.append([level, pct(rows[0]["hit_rate"]), pct(best["hit_rate"]), best["placement"].removeprefix("by source: ").replace(" | ", " vs "),
                      f"{best['hit_rate'] / rows[0]['hit_rate']:.2f}×"])
     return (table(["requests a replica serves at once", "round-robin hit rate", "best by source", "split",
                    "best / round-robin"], body) + "\n\n" + source("affinity_bound_cpu_mixed_64_concurrency", record))
