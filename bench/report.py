@@ -349,7 +349,9 @@ def affinity_cpu_mixed(results: Path) -> str:
                         ("affinity_cpu_mixed_64_r4_imbalance0", "64 finer experts, 4 rounds"),
                         ("affinity_cpu_mixed_64_r4_imbalance2", "64 finer experts, 4 rounds, --affinity-imbalance 2"),
                         ("affinity_cpu_mixed_64_c16_imbalance2",
-                         "64 finer experts, 16 clients, 4 rounds, --affinity-imbalance 2")):
+                         "64 finer experts, 16 clients, 4 rounds, --affinity-imbalance 2"),
+                        ("affinity_cpu_mixed_64_c16_imbalance4",
+                         "64 finer experts, 16 clients, 4 rounds, --affinity-imbalance 4")):
         record = load(name, results)
         body += [[model, router, pct(m["hit_rate"]), num(m["loads_per_token"]), num(m["tok_s"], 1),
                   f"{m['latency_p99']:.2f} s"] for router, m in record["summary"].items()]
