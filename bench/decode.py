@@ -122,6 +122,9 @@ def parse_args(argv):
                         "beyond the tier read the store's files")
     p.add_argument("--load-workers", type=int, help="cadre's loader threads (RuntimeConfig.load_workers; default: "
                    "one on CPU, up to 8 on a GPU)")
+    p.add_argument("--eviction", default="lru",
+                   help="cadre's eviction policy (RuntimeConfig.eviction: lru, layer-lru, salience; the server's "
+                        "default is layer-lru); rows name it when it is not lru")
     p.add_argument("--sequential", action="store_true",
                    help="load, time and free one system at a time (a full-depth model twice does not fit)")
     p.add_argument("--isolate", action="store_true",
@@ -559,6 +562,7 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
     prefetch, prefetch_tier = prefetch  # (depth, tier)
     runtime = cadre_runtime(store, device, dtype_name, fraction, caps, max_len, ids.shape[0], prefetch_layers=prefetch,
                             prefetch_tier=prefetch_tier, compile=compiled, compile_step=compile_step, load_workers=args.load_workers,
+                            eviction=args.eviction,
                             gather_rows=gather_rows)
     loads = lambda: sum(runtime.cache.stats().loads.values())
     decode_loads, at_first = [], [0]  # per run: the loads after its first token (the prefill's apart)
@@ -630,6 +634,8 @@ def cadre_contender(store: Path, device, dtype_name, ids, fraction, graphs: bool
     if prefetch:
         name += f", prefetch {prefetch} layer" + ("s" if prefetch > 1 else "") + \
             (" to host" if prefetch_tier == "host" else "")
+    if args.eviction != "lru":
+        name += f", {args.eviction} eviction"
     if compiled:
         name += ", compiled leaves"
     if compile_step:
@@ -843,6 +849,13 @@ def main(argv) -> int:
     args = parse_args(argv)
     if args.reference_child:
         return run_reference_child(args)
+    from models.runtime import eviction_class
+
+    try:
+        eviction_class(args.eviction)
+    except ValueError as exc:
+        print(f"python -m bench decode: error: --eviction: {exc}", file=sys.stderr)
+        return 2
     load_before = _provenance.load_average()
     from extractor import extract_store
     from extractor.store import ExpertStore

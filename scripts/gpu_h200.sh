@@ -61,8 +61,9 @@ for stage in "$@"; do
         --impls batched_mm --compile --compile-modes gpt-fast --compile-impls batched_mm,grouped_mm \
         --tokens 64 --repeats 3 --json "$OUT/decode_h200_8l_b1.json" 2>&1 | tee "$OUT/decode_h200_8l_b1.log" \
         | quiet | tail -14 ;;
-    decode8l-b16)  # batch 16: cadre 100% (+ compiled step) / 25% beside transformers' compiled batch (~200 s)
-      timeout 260 python3 -m bench decode "${MODEL[@]}" "${STOCK[@]}" --batch 16 --budgets 1.0,0.25 --cadre-compile-step \
+    decode8l-b16)  # batch 16: cadre 100% (+ compiled step) / 25% beside transformers' compiled batch (~200 s);
+      # B16_ARGS adds options (e.g. "--eviction layer-lru": at batch 16 plain LRU cycles, bench cache-host)
+      timeout 260 python3 -m bench decode "${MODEL[@]}" "${STOCK[@]}" --batch 16 --budgets 1.0,0.25 --cadre-compile-step ${B16_ARGS:-} \
         --impls batched_mm --compile --compile-modes gpt-fast --compile-impls batched_mm,grouped_mm --tokens 32 --repeats 2 \
         --json "$OUT/decode_h200_8l_b16.json" 2>&1 | tee "$OUT/decode_h200_8l_b16.log" | quiet | tail -8 ;;
     kernels8l)  # what one token launches: cadre's compiled step beside transformers' (gpt-fast), 100%

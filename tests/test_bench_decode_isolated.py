@@ -33,3 +33,10 @@ def test_a_reference_child_past_its_timeout_becomes_an_error_row(tmp_path):
                         "--json", str(out)]) == 0
     rows = {row["system"]: row for row in json.loads(out.read_text())["rows"]}
     assert "timed out after 0.5 s" in rows["transformers eager, eager"]["error"]
+
+
+def test_an_unknown_eviction_policy_is_refused_before_anything_loads(capsys):
+    from bench.decode import main
+
+    assert main(["--eviction", "fifo"]) == 2
+    assert "--eviction" in capsys.readouterr().err
