@@ -32,7 +32,9 @@ def parse_args(argv):
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--batches", default="1,16", help="decode batch sizes (comma-separated)")
     p.add_argument("--slots", type=float, default=0.37, help="device slots, as a fraction of all experts")
-    p.add_argument("--host", type=float, default=0.55, help="host tier entries, as a fraction of all experts")
+    p.add_argument("--host", type=float, default=0.55,
+                   help="host tier entries, as a fraction of all experts (1: a tier that holds the store, as beside "
+                        "bench decode's fraction rows)")
     p.add_argument("--steps", type=int, default=30, help="timed decode steps per row (after as many warm-up steps)")
     p.add_argument("--policies", default="lru,layer-lru")
     p.add_argument("--workdir", type=Path, default=None, help="where the tiny checkpoint and store go (default: a temp dir)")
@@ -67,7 +69,8 @@ def measure(store_path: Path, policy: str, batch: int, args) -> dict:
     cache = ExpertCache(store, capacity_bytes=int(args.slots * total) * slot_bytes(store, store.dtype),
                         host_capacity_bytes=int(args.host * total) * host_entry_bytes(store, store.dtype),
                         host_tier=True, policy=eviction_class(policy)())
-    cache._spare_slots = min(64, cache.num_slots // 32)  # as ExpertCache keeps them beside a GPU's write-back stream
+    if cache.exclusive:  # as ExpertCache keeps them beside a GPU's write-back stream (a tier that holds the store has none)
+        cache._spare_slots = min(64, cache.num_slots // 32)
     rng = random.Random(0)
     width = min(store.num_experts, batch * store.top_k)
 
@@ -92,7 +95,8 @@ def measure(store_path: Path, policy: str, batch: int, args) -> dict:
     loads = sum(after.loads.values()) - sum(before.loads.values())
     queries = after.queries - before.queries
     return {"system": f"{policy}, batch {batch}", "policy": policy, "batch": batch, "max_distinct": width,
-            "slots": cache.num_slots, "experts": total, "us_per_layer": 1e6 * seconds / layer_steps,
+            "slots": cache.num_slots, "experts": total, "exclusive": cache.exclusive,
+            "us_per_layer": 1e6 * seconds / layer_steps,
             "us_per_load": 1e6 * seconds / max(1, loads), "loads_per_layer": loads / layer_steps,
             "hit_rate": (after.hits - before.hits) / queries if queries else 0.0}
 
@@ -116,7 +120,8 @@ def main(argv) -> int:
         store = build_store(workdir, args.layers, args.experts, args.top_k)
         rows = [measure(store, policy, batch, args) for batch in batches for policy in policies]
     print(f"\ncache host time, {args.layers} layers x {args.experts} experts, top-{args.top_k}; slots "
-          f"{rows[0]['slots']} of {rows[0]['experts']}, exclusive host tier {args.host:.0%}; {args.steps} decode steps a row")
+          f"{rows[0]['slots']} of {rows[0]['experts']}, host tier {args.host:.0%} of the experts"
+          f"{' (exclusive)' if rows[0]['exclusive'] else ''}; {args.steps} decode steps a row")
     print(f"{'policy, batch':<22} {'us / layer':>10} {'us / load':>10} {'loads / layer':>13} {'hit rate':>8}")
     for r in rows:
         print(f"{r['system']:<22} {r['us_per_layer']:>10.0f} {r['us_per_load']:>10.1f} {r['loads_per_layer']:>13.1f} "
