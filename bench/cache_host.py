@@ -67,7 +67,8 @@ def measure(store_path: Path, policy: str, batch: int, args) -> dict:
     store = ExpertStore.open(store_path)
     total = len(store.moe_layers) * store.num_experts
     cache = ExpertCache(store, capacity_bytes=int(args.slots * total) * slot_bytes(store, store.dtype),
-                        host_capacity_bytes=int(args.host * total) * host_entry_bytes(store, store.dtype),
+                        host_capacity_bytes=None if args.host >= 1 else int(args.host * total) * host_entry_bytes(
+                            store, store.dtype),  # >= 1: uncapped (a capped tier rounds to whole chunks)
                         host_tier=True, policy=eviction_class(policy)())
     if cache.exclusive:  # as ExpertCache keeps them beside a GPU's write-back stream (a tier that holds the store has none)
         cache._spare_slots = min(64, cache.num_slots // 32)
