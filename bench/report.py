@@ -166,13 +166,17 @@ def cache_host_cpu(results: Path) -> str:
     """The cache's host time per MoE layer, before and after a9a1d69 (layer-lru's victims), by
     policy and batch, on the same VM one after the other."""
     body, sources = [], []
-    for name, code in (("cache_host_cpu_before", "before"), ("cache_host_cpu", "after")):
+    for name, code in (("cache_host_cpu_before", "before"), ("cache_host_cpu", "after"),
+                       ("cache_host_cpu_slice", "after")):
         record = load(name, results)
         for r in record["rows"]:
-            body.append([f"`{record['commit']}` ({code})", r["policy"], r["batch"], num(r["us_per_layer"], 0),
+            geometry = f"{record['layers']} layers, {r['slots'] / r['experts']:.0%} in slots" + \
+                ("" if r.get("exclusive", True) else ", tier holds the store")
+            body.append([f"`{record['commit']}` ({code})", geometry, r["policy"], r["batch"], num(r["us_per_layer"], 0),
                          num(r["us_per_load"], 1), num(r["loads_per_layer"], 1), pct(r["hit_rate"])])
         sources.append(source(name, record))
-    return (table(["code", "eviction", "batch", "host µs / MoE layer", "µs / load", "loads / layer", "hit rate"], body)
+    return (table(["code", "geometry", "eviction", "batch", "host µs / MoE layer", "µs / load", "loads / layer",
+                   "hit rate"], body)
             + "\n\n" + "\n\n".join(sources))
 
 
