@@ -16,7 +16,8 @@ compute. In-flight loads hold their slot, so bytes never exceed the budget.
 
 Verbs come in pairs: `acquire` pins resident experts (loading misses), `release`
 unpins; `prefetch` starts loads without pinning; `evict` frees the policy's choice
-among unpinned slots. A pinned slot is never evicted.
+among unpinned slots. A pinned slot is never evicted. `prefetch_host` reads predicted
+experts from the store into the host tier only, never touching a device slot.
 """
 
 from __future__ import annotations
