@@ -133,7 +133,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
     """Stream one /generate request; its result goes into `results`, also when the level's
     time is up and the request is cancelled mid-stream ("cut", with the tokens it had)."""
     started = time.perf_counter()
-    first, streamed = None, 0
+    first, streamed, arrivals = None, 0, []
     try:
         async with client.stream("POST", f"{url}/generate", json={"prompt": prompt, "max_new_tokens": max_tokens,
                                                                    "stream": True}) as response:
@@ -145,7 +145,8 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
             async for line in response.aiter_lines():
                 if line.startswith("event: token"):
                     streamed += 1
-                    first = first or time.perf_counter()
+                    arrivals.append(time.perf_counter())
+                    first = first or arrivals[-1]
                 elif line.startswith("data: ") and '"finish_reason"' in line:
                     final = json.loads(line[len("data: "):])
             if final is None:
@@ -155,11 +156,11 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
         results.append({"status": type(exc).__name__})
         return
     except asyncio.CancelledError:  # the level's time is up: closing the stream cancels it on the server
-        results.append({"status": "cut", "tokens": streamed, "end": time.perf_counter()})
+        results.append({"status": "cut", "tokens": streamed, "end": time.perf_counter(), "arrivals": arrivals})
         raise
     end = time.perf_counter()
     results.append({"status": 200, "latency": end - started, "ttft": (first or end) - started,
-                    "tokens": final["usage"]["completion_tokens"], "end": end})
+                    "tokens": final["usage"]["completion_tokens"], "end": end, "arrivals": arrivals})
 
 
 def level_requests(args, clients: int) -> int:
@@ -248,9 +249,26 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))]
 
 
+def streaming_rate(clients: int, ended: list[dict]) -> float | None:
+    """Aggregate tok/s once `clients` requests are streaming: the tokens that arrived after the
+    `clients`-th first token, over the time from it to the last token. A level's tok/s counts its
+    start, when every client's prompt is being prefilled; at full depth each prefill streams most of
+    the model, and a short level then measures prefills, not decoding (serve-full, 2026-12-01).
+    Later requests' prefills still count here: they are part of serving. None when fewer than
+    `clients` requests streamed a token."""
+    firsts = sorted(r["arrivals"][0] for r in ended if r.get("arrivals"))
+    if len(firsts) < clients:
+        return None
+    since = firsts[clients - 1]
+    last = max(r["arrivals"][-1] for r in ended if r.get("arrivals"))
+    tokens = sum(1 for r in ended for t in r.get("arrivals", ()) if t > since)
+    return tokens / (last - since) if last > since else None
+
+
 def summarize(clients: int, results: list[dict], started: float) -> dict:
     """A level's row: completed requests' latencies; tok/s over every token streamed, the cut
-    requests' (--level-timeout) included, until the last stream ended."""
+    requests' (--level-timeout) included, until the last stream ended; and the same once every
+    client streams (streaming_rate)."""
     ok = [r for r in results if r["status"] == 200]
     cut = [r for r in results if r["status"] == "cut"]
     ended = ok + cut
@@ -263,6 +281,7 @@ def summarize(clients: int, results: list[dict], started: float) -> dict:
         "req_s": len(ok) / wall if ok else 0.0,
         "tokens": sum(r["tokens"] for r in ended),
         "tok_s": sum(r["tokens"] for r in ended) / wall if ended else 0.0,
+        "streaming_tok_s": streaming_rate(clients, ended),
         "tokens_per_request": sum(r["tokens"] for r in ok) / len(ok) if ok else 0.0,
         "latency_p50": percentile(latencies, 50) if ok else None, "latency_p99": percentile(latencies, 99) if ok else None,
         "ttft_p50": percentile(ttfts, 50) if ok else None, "ttft_p99": percentile(ttfts, 99) if ok else None,
@@ -387,6 +406,11 @@ def print_results(levels: list[dict], reference: list[dict], description: str) -
         for clients, tok_s in medians.items():
             if clients != 1:
                 print(f"aggregate tok/s at {clients} clients = {tok_s / medians[1]:.2f} x 1 client (medians)")
+    streaming = {c: [r["streaming_tok_s"] for r in levels if r["clients"] == c and r.get("streaming_tok_s")]
+                 for c in medians}
+    if any(streaming.values()):  # the start of a level (every client's prefill) left out
+        print("median tok/s once every client streams: " + ", ".join(
+            f"{c} clients {median(v):.1f}" for c, v in streaming.items() if v))
     for row in reference:
         print(f"reference round {row['round']}: {row['system']}: {row['tok_s']:.1f} tok/s, {row['req_s']:.2f} req/s, "
               f"{row['threads']} torch threads")

@@ -32,3 +32,19 @@ def test_a_level_past_its_time_is_cut_and_counts_what_it_streamed(server):
     after = level(server, timeout=None, max_tokens=8)  # the cut streams were released on the server
     assert (after["requests"], after["cut"], after["errors"]) == (8, 0, 0)
     assert after["tokens"] == after["tokens_per_request"] * 8
+
+
+def test_the_rate_once_every_client_streams_leaves_the_level_start_out():
+    """streaming_tok_s counts the tokens after the clients-th first token (every client's first
+    prefill done), over the time to the last token."""
+    from bench.serve import streaming_rate
+
+    ended = [{"arrivals": [10.0, 11.0, 12.0]}, {"arrivals": [14.0, 15.0, 16.0]}]
+    assert streaming_rate(2, ended) == 2 / (16.0 - 14.0)  # since t=14: the tokens at 15 and 16
+    assert streaming_rate(3, ended) is None  # only two requests streamed
+    assert streaming_rate(1, ended) == 5 / (16.0 - 10.0)
+
+
+def test_a_live_level_reports_its_streaming_rate(server):
+    row = level(server, timeout=None, max_tokens=8)
+    assert row["streaming_tok_s"] is not None and row["streaming_tok_s"] > 0
