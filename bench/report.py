@@ -339,8 +339,14 @@ def affinity_bound_concurrency(results: Path) -> str:
         best = max(rows[1:], key=lambda r: r["hit_rate"])
         body.append([level, pct(rows[0]["hit_rate"]), pct(best["hit_rate"]), best["placement"].removeprefix("by source: ").replace(" | ", " vs "),
                      f"{best['hit_rate'] / rows[0]['hit_rate']:.2f}×"])
+    two = load("affinity_bound_cpu_mixed_64_two_sources", results)  # the two sources that route most apart
+    rows = two["rows"]
+    body.append([f"{two['concurrency']}, Macbeth and Python source only", pct(rows[0]["hit_rate"]),
+                 pct(rows[1]["hit_rate"]), rows[1]["placement"].removeprefix("by source: ").replace(" | ", " vs "),
+                 f"{two['best_over_round_robin']:.2f}×"])
     return (table(["requests a replica serves at once", "round-robin hit rate", "best by source", "split",
-                   "best / round-robin"], body) + "\n\n" + source("affinity_bound_cpu_mixed_64_concurrency", record))
+                   "best / round-robin"], body) + "\n\n" + source("affinity_bound_cpu_mixed_64_concurrency", record)
+            + "\n\n" + source("affinity_bound_cpu_mixed_64_two_sources", two))
 
 
 @renderer("affinity-cpu-mixed")
