@@ -77,9 +77,7 @@ class ExactPolicy:
 
     def predict(self, layer: int, hidden: torch.Tensor) -> list[tuple[int, int]]:
         """(layer, expert) keys that `layer`'s gate would pick for `hidden` [T,H], most likely first."""
-        gate = self._gates[layer]
-        logits = F.linear(hidden.reshape(-1, gate.weight.shape[-1]).to(gate.weight.dtype), gate.weight)  # [T,E]
-        probs = router_probs(self.spec, logits.float(), self.absent[layer])  # [T,E]
+        probs = router_probs(self.spec, self._gate_logits(layer, hidden), self.absent[layer])  # [T,E]
         width = self.spec.top_k + (self.widen if self._surprised else 0)
         top = probs.topk(min(width, probs.shape[-1]), dim=-1)  # [T,W]
         mass = probs.new_zeros(probs.shape[-1]).index_add_(0, top.indices.flatten(), top.values.flatten())  # [E]
@@ -99,15 +97,19 @@ class ExactPolicy:
         deeper = self._next.get(layer, [])
         if not deeper:
             return None
-        flat = hidden.reshape(-1, hidden.shape[-1])
         columns = []
         for d in deeper:
-            gate = self._gates[d]
-            logits = F.linear(flat.to(gate.weight.dtype), gate.weight).float()  # [T,E]
+            logits = self._gate_logits(d, hidden)  # [T,E]
             if self.absent[d] is not None:
                 logits = logits.masked_fill(self.absent[d], float("-inf"))
             columns.append(logits.topk(min(self.spec.top_k, logits.shape[-1]), dim=-1).indices)  # [T,K]
         return deeper, torch.cat(columns, dim=-1)
+
+    def _gate_logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """`layer`'s gate applied to `hidden` [..., H] as it would be to that layer's own input:
+        [T,E] float32 logits."""
+        gate = self._gates[layer]
+        return F.linear(hidden.reshape(-1, gate.weight.shape[-1]).to(gate.weight.dtype), gate.weight).float()
 
     def route(self, layer: int, logits: torch.Tensor, gate, hidden_dtype: torch.dtype | None = None,
               bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
