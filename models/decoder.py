@@ -38,9 +38,7 @@ from typing import Callable
 
 import torch
 
-from router.exact import UNUSED
-
-from .experts import EAGER, ExpertLayer, StepHooks
+from .experts import EAGER, ExpertLayer, StepHooks, distinct_experts
 from .kv_cache import SlotCache
 from .loading import cache_keyword, expert_layers
 
@@ -85,7 +83,7 @@ class _Split:
             return self.layer.needed(self.index), []
         top_k = self.index.shape[-1]
         rows = self.read.tolist()
-        needed = sorted({e for row in rows for e in row[:top_k]} - {UNUSED})
+        needed = distinct_experts(e for row in rows for e in row[:top_k])
         predicted = {}  # the nearest layer first; in it rank by rank over the rows (a dict keeps the first)
         for d, deeper in enumerate(self.ahead):
             start = top_k * (d + 1)

@@ -72,6 +72,12 @@ class StepHooks:
 EAGER = StepHooks()
 
 
+def distinct_experts(ids) -> list[int]:
+    """The distinct experts among top-k ids, sorted, UNUSED left out (de-duplicated in Python:
+    a few ids, where torch.unique is several calls)."""
+    return sorted(set(ids) - {UNUSED})
+
+
 class ExpertLayer:
     """One MoE layer's experts, computed from the expert cache."""
 
@@ -167,8 +173,8 @@ class ExpertLayer:
     # --- host side ----------------------------------------------------------------------------
     def needed(self, index: torch.Tensor) -> list[int]:
         """Distinct experts of `index` [T,K], sorted: the host synchronisation of a miss-capable
-        layer (de-duplicated in Python: a few ids, where torch.unique is several calls)."""
-        return sorted(set(index.reshape(-1).tolist()) - {UNUSED})
+        layer."""
+        return distinct_experts(index.reshape(-1).tolist())
 
     def acquire(self, experts: list[int], hidden: torch.Tensor, force: bool = False,
                 defer_writebacks: bool = False, speculate: bool = True):
