@@ -133,7 +133,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
     """Stream one /generate request; its result goes into `results`, also when the level's
     time is up and the request is cancelled mid-stream ("cut", with the tokens it had)."""
     started = time.perf_counter()
-    first, streamed, arrivals = None, 0, []
+    arrivals = []  # each token's arrival: the first is the TTFT, their count what a cut request streamed
     try:
         async with client.stream("POST", f"{url}/generate", json={"prompt": prompt, "max_new_tokens": max_tokens,
                                                                    "stream": True}) as response:
@@ -144,9 +144,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
             final = None
             async for line in response.aiter_lines():
                 if line.startswith("event: token"):
-                    streamed += 1
                     arrivals.append(time.perf_counter())
-                    first = first or arrivals[-1]
                 elif line.startswith("data: ") and '"finish_reason"' in line:
                     final = json.loads(line[len("data: "):])
             if final is None:
@@ -156,10 +154,10 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
         results.append({"status": type(exc).__name__})
         return
     except asyncio.CancelledError:  # the level's time is up: closing the stream cancels it on the server
-        results.append({"status": "cut", "tokens": streamed, "end": time.perf_counter(), "arrivals": arrivals})
+        results.append({"status": "cut", "tokens": len(arrivals), "end": time.perf_counter(), "arrivals": arrivals})
         raise
     end = time.perf_counter()
-    results.append({"status": 200, "latency": end - started, "ttft": (first or end) - started,
+    results.append({"status": 200, "latency": end - started, "ttft": (arrivals[0] if arrivals else end) - started,
                     "tokens": final["usage"]["completion_tokens"], "end": end, "arrivals": arrivals})
 
 
