@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 REPLAY = "Decoder._replay"
-WORKERS = ("cadre-loader", "cadre-reader")
+WORKERS = ("cadre-loader", "cadre-reader", "cadre-host-read")  # the cache's pools (models/cache.py)
 IDLE_LEAVES = ("_worker", "Condition.wait", "Event.wait")  # a pool thread with nothing to do
 
 
