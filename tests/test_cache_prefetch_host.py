@@ -11,14 +11,7 @@ import time
 import pytest
 import torch
 
-from extractor.store import ExpertStore
-
-from test_host_tier_exclusive import make_cache, weights_match
-
-
-@pytest.fixture()
-def store(store_factory):
-    return ExpertStore.open(store_factory("qwen3_moe")[1])
+from test_host_tier_exclusive import make_cache, store, weights_match  # noqa: F401 (store: a fixture)
 
 
 def exclusive_cache(store):
