@@ -38,11 +38,12 @@ from extractor.formats import DENSE
 from extractor.store import ExpertStore, StoreError
 
 from .quantised_fill import QuantisedFill
-from .host_tier import HostTier, entries_within
+from .host_tier import HostTier, entries_within, fused_gate_up, mark_copied
+from .table_writer import TableWriter
 
 Key = tuple[int, int]  # (layer, expert)
 log = logging.getLogger("cadre.cache")
-HOST_READERS = 2  # threads reading predicted experts into the host tier (each read fans out to the readers)
+HOST_READERS = 4  # threads reading predicted experts into the host tier, one read per tensor each
 HOST_READS_IN_FLIGHT = 16  # at most this many such reads queued or running: two layers' top-8 at batch 1
 
 @dataclass
@@ -162,6 +163,7 @@ class ExpertCache:
             self.down_bias = torch.empty((self.num_slots, self.hidden), dtype=self.dtype,
                                          device=self.device) if has_bias else None  # [G,H]
         self._views_of_slot: dict[int, dict[str, torch.Tensor]] = {}  # see _slot_views
+        self._gate_up_of_slot: dict[int, torch.Tensor] = {}  # see _slot_gate_up
         self._quantised = None if self.format["weights"] == DENSE else QuantisedFill(
             self.format, self.dtype, self.gate_up, self.down, self.gate_up_bias, self.down_bias)
         # Free slots, refilled oldest first (see _spare_slots below)
@@ -234,6 +236,7 @@ class ExpertCache:
             # Lookups of complete layers are counted on the device (no sync in the forward):
             # distinct experts per forward and layer, read when stats() is asked for.
             self._table_queries = torch.zeros(store.num_layers, dtype=torch.long, device=self.device)
+        self._table_writes = TableWriter(self.table, self._copy_stream)
         self._counted_table_queries = 0
         self._layer_id_tensors: dict[tuple[int, ...], torch.Tensor] = {}  # see count_step_hits
 
@@ -528,7 +531,9 @@ class ExpertCache:
         """The shard of `key` into host views of the tier's layout: read straight in where the
         store holds the compute dtype, else read, cast and copied."""
         if self.store.dtype == self.dtype or self.format["weights"] != DENSE:
-            self.store.read_expert_into(*key, views, readers=self._readers)
+            # one read per tensor on this thread: off the critical path, chunks fanned out to
+            # the readers only added GIL hand-offs beside the decoding thread's CUDA calls
+            self.store.read_expert_into(*key, views)
         else:
             for name, part in host_parts(self.store.load_expert(*key), self.format, self.dtype).items():
                 views[name].copy_(part)
@@ -626,14 +631,14 @@ class ExpertCache:
             misses.from_disk.append((key, slot))
 
     def _issue(self, misses: _Misses, defer_writebacks: bool = False) -> None:
-        """Queue a batch's device work (lock held), in the order its slots allow. The evicted
-        experts leave the table first (one small write on the copy stream): before any load
-        refills their slots, and before the load of an expert this same batch evicted and
-        brings back (as a prefetch once did with a key further down its own list: it now keeps
-        its own keys), whose entry would otherwise be overwritten with -1 while it is resident.
-        Then the loads into slots evicted by earlier batches (their write-backs long queued):
-        they are what the compute waits for, and they give their host entries back for the
-        write-backs to land in. Then the write-backs, each group followed by the loads that
+        """Queue a batch's device work (lock held), in the order its slots allow. First the loads
+        into slots evicted by earlier batches (their write-backs long queued): they are what the
+        compute waits for, and they give their host entries back for the write-backs to land in.
+        The evicted experts leave the table in the same write as those loads enter it (on the
+        copy stream, behind their copies; alone when there are none): before any load refills
+        their slots, and with the last entry winning where this batch evicted an expert and
+        brings it back (as a prefetch once did with a key further down its own list: it now
+        keeps its own keys). Then the write-backs, each group followed by the loads that
         refill its slots (a group no larger than the host tier's spare slots: a larger one
         would evict cached entries to make room); store reads go to the loader threads last
         (each waits for its slot's write-back on the device). With `defer_writebacks` and no
@@ -643,8 +648,12 @@ class ExpertCache:
             return
         evicted = {slot.index for _, slot in misses.writebacks}
         refills = {slot.index: (key, slot) for key, slot in misses.from_memory if slot.index in evicted}
-        self._put_table([(key, -1) for key in misses.unmapped])
-        self._load_batch([(key, slot) for key, slot in misses.from_memory if slot.index not in refills])
+        first = [(key, slot) for key, slot in misses.from_memory if slot.index not in refills]
+        unmapped = [(key, -1) for key in misses.unmapped]
+        if first:  # one table write for both: the victims' entries first, a key loaded back wins
+            self._load_batch(first, unmapped)
+        else:
+            self._put_table(unmapped)
         if defer_writebacks and not refills and not any(slot.index in evicted for _, slot in misses.from_disk):
             self._deferred.extend(misses.writebacks)
             self._deferred_slots.update(evicted)
@@ -674,10 +683,13 @@ class ExpertCache:
             self._deferred_slots.clear()
             self._write_back_groups(writebacks, {})
 
-    def _load_batch(self, loads: list[tuple[Key, _Slot]]) -> None:
+    def _load_batch(self, loads: list[tuple[Key, _Slot]], unmapped: list[tuple[Key, int]] = ()) -> None:
         """Fetch experts (from the host tier, or the store on a loader thread) and copy them into
-        their slots: one stream switch, event and table update for all."""
+        their slots: one stream switch, event and table update for all, which also removes the
+        `unmapped` entries (evicted experts: safe behind the copies, since no compute looks up
+        an expert it has not pinned, and a pinned one is never evicted)."""
         if not loads:
+            self._put_table(list(unmapped))
             return
         start, fetched = time.perf_counter(), []
         for key, slot in loads:
@@ -686,8 +698,9 @@ class ExpertCache:
             except BaseException as exc:  # surfaced to the acquirer, never lost
                 self._fail(key, slot, exc)
         try:
-            self._copy_all([(key, slot, parts) for key, slot, _, parts in fetched])
+            self._copy_all([(key, slot, parts) for key, slot, _, parts in fetched], list(unmapped))
         except BaseException as exc:
+            self._put_table(list(unmapped))
             for key, slot, _, _ in fetched:
                 self._fail(key, slot, exc)
             return
@@ -779,17 +792,21 @@ class ExpertCache:
                 done = torch.cuda.Event()
                 done.record(stream)
                 self._written_back.update(dict.fromkeys(copied, done))
+                for _, views in adopted:
+                    mark_copied(views, done)
         self._stats.writebacks += len(copied)
         del adopted  # given back after the copies are queued: each host slot's event is recorded behind them
 
-    def _copy_all(self, loads: list[tuple[Key, _Slot, dict[str, torch.Tensor]]]) -> None:
+    def _copy_all(self, loads: list[tuple[Key, _Slot, dict[str, torch.Tensor]]],
+                  unmapped: list[tuple[Key, int]] = ()) -> None:
         """Fill slots from shards' tensors and publish them in the table. On CUDA on the side
         stream, so the copies overlap compute, after whatever last read or wrote the slots;
         one event for all, which orders the compute stream after them (_wait_all_ready) without
         a host-side synchronisation and covers the table entries written behind the copies."""
+        entries = list(unmapped) + [(key, slot.index) for key, slot, _ in loads]
         if self._copy_stream is None:
             self._fill_slots(loads, non_blocking=False)
-            self._put_table([(key, slot.index) for key, slot, _ in loads])
+            self._put_table(entries)
             return
         before = _distinct_events(event for _, slot, _ in loads  # the last compute reading a slot, its write-back
                                   for event in (self._last_use.pop(slot.index, None),
@@ -798,11 +815,12 @@ class ExpertCache:
             for event in before:
                 self._copy_stream.wait_event(event)
             self._fill_slots(loads, non_blocking=True)
-            self._put_table([(key, slot.index) for key, slot, _ in loads])
+            self._put_table(entries)
             done = torch.cuda.Event()
             done.record(self._copy_stream)
-        for _, slot, _ in loads:
+        for _, slot, parts in loads:
             slot.event = done
+            mark_copied(parts, done)  # a host-tier entry given back needs no event of its own
 
     def _fill_slots(self, loads: list[tuple[Key, _Slot, dict[str, torch.Tensor]]], non_blocking: bool) -> None:
         """Fill slots from shards' tensors: dense ones copied straight from the host, quantised
@@ -818,14 +836,13 @@ class ExpertCache:
     def _copy_pairs(self, index: int, host: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(slot view, host tensor) pairs that copy a slot from or to `host` (a shard's tensors by
         name). Gate and up are one [2I,H] copy where the host holds them adjacent, as a host-tier
-        entry does (the shard's order): two copies a load instead of three, each a CUDA call."""
+        entry does (the shard's order): two copies a load instead of three, each a CUDA call. A
+        tier entry carries that view, made once per host slot: found by checking the tensors, it
+        cost the decoding thread ~40 us a load at full depth (py-spy)."""
         views = self._slot_views(index)
-        gate, up = host["gate_proj"], host["up_proj"]
-        if (gate.dtype == up.dtype and gate.shape == up.shape and gate.is_contiguous() and up.is_contiguous()
-                and gate.untyped_storage().data_ptr() == up.untyped_storage().data_ptr()  # one buffer
-                and up.data_ptr() == gate.data_ptr() + gate.nbytes):
-            gate_up = gate.as_strided((2 * gate.shape[0], gate.shape[1]), (gate.shape[1], 1))  # [2I,H]
-            pairs = [(self.gate_up[index], gate_up)]
+        gate_up = fused_gate_up(host)
+        if gate_up is not None:
+            pairs = [(self._slot_gate_up(index), gate_up)]
             return pairs + [(views[name], host[name]) for name in views if name not in ("gate_proj", "up_proj")]
         return [(view, host[name]) for name, view in views.items()]
 
@@ -839,6 +856,14 @@ class ExpertCache:
                 views = self._views_of_slot[index] = self._make_slot_views(index)
         return views
 
+    def _slot_gate_up(self, index: int) -> torch.Tensor:
+        """The slot's gate_up [2I,H], one view made once per slot (as _slot_views)."""
+        view = self._gate_up_of_slot.get(index)
+        if view is None:
+            with torch.inference_mode(False):
+                view = self._gate_up_of_slot[index] = self.gate_up[index]
+        return view
+
     def _make_slot_views(self, index: int) -> dict[str, torch.Tensor]:
         i = self.intermediate
         views = {"gate_proj": self.gate_up[index, :i], "up_proj": self.gate_up[index, i:], "down_proj": self.down[index]}
@@ -849,24 +874,8 @@ class ExpertCache:
 
     def _put_table(self, entries: list[tuple[Key, int]]) -> None:
         """Set table entries (key -> slot, -1: gone). On CUDA queued on the copy stream: behind
-        the copies they publish, and never between a compute stream's lookup and its use.
-        Several at once are one indexed write from a pinned staging tensor, not a fill each."""
-        if not entries:
-            return
-        if self._copy_stream is None:
-            for key, slot in entries:
-                self.table[key] = slot
-            return
-        with torch.cuda.stream(self._copy_stream):
-            if len(entries) == 1:
-                (key, slot), = entries
-                self.table[key].fill_(slot)
-                return
-            width = self.table.shape[1]
-            flat = {layer * width + expert: slot for (layer, expert), slot in entries}  # the last one wins
-            staged = torch.tensor([list(flat), list(flat.values())], dtype=torch.long, pin_memory=True)
-            where, slots = staged.to(self.device, non_blocking=True)
-            self.table.view(-1).index_put_((where,), slots)
+        the copies they publish, and never between a compute stream's lookup and its use."""
+        self._table_writes.put(entries)
 
     def _wait_all_ready(self, lease: Lease) -> None:
         """Wait for the lease's loads: the host for their copies to be queued, the compute stream

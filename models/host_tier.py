@@ -105,6 +105,8 @@ class _Slot:
     detached: bool = False  # lent outside the LRU (taken, or a staging read): freed when given back
     copied: "torch.cuda.Event | None" = None  # recorded after the last borrower queued its copy
     stream: "torch.cuda.Stream | None" = None  # where the borrower of the moment queues its copy
+    shared: bool = False  # lent again while lent: no one borrower's event covers every copy
+    gate_up: "torch.Tensor | None" = None  # gate and up as one [2I,H] view, where adjacent (_fused_gate_up)
 
 
 class HostTier:
@@ -360,19 +362,25 @@ class HostTier:
         """The slot's views in a dict of their own, given back when the borrower drops it: one
         finalizer a lending (a miss lends twice: ~1/3 of its host work was per-view bookkeeping)."""
         lent = _Lent(self._views(slot))
+        lent.gate_up, lent.copied = slot.gate_up, [None]
+        slot.shared = slot.lent > 0
         slot.lent += 1
         slot.stream = stream or self.copy_stream
-        weakref.finalize(lent, self._give_back, slot)
+        weakref.finalize(lent, self._give_back, slot, lent.copied)
         return lent
 
-    def _give_back(self, slot: _Slot) -> None:
+    def _give_back(self, slot: _Slot, copied: list) -> None:
         with self._lock:
             slot.lent -= 1
             if slot.lent == 0 and slot.stream is not None:
                 # the borrower has queued its copy by the time it drops the views: this event
-                # completes after that copy, so whoever uses the slot next waits on it
-                slot.copied = torch.cuda.Event()
-                slot.copied.record(slot.stream)
+                # completes after that copy, so whoever uses the slot next waits on it (the
+                # borrower's own, where it said one covers its copies: two CUDA calls a copy less)
+                slot.copied = None if slot.shared else copied[0]
+                if slot.copied is None:
+                    slot.copied = torch.cuda.Event()
+                    slot.copied.record(slot.stream)
+                slot.shared = False
             if slot.lent == 0 and slot.detached:
                 slot.detached = False
                 self._free.append(slot)
@@ -382,6 +390,7 @@ class HostTier:
             with torch.inference_mode(False):  # plain views, whatever mode the first caller runs in
                 slot.views = {name: slot.chunk[slot.offset + start: slot.offset + start + _nbytes(dtype, shape)]
                               .view(dtype).view(shape) for name, dtype, shape, start in self._layout}
+                slot.gate_up = _fused_gate_up(slot.views)
         return slot.views
 
     # --- layout -------------------------------------------------------------------------
@@ -414,9 +423,37 @@ class HostTier:
 
 
 class _Lent(dict):
-    """A lent entry's views: a dict that can be watched for its end (a plain dict cannot)."""
+    """A lent entry's views: a dict that can be watched for its end (a plain dict cannot), with
+    the slot's fused gate_up view, and a cell where the borrower may leave an event recorded
+    after all its copies from or into the entry (mark_copied)."""
 
-    __slots__ = ("__weakref__",)
+    __slots__ = ("__weakref__", "gate_up", "copied")
+
+
+def mark_copied(parts: dict[str, torch.Tensor], event: "torch.cuda.Event") -> None:
+    """Tell the tier that `event`, recorded on the borrower's stream after every copy it queued
+    from or into the lent entry `parts`, covers them: giving the entry back then records nothing
+    (an event a copy was two CUDA calls on the decoding thread). Nothing for parts not lent."""
+    if isinstance(parts, _Lent):
+        parts.copied[0] = event
+
+
+def fused_gate_up(parts: dict[str, torch.Tensor]) -> "torch.Tensor | None":
+    """Gate and up as one [2I,H] tensor where `parts` holds them adjacent in one buffer (a tier
+    entry, the shard's order): a copy of a slot's gate_up is then one CUDA call, not two."""
+    if isinstance(parts, _Lent):
+        return parts.gate_up
+    return _fused_gate_up(parts)
+
+
+def _fused_gate_up(parts: dict[str, torch.Tensor]) -> "torch.Tensor | None":
+    gate, up = parts.get("gate_proj"), parts.get("up_proj")
+    if (gate is None or up is None or gate.dtype != up.dtype or gate.shape != up.shape or gate.dim() != 2
+            or not gate.is_contiguous() or not up.is_contiguous()
+            or gate.untyped_storage().data_ptr() != up.untyped_storage().data_ptr()  # one buffer
+            or up.data_ptr() != gate.data_ptr() + gate.nbytes):
+        return None
+    return gate.as_strided((2 * gate.shape[0], gate.shape[1]), (gate.shape[1], 1))  # [2I,H]
 
 
 def _allocate(nbytes: int, pin: bool) -> torch.Tensor:
