@@ -305,11 +305,13 @@ def affinity_bound_mixed(results: Path) -> str:
     source against round-robin (bench affinity-bound)."""
     tuned, scratch = load("mixed_demo_cpu", results), load("mixed_scratch_cpu", results)
     gpu, aux = load("mixed_scratch_h200", results), load("mixed_scratch_aux_cpu", results)
-    fine = load("mixed_scratch_64_cpu", results)
+    fine, finer = load("mixed_scratch_64_cpu", results), load("mixed_scratch_128_cpu", results)
     bounds = {name: load(name, results) for name in ("affinity_bound_cpu_demo", "affinity_bound_cpu_mixed_demo",
                                                      "affinity_bound_cpu_mixed_scratch",
                                                      "affinity_bound_h200_mixed_scratch",
                                                      "affinity_bound_cpu_mixed_aux", "affinity_bound_cpu_mixed_64")}
+    by_level = bound_by_concurrency(load("affinity_bound_cpu_mixed_128_concurrency", results))
+    bounds["128 experts, 4 at a time"] = {"best_over_round_robin": by_level[4][1]}
     models = [("demo (Shakespeare only)", tuned["rows"][0], "affinity_bound_cpu_demo"),
               ("demo fine-tuned on mixed text, 300 steps", tuned["rows"][1], "affinity_bound_cpu_mixed_demo"),
               ("demo's shapes trained on mixed text from random weights, 900 steps", scratch["rows"][1],
@@ -317,12 +319,15 @@ def affinity_bound_mixed(results: Path) -> str:
               ("the same on the H200, 3000 steps of 4x the batch", gpu["rows"][1], "affinity_bound_h200_mixed_scratch"),
               ("900 steps on the CPU, balancing loss 0.001 (not 0.01)", aux["rows"][1], "affinity_bound_cpu_mixed_aux"),
               ("900 steps on the CPU, 64 experts of half the width a layer (top-4)", fine["rows"][1],
-               "affinity_bound_cpu_mixed_64")]
+               "affinity_bound_cpu_mixed_64"),
+              ("900 steps on the CPU, 128 experts of a quarter of the width (top-8)", finer["rows"][1],
+               "128 experts, 4 at a time")]
     body = [[label, num(row["separation_bits"], 3),
              " / ".join(num(row["loss"][k]) for k in ("shakespeare", "code", "prose")),
              f"{bounds[bound]['best_over_round_robin']:.2f}×"] for label, row, bound in models]
     sources = [("mixed_demo_cpu", tuned), ("mixed_scratch_cpu", scratch), ("mixed_scratch_h200", gpu),
-               ("mixed_scratch_aux_cpu", aux), ("mixed_scratch_64_cpu", fine)] + list(bounds.items())
+               ("mixed_scratch_aux_cpu", aux), ("mixed_scratch_64_cpu", fine), ("mixed_scratch_128_cpu", finer)] \
+        + [(name, record) for name, record in bounds.items() if "command" in record]  # the 128's: the next table
     return (table(["model", "routing separation, bits (of 1.58)", "loss: Shakespeare / code / prose",
                    "best placement by source / round-robin"], body)
             + "\n\n" + "\n\n".join(source(name, record) for name, record in sources))
@@ -333,20 +338,34 @@ def affinity_bound_concurrency(results: Path) -> str:
     """The bound on the 64-expert mixed model at each number of requests a replica serves at once:
     round-robin's hit rate, the best placement by source, and their ratio (the same traces)."""
     record = load("affinity_bound_cpu_mixed_64_concurrency", results)
-    body = []
+    finer = load("affinity_bound_cpu_mixed_128_concurrency", results)
+    body = [["64", level, *cells] for level, (cells, _) in bound_by_concurrency(record).items()]
+    two = load("affinity_bound_cpu_mixed_64_two_sources", results)  # the two sources that route most apart
+    rows = two["rows"]
+    body.append(["64", f"{two['concurrency']}, Macbeth and Python source only", pct(rows[0]["hit_rate"]),
+                 pct(rows[1]["hit_rate"]), split_name(rows[1]), f"{two['best_over_round_robin']:.2f}×"])
+    body += [["128", level, *cells] for level, (cells, _) in bound_by_concurrency(finer).items()]
+    return (table(["experts a layer", "requests a replica serves at once", "round-robin hit rate", "best by source",
+                   "split", "best / round-robin"], body)
+            + "\n\n" + "\n\n".join(source(name, r) for name, r in (
+                ("affinity_bound_cpu_mixed_64_concurrency", record), ("affinity_bound_cpu_mixed_64_two_sources", two),
+                ("affinity_bound_cpu_mixed_128_concurrency", finer))))
+
+
+def bound_by_concurrency(record: dict) -> dict:
+    """{requests at once: ([round-robin hit rate, best by source, its split, ratio], ratio)} of an
+    affinity-bound record over several concurrency levels: table cells, and the ratio as a number."""
+    levels = {}
     for level in record["concurrency"]:
         rows = [r for r in record["rows"] if r["concurrency"] == level]
         best = max(rows[1:], key=lambda r: r["hit_rate"])
-        body.append([level, pct(rows[0]["hit_rate"]), pct(best["hit_rate"]), best["placement"].removeprefix("by source: ").replace(" | ", " vs "),
-                     f"{best['hit_rate'] / rows[0]['hit_rate']:.2f}×"])
-    two = load("affinity_bound_cpu_mixed_64_two_sources", results)  # the two sources that route most apart
-    rows = two["rows"]
-    body.append([f"{two['concurrency']}, Macbeth and Python source only", pct(rows[0]["hit_rate"]),
-                 pct(rows[1]["hit_rate"]), rows[1]["placement"].removeprefix("by source: ").replace(" | ", " vs "),
-                 f"{two['best_over_round_robin']:.2f}×"])
-    return (table(["requests a replica serves at once", "round-robin hit rate", "best by source", "split",
-                   "best / round-robin"], body) + "\n\n" + source("affinity_bound_cpu_mixed_64_concurrency", record)
-            + "\n\n" + source("affinity_bound_cpu_mixed_64_two_sources", two))
+        ratio = best["hit_rate"] / rows[0]["hit_rate"]
+        levels[level] = ([pct(rows[0]["hit_rate"]), pct(best["hit_rate"]), split_name(best), f"{ratio:.2f}×"], ratio)
+    return levels
+
+
+def split_name(row: dict) -> str:
+    return row["placement"].removeprefix("by source: ").replace(" | ", " vs ")
 
 
 @renderer("affinity-cpu-mixed")

@@ -607,7 +607,7 @@ class ExpertCache:
         unpinned expert. A decode step visits the layers in a cycle, so that expert's next use is
         the furthest away (Belady's choice). The least recently used one, taken before, belonged
         to the layer just ahead, which then had to take the next layer's, and so on round the
-        cycle: at full depth under 24 GiB with 16 clients, 4.6% hits (bench/results/serve_h200_full)."""
+        cycle: at full depth under 24 GiB with 16 clients, 4.6% hits at 47a1f4b (docs/memory-plan.md)."""
         other = self.most_recent_evictable(incoming[0])
         return other if other is not None else self.oldest_evictable(incoming[0])
 
