@@ -106,7 +106,8 @@ def decode_gpu_table(name: str, results: Path) -> str:
                      "copy floor tok/s", "decode copy floor", "GPU peak GiB"], body) + "\n\n" + source(name, record))
 
 
-for _name in ("decode_h200_8l_b1", "decode_h200_8l_25pct", "decode_h200_8l_fp8", "decode_h200_full", "decode_h200_full24", "decode_h200_full_fp8"):
+for _name in ("decode_h200_8l_b1", "decode_h200_8l_25pct", "decode_h200_8l_fp8", "decode_h200_full", "decode_h200_full24", "decode_h200_full_fp8",
+              "decode_h200_full16"):
     renderer(_name.replace("_", "-"))(lambda results, _name=_name: decode_gpu_table(_name, results))
 
 
@@ -136,14 +137,21 @@ def decode_h200_full24_host_path(results: Path) -> str:
     written just before): the speculation queued behind the next piece; the run py-spy sampled; a
     host tier holding the whole store; the code before and after pinning the tier up front; then
     (one later call) speculative store reads into the host tier, and device prefetch predicted
-    inside the graph."""
+    inside the graph; then (a later session) an alternated A/B of f1fc658's staged table writes,
+    and f1fc658's three prefetch settings and its run under py-spy --gil (one call)."""
     runs = [("decode_h200_full24_prefetch_e4ffb6a", "speculation behind the piece"),
             ("decode_h200_full24_host64", "host tier 64 GiB (holds the store)"),
             ("decode_h200_full24_spy", "under py-spy"),
             ("decode_h200_full24_pin_base", "A/B: before pinning up front"),
             ("decode_h200_full24_pin_main", "A/B: tier pinned up front, headers parsed once"),
             ("decode_h200_full24_prefetch_host", "store reads into the host tier ahead of need"),
-            ("decode_h200_full24_prefetch_fc551be", "prediction inside the graph, loads to the device")]
+            ("decode_h200_full24_prefetch_fc551be", "prediction inside the graph, loads to the device"),
+            ("decode_h200_full24_staged_base_1", "A/B: before staged table writes"),
+            ("decode_h200_full24_staged_main_1", "A/B: staged table writes, one event a batch"),
+            ("decode_h200_full24_staged_base_2", "A/B: before staged table writes"),
+            ("decode_h200_full24_staged_main_2", "A/B: staged table writes, one event a batch"),
+            ("decode_h200_full24_f1fc658", "device and host prefetch, same call"),
+            ("decode_h200_full24_spy_gil", "under py-spy --gil")]
     body, sources = [], []
     for name, what in runs:
         record = load(name, results)
