@@ -68,6 +68,14 @@ def test_generation_with_a_tiny_host_tier_matches_the_full_cache(store_factory):
         small.close()
 
 
+def slot_holds(cache, store, layer, expert, slot) -> bool:
+    """The device slot holds the store's expert, in bfloat16 as served."""
+    want = store.load_expert(layer, expert)
+    gate_up, down = (w.cpu() for w in cache.weights(slot))
+    return (torch.equal(gate_up, torch.cat([want["gate_proj"], want["up_proj"]]).bfloat16())
+            and torch.equal(down, want["down_proj"].bfloat16()))
+
+
 @pytest.mark.parametrize("slots", ["top-k", "most"])
 def test_an_exclusive_tier_on_the_gpu_loads_the_stores_weights(store_factory, slots):
     """Write-backs (device -> pinned, on their own stream) and takes racing the refills of the same
@@ -91,10 +99,7 @@ def test_an_exclusive_tier_on_the_gpu_loads_the_stores_weights(store_factory, sl
         layer = rng.choice(layers)
         lease = cache.acquire(layer, rng.sample(store.experts_present(layer), store.top_k))
         for expert, slot in lease.slots.items():
-            want = store.load_expert(layer, expert)
-            gate_up, down = (w.cpu() for w in cache.weights(slot))
-            assert torch.equal(gate_up, torch.cat([want["gate_proj"], want["up_proj"]]).bfloat16()), (layer, expert)
-            assert torch.equal(down, want["down_proj"].bfloat16()), (layer, expert)
+            assert slot_holds(cache, store, layer, expert, slot), (layer, expert)
         cache.release(lease)
     stats = cache.stats()
     assert stats.writebacks > 0 and stats.loads["host"] > 0 and stats.loads["disk"] > 0
