@@ -343,8 +343,9 @@ def affinity_bound_mixed(results: Path) -> str:
 
 @renderer("affinity-bound-concurrency")
 def affinity_bound_concurrency(results: Path) -> str:
-    """The bound on the 64-expert mixed model at each number of requests a replica serves at once:
-    round-robin's hit rate, the best placement by source, and their ratio (the same traces)."""
+    """The bound on the 64- and 128-expert mixed models at each number of requests a replica serves
+    at once: round-robin's hit rate, the best placement by source, and their ratio (each model's
+    traces replayed at every level; the 64's also decoded to 64 tokens a request)."""
     record = load("affinity_bound_cpu_mixed_64_concurrency", results)
     finer = load("affinity_bound_cpu_mixed_128_concurrency", results)
     body = [["64", level, *cells] for level, (cells, _) in bound_by_concurrency(record).items()]
@@ -352,12 +353,15 @@ def affinity_bound_concurrency(results: Path) -> str:
     rows = two["rows"]
     body.append(["64", f"{two['concurrency']}, Macbeth and Python source only", pct(rows[0]["hit_rate"]),
                  pct(rows[1]["hit_rate"]), split_name(rows[1]), f"{two['best_over_round_robin']:.2f}×"])
+    longer = load("affinity_bound_cpu_mixed_64_tokens64", results)  # the same workload, 64 tokens a request
+    body += [["64", f"{level}, 64 new tokens a request", *cells]
+             for level, (cells, _) in bound_by_concurrency(longer).items()]
     body += [["128", level, *cells] for level, (cells, _) in bound_by_concurrency(finer).items()]
     return (table(["experts a layer", "requests a replica serves at once", "round-robin hit rate", "best by source",
                    "split", "best / round-robin"], body)
             + "\n\n" + "\n\n".join(source(name, r) for name, r in (
                 ("affinity_bound_cpu_mixed_64_concurrency", record), ("affinity_bound_cpu_mixed_64_two_sources", two),
-                ("affinity_bound_cpu_mixed_128_concurrency", finer))))
+                ("affinity_bound_cpu_mixed_64_tokens64", longer), ("affinity_bound_cpu_mixed_128_concurrency", finer))))
 
 
 def bound_by_concurrency(record: dict) -> dict:
