@@ -106,12 +106,17 @@ for stage in "$@"; do
       done ;;
     spy-full24)  # the 24 GiB row, without and with prefetch, sampled by py-spy (carry .whl/prof): where the
       # host's time per MoE layer goes, every thread, waits included (collapsed stacks: python -m bench spy-report spy_full24.txt);
-      # SPY_ARGS replaces "--prefetch 0,1" (e.g. "--prefetch 1 --prefetch-tiers host": the store reads off the path)
+      # SPY_ARGS replaces "--prefetch 0,1" (e.g. "--prefetch 1 --prefetch-tiers host": the store reads off the path);
+      # SPY_FLAGS replaces py-spy's "--idle" (e.g. "--gil": only the samples of the thread holding the GIL)
       [ -x /tmp/spy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --target /tmp/spy .whl/prof/*.whl
-      timeout 240 /tmp/spy/bin/py-spy record --idle --threads --nonblocking --subprocesses -r 200 -f raw \
+      timeout 240 /tmp/spy/bin/py-spy record ${SPY_FLAGS:---idle} --threads --nonblocking --subprocesses -r 200 -f raw \
         -o "$OUT/spy_full24.txt" -- python3 -m bench decode --store $FULL --device cuda --sequential --impls "" \
         --budgets "" --gpu-memory 24GiB --host-memory 32GiB --tokens 32 --repeats 2 ${SPY_ARGS:---prefetch 0,1} \
         --json "$OUT/decode_h200_full24_spy.json" 2>&1 | tee "$OUT/decode_h200_full24_spy.log" | quiet | tail -8 ;;
+    full16)  # the 16 GiB row, without and with store reads into the host tier ahead of need (~100 s)
+      timeout 200 python3 -m bench decode --store $FULL --device cuda --sequential --impls "" --budgets "" \
+        --gpu-memory 16GiB --host-memory 32GiB --tokens 32 --repeats 2 --prefetch 0,1 --prefetch-tiers host \
+        --json "$OUT/decode_h200_full16.json" 2>&1 | tee "$OUT/decode_h200_full16.log" | quiet | tail -8 ;;
     full24-host64)  # 24 GiB GPU beside a host tier that holds the whole store: no write-backs, no disk after warm-up
       timeout 200 python3 -m bench decode --store $FULL --device cuda --sequential --impls "" --budgets "" \
         --gpu-memory 24GiB --host-memory 64GiB --tokens 32 --repeats 2 ${FULL24_ARGS:-} \
@@ -199,6 +204,6 @@ for stage in "$@"; do
         --tokens 64 --repeats 3 --json "$OUT/decode_h200_8l_fp8.json" 2>&1 | tee "$OUT/decode_h200_8l_fp8.log" \
         | quiet | tail -8 ;;
     *) echo "unknown stage $stage (tests tests-quick decode8l decode8l-b16 breakdown8l serve-demo serve8l profile-serve8l ray2gpu fp8 synth full" \
-         "full24 full24-ab spy-full24 full24-host64 mixed-gpu full-loaders full-accelerate fp8-full breakdown-fp8 serve-full smoke-full breakdown-full breakdown-full-prefetch)" >&2; exit 2 ;;
+         "full24 full24-ab spy-full24 full16 full24-host64 mixed-gpu full-loaders full-accelerate fp8-full breakdown-fp8 serve-full smoke-full breakdown-full breakdown-full-prefetch)" >&2; exit 2 ;;
   esac
 done
