@@ -648,12 +648,9 @@ class ExpertCache:
             return
         evicted = {slot.index for _, slot in misses.writebacks}
         refills = {slot.index: (key, slot) for key, slot in misses.from_memory if slot.index in evicted}
-        first = [(key, slot) for key, slot in misses.from_memory if slot.index not in refills]
-        unmapped = [(key, -1) for key in misses.unmapped]
-        if first:  # one table write for both: the victims' entries first, a key loaded back wins
-            self._load_batch(first, unmapped)
-        else:
-            self._put_table(unmapped)
+        # one table write for those loads and the victims' entries (alone where there are no loads)
+        self._load_batch([(key, slot) for key, slot in misses.from_memory if slot.index not in refills],
+                         [(key, -1) for key in misses.unmapped])
         if defer_writebacks and not refills and not any(slot.index in evicted for _, slot in misses.from_disk):
             self._deferred.extend(misses.writebacks)
             self._deferred_slots.update(evicted)
@@ -689,7 +686,7 @@ class ExpertCache:
         `unmapped` entries (evicted experts: safe behind the copies, since no compute looks up
         an expert it has not pinned, and a pinned one is never evicted)."""
         if not loads:
-            self._put_table(list(unmapped))
+            self._put_table(unmapped)
             return
         start, fetched = time.perf_counter(), []
         for key, slot in loads:
@@ -698,9 +695,9 @@ class ExpertCache:
             except BaseException as exc:  # surfaced to the acquirer, never lost
                 self._fail(key, slot, exc)
         try:
-            self._copy_all([(key, slot, parts) for key, slot, _, parts in fetched], list(unmapped))
+            self._copy_all([(key, slot, parts) for key, slot, _, parts in fetched], unmapped)
         except BaseException as exc:
-            self._put_table(list(unmapped))
+            self._put_table(unmapped)
             for key, slot, _, _ in fetched:
                 self._fail(key, slot, exc)
             return

@@ -252,11 +252,8 @@ class HostTier:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return None
-            while self.max_entries is not None and len(self._entries) >= self.max_entries:
-                slot = self._evict_one()
-                if slot is None:
-                    return None
-                self._free.append(slot)
+            if not self._make_room():
+                return None
             slot = self._take_slot()
             if slot is None:
                 return None
@@ -284,15 +281,9 @@ class HostTier:
                 self._free.append(slot)
             raise
         with self._lock:
-            if key in self._entries:  # written back from the device meanwhile: keep that one
-                self._free.append(slot)
+            if key in self._entries or not self._make_room():  # written back meanwhile: keep that one;
+                self._free.append(slot)  # or every entry lent: the spares stay spare
                 return False
-            while self.max_entries is not None and len(self._entries) >= self.max_entries:
-                victim = self._evict_one()
-                if victim is None:  # every entry lent: the spares stay spare
-                    self._free.append(slot)
-                    return False
-                self._free.append(victim)
             self._entries[key] = slot
             return True
 
@@ -349,6 +340,16 @@ class HostTier:
         left = None if self.capacity_bytes is None else self.capacity_bytes - self._pinned
         sizes = chunk_sizes(left, self._entry_bytes)
         return sizes[0] if sizes else None
+
+    def _make_room(self) -> bool:
+        """Exclusive use: evict down to max_entries - 1 entries, for one more (lock held); False
+        where every entry left is lent."""
+        while self.max_entries is not None and len(self._entries) >= self.max_entries:
+            victim = self._evict_one()
+            if victim is None:
+                return False
+            self._free.append(victim)
+        return True
 
     def _evict_one(self) -> _Slot | None:
         victim = next((key for key, slot in self._entries.items() if slot.lent == 0), None)
